@@ -1,0 +1,14 @@
+//! Marquee: movie-poster genre classification for edge appliances.
+//!
+//! The folders follow the pipeline: `preprocess` (bytes -> tensors) feeds the pure
+//! networks in `nn`; `model` loads and saves their weights; `classify` joins them into
+//! a `Classifier`; `train` fits and evaluates heads on a manifest.
+
+pub mod backend;
+pub mod classify;
+pub mod cli;
+pub mod commands;
+pub mod model;
+pub mod nn;
+pub mod preprocess;
+pub mod train;

@@ -1,0 +1,5 @@
+//! Model directories and weights: where they live, how they are fetched, converted,
+//! loaded and saved. The networks themselves are in `nn`.
+pub mod cache;
+pub mod dir;
+pub mod towers;

@@ -1,0 +1,3 @@
+//! Turning raw inputs (encoded images, text) into the numbers the networks read.
+pub mod image;
+pub mod text;

@@ -1,0 +1,80 @@
+//! The posters-v1 manifest format: JSONL, one sample a line, `poster` relative to the
+//! manifest's folder.
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Row {
+    pub id: String,
+    #[serde(default)]
+    pub film: String,
+    #[serde(default)]
+    pub overview: String,
+    #[serde(default)]
+    pub genres: Vec<String>,
+    pub poster: String,
+    #[serde(default)]
+    pub split: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub root: PathBuf,
+    pub rows: Vec<Row>,
+}
+
+impl Manifest {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading manifest {}", path.display()))?;
+        let mut rows = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let row: Row = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a manifest row", path.display(), i + 1))?;
+            rows.push(row);
+        }
+        if rows.is_empty() {
+            bail!("manifest {} has no rows", path.display());
+        }
+        let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Ok(Self { root, rows })
+    }
+
+    /// Rows of one split (all rows when `split` is None).
+    pub fn split(&self, split: Option<&str>) -> Vec<Row> {
+        self.rows
+            .iter()
+            .filter(|r| split.is_none_or(|s| r.split == s))
+            .cloned()
+            .collect()
+    }
+
+    pub fn poster_path(&self, row: &Row) -> PathBuf {
+        self.root.join(&row.poster)
+    }
+}
+
+/// Multi-hot targets of `rows` over `labels`, row-major `[rows, labels]`.
+pub fn multi_hot(rows: &[Row], labels: &[String]) -> Vec<u8> {
+    let mut out = vec![0u8; rows.len() * labels.len()];
+    for (r, row) in rows.iter().enumerate() {
+        for g in &row.genres {
+            if let Some(j) = labels.iter().position(|l| l == g) {
+                out[r * labels.len() + j] = 1;
+            }
+        }
+    }
+    out
+}
+
+/// A stable 64-bit hash (FNV-1a), for deterministic film-level splits.
+pub fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
