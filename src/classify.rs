@@ -50,7 +50,10 @@ impl Encoder {
             &self.device,
         );
         let pooled = self.towers.image.forward_features(x).pooled;
-        pooled.into_data().try_to_vec::<f32>().expect("f32 features")
+        pooled
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("f32 features")
     }
 
     /// Sentence embeddings of a batch, row-major `[n, 384]`.
@@ -95,7 +98,12 @@ pub fn head_scores(head: &FusionHead, input: HeadInput) -> Vec<f32> {
 }
 
 /// Builds head inputs from feature rows already on the host.
-pub fn head_input(image: Vec<f32>, text: Vec<f32>, present: Vec<f32>, device: &Device) -> HeadInput {
+pub fn head_input(
+    image: Vec<f32>,
+    text: Vec<f32>,
+    present: Vec<f32>,
+    device: &Device,
+) -> HeadInput {
     let n = present.len();
     HeadInput {
         image: Tensor::from_data(TensorData::new(image, [n, FEATURE_DIM]), device),
@@ -151,14 +159,22 @@ impl Classifier {
         Ok(self.prediction(&scores, caption, timings))
     }
 
-    fn prediction(&self, scores: &[f32], caption: Option<&str>, timings_ms: Vec<(String, f64)>) -> Prediction {
+    fn prediction(
+        &self,
+        scores: &[f32],
+        caption: Option<&str>,
+        timings_ms: Vec<(String, f64)>,
+    ) -> Prediction {
         let spec = &self.model.spec;
         let chosen = decide(scores, &spec.thresholds);
         let mut genres: Vec<GenreScore> = spec
             .labels
             .iter()
             .zip(scores)
-            .map(|(l, &s)| GenreScore { label: l.clone(), score: s })
+            .map(|(l, &s)| GenreScore {
+                label: l.clone(),
+                score: s,
+            })
             .collect();
         genres.sort_by(|a, b| b.score.total_cmp(&a.score));
         let mut predicted: Vec<(f32, String)> = spec

@@ -62,6 +62,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the appliance: sources -> classify -> MQTT + status page.
+    Run {
+        /// TOML config (see systemd/marquee.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Appliance config tools.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Pretrained weights: fetch and convert them, or show where they are.
     Models {
         #[command(subcommand)]
@@ -79,4 +90,10 @@ pub enum ModelsAction {
     },
     /// Show the cache folder and what it holds.
     Info,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Parse and validate a config without running.
+    Check { path: PathBuf },
 }

@@ -16,7 +16,12 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: the whole context chain, joined.
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
-            ExitCode::FAILURE
+            // A bad config is a usage error: exit 2, as systemd and scripts expect.
+            if e.downcast_ref::<marquee::config::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

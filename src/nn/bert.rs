@@ -1,9 +1,7 @@
 //! The BERT encoder of all-MiniLM-L6-v2 (post-LN, exact erf GELU, LayerNorm eps 1e-12)
 //! and the sentence-transformers pooling: masked mean, then L2 normalisation.
 
-use burn::nn::{
-    Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
 
@@ -155,6 +153,11 @@ pub fn mean_pool_normalize(hidden: Tensor<3>, mask: Tensor<2>) -> Tensor<2> {
     let summed = (hidden * m.clone()).sum_dim(1).reshape([b, h]);
     let count = m.sum_dim(1).reshape([b, 1]).clamp_min(1e-9);
     let mean = summed / count;
-    let norm = mean.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
+    let norm = mean
+        .clone()
+        .powi_scalar(2)
+        .sum_dim(1)
+        .sqrt()
+        .clamp_min(1e-12);
     mean / norm
 }

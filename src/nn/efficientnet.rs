@@ -31,7 +31,14 @@ const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
 /// Upstream computes its pads once for 224x224. At 224 those equal a dynamic TF-SAME
 /// computation (before = pad / 2, the rest after), which is what burn's
 /// `PaddingConfig2d::Same` does, so every spatial conv uses it.
-fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize, device: &Device) -> Conv2d {
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    groups: usize,
+    device: &Device,
+) -> Conv2d {
     let padding = if k == 1 {
         PaddingConfig2d::Valid
     } else {
@@ -69,7 +76,14 @@ pub struct MbConv {
 }
 
 impl MbConv {
-    fn new(cin: usize, cout: usize, k: usize, stride: usize, expand: usize, device: &Device) -> Self {
+    fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        expand: usize,
+        device: &Device,
+    ) -> Self {
         let mid = cin * expand;
         let (expand_conv, bn0) = if expand == 1 {
             (None, None)

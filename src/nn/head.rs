@@ -57,7 +57,12 @@ impl FusionHead {
     /// Genre logits `[B, classes]`.
     pub fn forward(&self, x: HeadInput) -> Tensor<2> {
         let mut h: Option<Tensor<2>> = None;
-        let mut add = |t: Tensor<2>| h = Some(match h.take() { Some(a) => a + t, None => t });
+        let mut add = |t: Tensor<2>| {
+            h = Some(match h.take() {
+                Some(a) => a + t,
+                None => t,
+            })
+        };
         if let Some(img) = &self.image {
             add(img.forward(self.dropout.forward(x.image)));
         }
@@ -67,6 +72,7 @@ impl FusionHead {
             add(proj + missing.forward(present.neg() + 1.0));
         }
         let h = h.expect("a head reads at least one modality");
-        self.out.forward(self.dropout.forward(gelu(self.norm.forward(h))))
+        self.out
+            .forward(self.dropout.forward(gelu(self.norm.forward(h))))
     }
 }

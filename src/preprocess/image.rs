@@ -41,18 +41,24 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(ImageError::UnknownFormat);
-    }
+    let format = reader.format().ok_or(ImageError::UnknownFormat)?;
     // Check the header before any pixel buffer exists.
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| ImageError::Corrupt(one_line(&e)))?;
+    let (w, h) = match reader.into_dimensions() {
+        Ok(d) => d,
+        // A bare PNG header (a bomb with no data) fails in the decoder; its IHDR
+        // still tells the claimed size, which is the more useful reason.
+        Err(e) => png_ihdr_size(bytes)
+            .filter(|&(w, h)| w > MAX_SIDE || h > MAX_SIDE)
+            .ok_or_else(|| ImageError::Corrupt(one_line(&e)))?,
+    };
     if w > MAX_SIDE || h > MAX_SIDE {
         return Err(ImageError::TooLarge(w, h));
     }
     if w == 0 || h == 0 {
         return Err(ImageError::Corrupt(format!("zero-sized image {w}x{h}")));
+    }
+    if format == image::ImageFormat::Jpeg {
+        return decode_jpeg_strict(bytes);
     }
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -62,8 +68,41 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(MAX_ALLOC);
     reader.limits(limits);
-    let img: DynamicImage = reader.decode().map_err(|e| ImageError::Corrupt(one_line(&e)))?;
+    let img: DynamicImage = reader
+        .decode()
+        .map_err(|e| ImageError::Corrupt(one_line(&e)))?;
     Ok(img.to_rgb8())
+}
+
+/// Width and height from a PNG's IHDR (bytes 16..24), if the file starts like a PNG.
+fn png_ihdr_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    if bytes.len() < 24 || &bytes[..8] != b"\x89PNG\r\n\x1a\n" || &bytes[12..16] != b"IHDR" {
+        return None;
+    }
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Some((be(&bytes[16..20]), be(&bytes[20..24])))
+}
+
+/// JPEG through zune-jpeg in strict mode: truncated or damaged entropy data is an
+/// error, not a silently grey poster.
+fn decode_jpeg_strict(bytes: &[u8]) -> Result<RgbImage, ImageError> {
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    let options = DecoderOptions::default()
+        .set_strict_mode(true)
+        .set_max_width(MAX_SIDE as usize)
+        .set_max_height(MAX_SIDE as usize)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    let pixels = dec
+        .decode()
+        .map_err(|e| ImageError::Corrupt(format!("JPEG: {}", one_line(&format!("{e:?}")))))?;
+    let (w, h) = dec
+        .dimensions()
+        .ok_or_else(|| ImageError::Corrupt("JPEG without dimensions".into()))?;
+    RgbImage::from_raw(w as u32, h as u32, pixels)
+        .ok_or_else(|| ImageError::Corrupt("JPEG pixel buffer does not match its size".into()))
 }
 
 fn one_line(e: &dyn std::fmt::Display) -> String {
@@ -102,4 +141,36 @@ pub fn to_chw(img: &RgbImage) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg() -> Vec<u8> {
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn decodes_a_good_jpeg_and_refuses_a_truncated_one() {
+        let good = jpeg();
+        assert_eq!(decode(&good).unwrap().dimensions(), (64, 48));
+        let mut cut = good[..good.len() * 2 / 3].to_vec();
+        cut.extend(std::iter::repeat_n(0u8, 300));
+        assert!(matches!(decode(&cut), Err(ImageError::Corrupt(_))));
+    }
+
+    #[test]
+    fn refuses_a_bomb_header_by_its_claimed_size() {
+        let mut png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR".to_vec();
+        png.extend(20000u32.to_be_bytes());
+        png.extend(20000u32.to_be_bytes());
+        png.extend([8, 2, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(decode(&png), Err(ImageError::TooLarge(20000, 20000))));
+        assert!(matches!(decode(b""), Err(ImageError::Empty)));
+        assert!(matches!(decode(b"hello, not an image"), Err(ImageError::UnknownFormat)));
+    }
 }

@@ -43,8 +43,10 @@ impl Features {
     pub fn select(&self, idx: &[usize]) -> Features {
         let mut out = Features::default();
         for &i in idx {
-            out.image.extend_from_slice(&self.image[i * FEATURE_DIM..(i + 1) * FEATURE_DIM]);
-            out.text.extend_from_slice(&self.text[i * TEXT_DIM..(i + 1) * TEXT_DIM]);
+            out.image
+                .extend_from_slice(&self.image[i * FEATURE_DIM..(i + 1) * FEATURE_DIM]);
+            out.text
+                .extend_from_slice(&self.text[i * TEXT_DIM..(i + 1) * TEXT_DIM]);
             out.present.push(self.present[i]);
         }
         out
@@ -97,7 +99,11 @@ fn chunk_path(cache: &Path, manifest: &Manifest, rows: &[Row], recipe: &str) -> 
     let mut h = Sha256::new();
     h.update(recipe.as_bytes());
     for r in rows {
-        for part in [r.id.as_bytes(), manifest.poster_path(r).as_os_str().as_encoded_bytes(), r.overview.as_bytes()] {
+        for part in [
+            r.id.as_bytes(),
+            manifest.poster_path(r).as_os_str().as_encoded_bytes(),
+            r.overview.as_bytes(),
+        ] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
@@ -106,7 +112,12 @@ fn chunk_path(cache: &Path, manifest: &Manifest, rows: &[Row], recipe: &str) -> 
     cache.join(format!("{key}.safetensors"))
 }
 
-fn compute(encoder: &Encoder, manifest: &Manifest, rows: &[Row], pb: &ProgressBar) -> Result<Features> {
+fn compute(
+    encoder: &Encoder,
+    manifest: &Manifest,
+    rows: &[Row],
+    pb: &ProgressBar,
+) -> Result<Features> {
     let mut out = Features {
         image: Vec::with_capacity(rows.len() * FEATURE_DIM),
         text: vec![0.0; rows.len() * TEXT_DIM],
@@ -117,7 +128,8 @@ fn compute(encoder: &Encoder, manifest: &Manifest, rows: &[Row], pb: &ProgressBa
             .iter()
             .map(|r| {
                 let path = manifest.poster_path(r);
-                let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let bytes =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
                 decode(&bytes).with_context(|| format!("poster of {}", r.id))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -151,8 +163,14 @@ fn write_chunk(path: &Path, f: &Features) -> Result<()> {
     let n = f.len();
     let (img, txt, pre) = (bytes_of(&f.image), bytes_of(&f.text), bytes_of(&f.present));
     let views = [
-        ("image", TensorView::new(Dtype::F32, vec![n, FEATURE_DIM], &img)?),
-        ("text", TensorView::new(Dtype::F32, vec![n, TEXT_DIM], &txt)?),
+        (
+            "image",
+            TensorView::new(Dtype::F32, vec![n, FEATURE_DIM], &img)?,
+        ),
+        (
+            "text",
+            TensorView::new(Dtype::F32, vec![n, TEXT_DIM], &txt)?,
+        ),
         ("present", TensorView::new(Dtype::F32, vec![n], &pre)?),
     ];
     // Write then rename, so a killed run never leaves a half chunk behind.

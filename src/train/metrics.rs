@@ -24,7 +24,11 @@ pub struct Report {
 
 fn f1(tp: usize, fp: usize, fn_: usize) -> f64 {
     let d = 2 * tp + fp + fn_;
-    if d == 0 { 0.0 } else { 2.0 * tp as f64 / d as f64 }
+    if d == 0 {
+        0.0
+    } else {
+        2.0 * tp as f64 / d as f64
+    }
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
@@ -70,7 +74,11 @@ pub fn report(pred: &[u8], truth: &[u8], labels: &[String]) -> Report {
         n,
         micro_f1: f1(sum(&tp), sum(&fp), sum(&fn_)),
         macro_f1: macro_sum / k as f64,
-        weighted_f1: if support_sum == 0 { 0.0 } else { weighted_sum / support_sum as f64 },
+        weighted_f1: if support_sum == 0 {
+            0.0
+        } else {
+            weighted_sum / support_sum as f64
+        },
         samples_f1: if n == 0 { 0.0 } else { samples / n as f64 },
         per_genre,
     }

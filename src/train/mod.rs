@@ -26,13 +26,31 @@ use trainer::{TrainOptions, score, train_head};
 
 /// The 18 genres, in the order every model output uses (posters-v1 `genres.txt`).
 pub const GENRES: [&str; 18] = [
-    "Action", "Adventure", "Animation", "Comedy", "Crime", "Documentary", "Drama", "Family",
-    "Fantasy", "History", "Horror", "Music", "Mystery", "Romance", "Science Fiction", "Thriller",
-    "War", "Western",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Family",
+    "Fantasy",
+    "History",
+    "Horror",
+    "Music",
+    "Mystery",
+    "Romance",
+    "Science Fiction",
+    "Thriller",
+    "War",
+    "Western",
 ];
 
 /// Whole posters, at the towers' native width and the posters' 2:3 aspect.
-pub const IMAGE_INPUT: ImageInput = ImageInput { width: 224, height: 336 };
+pub const IMAGE_INPUT: ImageInput = ImageInput {
+    width: 224,
+    height: 336,
+};
 /// Names the feature recipe; change it whenever features would change.
 pub const FEATURE_RECIPE: &str = "v1 effnet-lite0 224x336 catmullrom | minilm-l6 mean-pool 128";
 /// One training film in this many is held out to pick the epoch and tune thresholds.
@@ -91,7 +109,12 @@ pub struct TrainRun {
     pub results: Vec<VariantResult>,
 }
 
-fn features_for(encoder: &Encoder, manifest: &Manifest, rows: &[Row], cache: &CacheDir) -> Result<Features> {
+fn features_for(
+    encoder: &Encoder,
+    manifest: &Manifest,
+    rows: &[Row],
+    cache: &CacheDir,
+) -> Result<Features> {
     extract(encoder, manifest, rows, &cache.features(), FEATURE_RECIPE)
 }
 
@@ -109,24 +132,43 @@ pub fn run_train(
     let (fit, tune) = fit_tune_split(&manifest.split(Some("train")));
     let val = manifest.split(Some("val"));
     if fit.is_empty() || tune.is_empty() {
-        bail!("manifest {} has too few training rows", manifest_path.display());
+        bail!(
+            "manifest {} has too few training rows",
+            manifest_path.display()
+        );
     }
     let encoder = Encoder {
         towers: Towers::load(cache, device)?,
         image_input: IMAGE_INPUT,
         device: device.clone(),
     };
-    eprintln!("extracting features: {} fit, {} tune, {} val rows", fit.len(), tune.len(), val.len());
+    eprintln!(
+        "extracting features: {} fit, {} tune, {} val rows",
+        fit.len(),
+        tune.len(),
+        val.len()
+    );
     let f_fit = features_for(&encoder, &manifest, &fit, cache)?;
     let f_tune = features_for(&encoder, &manifest, &tune, cache)?;
     let f_val = features_for(&encoder, &manifest, &val, cache)?;
-    let (y_fit, y_tune, y_val) = (multi_hot(&fit, &labels), multi_hot(&tune, &labels), multi_hot(&val, &labels));
+    let (y_fit, y_tune, y_val) = (
+        multi_hot(&fit, &labels),
+        multi_hot(&tune, &labels),
+        multi_hot(&val, &labels),
+    );
 
     let mut results = Vec::new();
     for variant in [Variant::Fused, Variant::PosterOnly, Variant::TextOnly] {
         eprintln!("training the {} head", variant.name());
         let config = variant.config();
-        let trained = train_head(&config, (&f_fit, &y_fit), (&f_tune, &y_tune), &labels, opts, device);
+        let trained = train_head(
+            &config,
+            (&f_fit, &y_fit),
+            (&f_tune, &y_tune),
+            &labels,
+            opts,
+            device,
+        );
         let scores = score(&trained.head, &f_val, device);
         let val_report = report(&decide_all(&scores, &trained.thresholds), &y_val, &labels);
         if variant == Variant::Fused {
@@ -144,7 +186,11 @@ pub fn run_train(
                     "feature_recipe": FEATURE_RECIPE, "captions": "none",
                 }),
             };
-            ModelDir { spec, head: trained.head }.save(out)?;
+            ModelDir {
+                spec,
+                head: trained.head,
+            }
+            .save(out)?;
         }
         results.push(VariantResult {
             variant: variant.name(),
@@ -176,7 +222,11 @@ pub fn run_eval(
     let manifest = Manifest::load(manifest_path)?;
     let rows = manifest.split(split);
     if rows.is_empty() {
-        bail!("no rows in split {:?} of {}", split.unwrap_or("*"), manifest_path.display());
+        bail!(
+            "no rows in split {:?} of {}",
+            split.unwrap_or("*"),
+            manifest_path.display()
+        );
     }
     let model = ModelDir::load(model_dir, device)?;
     let towers = Towers::load(cache, device)?;

@@ -11,9 +11,9 @@ use burn::nn::loss::BinaryCrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use rand::rngs::StdRng;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainOptions {
@@ -70,7 +70,9 @@ pub fn train_head(
     let mut optim = AdamWConfig::new()
         .with_weight_decay(opts.weight_decay)
         .init();
-    let loss_fn = BinaryCrossEntropyLossConfig::new().with_logits(true).init(&ad);
+    let loss_fn = BinaryCrossEntropyLossConfig::new()
+        .with_logits(true)
+        .init(&ad);
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let (feats, y) = train;
     let n = feats.len();
@@ -98,7 +100,8 @@ pub fn train_head(
                 .iter()
                 .flat_map(|&i| y[i * k..(i + 1) * k].iter().map(|&v| v as i64))
                 .collect();
-            let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [idx.len(), k]), &ad);
+            let targets =
+                Tensor::<2, Int>::from_data(TensorData::new(targets, [idx.len(), k]), &ad);
             let logits = head.forward(head_input(b.image, b.text, b.present, &ad));
             let loss = loss_fn.forward(logits, targets);
             let grads = GradientsParams::from_grads(loss.backward(), &head);

@@ -34,8 +34,12 @@ fn repair_header(bytes: Vec<u8>) -> Vec<u8> {
     if SafeTensors::deserialize(&bytes).is_ok() {
         return bytes;
     }
-    let mut stream = serde_json::Deserializer::from_slice(&bytes[8..]).into_iter::<serde_json::Value>();
-    stream.next().expect("a JSON header").expect("a parseable JSON header");
+    let mut stream =
+        serde_json::Deserializer::from_slice(&bytes[8..]).into_iter::<serde_json::Value>();
+    stream
+        .next()
+        .expect("a JSON header")
+        .expect("a parseable JSON header");
     let real = stream.byte_offset() as u64;
     let mut fixed = real.to_le_bytes().to_vec();
     fixed.extend_from_slice(&bytes[8..]);
@@ -52,22 +56,30 @@ impl Fixture {
     pub fn open(name: &str) -> Self {
         let path = shared().join("reference").join(name);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        Self { bytes: repair_header(bytes) }
+        Self {
+            bytes: repair_header(bytes),
+        }
     }
 
     pub fn get(&self, name: &str) -> Array {
         let st = SafeTensors::deserialize(&self.bytes).expect("valid safetensors");
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture has no {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture has no {name}"));
         let shape = t.shape().to_vec();
         let data = t.data();
         let (f32, i64) = match t.dtype() {
             safetensors::Dtype::F32 => (
-                data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+                data.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
                 vec![],
             ),
             safetensors::Dtype::I64 => (
                 vec![],
-                data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
+                data.chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
             ),
             d => panic!("unexpected dtype {d:?} for {name}"),
         };
@@ -94,7 +106,11 @@ pub fn record(backend: &str, tensor: &str, err: f64) {
     let line = format!("{backend:<8} {tensor:<28} rel_l2 {err:.3e}\n");
     print!("{line}");
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/parity.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
         let _ = f.write_all(line.as_bytes());
     }
 }

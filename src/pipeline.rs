@@ -1,0 +1,200 @@
+//! The appliance's pipeline: sources hand `Job`s to one classifier thread through a
+//! bounded queue (a full queue makes a source wait, or an upload get 503), and each
+//! `ScanResult` goes to the sinks (the MQTT outbox, the status page) before the
+//! job's `done` callback runs, so a hot-folder file moves to done/ only once its
+//! result is safe on disk.
+
+use crate::classify::{Classifier, GenreScore};
+use crate::health::Health;
+use image::RgbImage;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Camera,
+    Folder,
+    Upload,
+}
+
+/// A decoded poster on its way to the classifier.
+pub struct Poster {
+    pub source: Source,
+    /// File name, or a camera/upload label, for people reading the result.
+    pub name: String,
+    pub image: RgbImage,
+    pub overview: Option<String>,
+}
+
+/// What happened to a job: its result, or why there is none.
+pub type Outcome<'a> = Result<&'a ScanResult, String>;
+pub type Done = Box<dyn FnOnce(Outcome<'_>) + Send>;
+
+pub struct Job {
+    pub poster: Poster,
+    pub done: Option<Done>,
+}
+
+/// One classified poster, as published and shown.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScanResult {
+    pub id: String,
+    /// RFC 3339, UTC.
+    pub timestamp: String,
+    pub source: Source,
+    pub name: String,
+    pub caption: Option<String>,
+    /// Why `caption` is null, when it is.
+    pub caption_status: String,
+    pub overview: Option<String>,
+    pub genres: Vec<GenreScore>,
+    pub predicted: Vec<String>,
+    pub timings_ms: BTreeMap<String, f64>,
+    /// A small JPEG of the poster for the status page (not published).
+    #[serde(skip)]
+    pub thumbnail: Vec<u8>,
+}
+
+/// Receives every result, in order, on the classifier thread.
+pub trait Sink: Send {
+    /// Must not return before the result is durable where durability matters.
+    fn accept(&mut self, result: &ScanResult) -> Result<(), String>;
+}
+
+/// The sending side that sources hold.
+#[derive(Clone)]
+pub struct Queue {
+    tx: SyncSender<Job>,
+    /// Overview from the MQTT command topic, for the next scan that has none.
+    pub next_overview: Arc<Mutex<Option<String>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the classifier queue is full")]
+    Full,
+    #[error("the pipeline has stopped")]
+    Closed,
+}
+
+impl Queue {
+    pub fn new(capacity: usize) -> (Self, Receiver<Job>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+        (
+            Self {
+                tx,
+                next_overview: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Waits for room (sources that can wait: folder, camera).
+    pub fn send(&self, job: Job) -> Result<(), QueueError> {
+        self.tx.send(job).map_err(|_| QueueError::Closed)
+    }
+
+    /// Never waits (uploads: the client gets 503 instead).
+    pub fn try_send(&self, job: Job) -> Result<(), (QueueError, Job)> {
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(j) => (QueueError::Full, j),
+            TrySendError::Disconnected(j) => (QueueError::Closed, j),
+        })
+    }
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn new_id(device_id: &str) -> String {
+    let ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{device_id}-{ms}-{}", SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+fn thumbnail(img: &RgbImage) -> Vec<u8> {
+    let (w, h) = img.dimensions();
+    let tw = 180u32;
+    let th = (h as u64 * tw as u64 / w.max(1) as u64).clamp(1, 540) as u32;
+    let small = image::imageops::thumbnail(img, tw, th);
+    let mut out = std::io::Cursor::new(Vec::new());
+    match small.write_to(&mut out, image::ImageFormat::Jpeg) {
+        Ok(()) => out.into_inner(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Runs until `stop` is set (then finishes the jobs already queued) or every
+/// `Queue` is dropped: classify, hand to the sinks, call `done`.
+pub fn run_classifier(
+    device_id: &str,
+    classifier: &Classifier,
+    rx: Receiver<Job>,
+    next_overview: Arc<Mutex<Option<String>>>,
+    sinks: &mut [Box<dyn Sink>],
+    health: &Health,
+    stop: &AtomicBool,
+) {
+    loop {
+        let job = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => match rx.try_recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let Job { poster, done } = job;
+        let start = Instant::now();
+        let overview = poster
+            .overview
+            .clone()
+            .or_else(|| next_overview.lock().ok().and_then(|mut o| o.take()));
+        let outcome = classifier.classify(&poster.image, overview.as_deref(), None);
+        let result = match outcome {
+            Ok(p) => {
+                let mut timings: BTreeMap<String, f64> = p.timings_ms.into_iter().collect();
+                timings.insert("pipeline".into(), start.elapsed().as_secs_f64() * 1e3);
+                Ok(ScanResult {
+                    id: new_id(device_id),
+                    timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                    source: poster.source,
+                    name: poster.name.clone(),
+                    caption: None,
+                    caption_status: "none: captioning is off".into(),
+                    overview,
+                    genres: p.genres,
+                    predicted: p.predicted,
+                    timings_ms: timings,
+                    thumbnail: thumbnail(&poster.image),
+                })
+            }
+            Err(e) => Err(format!("classify failed: {e:#}")),
+        };
+        let delivered = result.as_ref().map_err(Clone::clone).and_then(|r| {
+            for sink in sinks.iter_mut() {
+                sink.accept(r)?;
+            }
+            Ok(r)
+        });
+        match &delivered {
+            Ok(r) => {
+                tracing::info!(id = %r.id, name = %r.name, predicted = ?r.predicted, "classified")
+            }
+            Err(e) => {
+                health.failed();
+                tracing::warn!(name = %poster.name, "{e}");
+            }
+        }
+        if let Some(done) = done {
+            done(delivered);
+        }
+    }
+}

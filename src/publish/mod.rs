@@ -1,0 +1,4 @@
+//! Where results go: the disk outbox and MQTT (with Home Assistant discovery).
+pub mod mqtt;
+pub mod outbox;
+pub mod topics;

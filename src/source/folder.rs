@@ -1,0 +1,211 @@
+//! The hot folder: images dropped into a directory are classified, then moved to
+//! `done/` or to `failed/` (with `NAME.reason.txt` saying why). An optional sidecar
+//! `NAME.txt` (plain overview) or `NAME.json` (`{"overview": "..."}`) travels with it.
+//! A file is read only after its size and mtime have held still for `settle_ms`, so a
+//! poster still being copied in is never read half-written.
+
+use crate::config::FolderConfig;
+use crate::health::Health;
+use crate::pipeline::{Job, Poster, Queue, Source};
+use crate::preprocess::image::{MAX_BYTES, decode};
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+const SIDECARS: [&str; 2] = ["txt", "json"];
+const TEMP_SUFFIXES: [&str; 4] = [".tmp", ".part", ".partial", ".crdownload"];
+
+pub struct Folder {
+    dir: PathBuf,
+    done: PathBuf,
+    failed: PathBuf,
+    poll: Duration,
+    settle: Duration,
+}
+
+#[derive(PartialEq, Clone, Copy)]
+struct Seen {
+    len: u64,
+    mtime: SystemTime,
+    since: SystemTime,
+}
+
+impl Folder {
+    pub fn new(c: &FolderConfig) -> std::io::Result<Self> {
+        let f = Self {
+            dir: c.path.clone(),
+            done: c.path.join("done"),
+            failed: c.path.join("failed"),
+            poll: Duration::from_millis(c.poll_ms),
+            settle: Duration::from_millis(c.settle_ms),
+        };
+        fs::create_dir_all(&f.done)?;
+        fs::create_dir_all(&f.failed)?;
+        Ok(f)
+    }
+
+    /// Scans until `stop`; blocks on a full queue (back-pressure).
+    pub fn run(self, queue: Queue, health: Arc<Health>, stop: Arc<AtomicBool>) {
+        let this = Arc::new(self);
+        let mut seen: HashMap<PathBuf, Seen> = HashMap::new();
+        let in_flight: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
+        health.set_folder(true, &format!("watching {}", this.dir.display()));
+        while !stop.load(Ordering::SeqCst) {
+            match this.candidates() {
+                Ok(files) => {
+                    let now = SystemTime::now();
+                    seen.retain(|p, _| files.iter().any(|(f, _)| f == p));
+                    for (path, meta) in files {
+                        if in_flight.lock().expect("folder lock").contains(&path) {
+                            continue;
+                        }
+                        let cur = Seen {
+                            len: meta.len(),
+                            mtime: meta.modified().unwrap_or(now),
+                            since: now,
+                        };
+                        let entry = seen.entry(path.clone()).or_insert(cur);
+                        if entry.len != cur.len || entry.mtime != cur.mtime {
+                            *entry = cur;
+                            continue;
+                        }
+                        let still = now.duration_since(entry.since).unwrap_or_default()
+                            >= this.settle
+                            && now.duration_since(cur.mtime).unwrap_or_default() >= this.settle;
+                        if still {
+                            seen.remove(&path);
+                            in_flight.lock().expect("folder lock").insert(path.clone());
+                            this.submit(&path, &queue, &in_flight);
+                        }
+                    }
+                }
+                Err(e) => health.set_folder(false, &format!("{}: {e}", this.dir.display())),
+            }
+            std::thread::sleep(this.poll);
+        }
+    }
+
+    fn candidates(&self) -> std::io::Result<Vec<(PathBuf, fs::Metadata)>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.dir)? {
+            let e = e?;
+            let meta = e.metadata()?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let sidecar = Path::new(&name)
+                .extension()
+                .is_some_and(|x| SIDECARS.iter().any(|s| x.eq_ignore_ascii_case(s)));
+            let temp = name.starts_with('.') || TEMP_SUFFIXES.iter().any(|s| name.ends_with(s));
+            if meta.is_file() && !sidecar && !temp {
+                out.push((e.path(), meta));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    fn overview(&self, image: &Path) -> (Option<String>, Vec<PathBuf>) {
+        let mut found = Vec::new();
+        let mut overview = None;
+        for ext in SIDECARS {
+            let p = image.with_extension(ext);
+            let Ok(text) = fs::read_to_string(&p) else {
+                continue;
+            };
+            found.push(p);
+            let o = if ext == "json" {
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["overview"].as_str().map(String::from))
+            } else {
+                Some(text)
+            };
+            overview = overview.or(o.filter(|s| !s.trim().is_empty()));
+        }
+        (overview, found)
+    }
+
+    fn submit(
+        self: &Arc<Self>,
+        path: &Path,
+        queue: &Queue,
+        in_flight: &Arc<Mutex<HashSet<PathBuf>>>,
+    ) {
+        let (overview, sidecars) = self.overview(path);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let image = read_limited(path).and_then(|b| decode(&b).map_err(|e| e.to_string()));
+        let finish = {
+            let (this, path, in_flight) = (self.clone(), path.to_path_buf(), in_flight.clone());
+            move |outcome: Result<(), String>| {
+                let dest = if outcome.is_ok() {
+                    &this.done
+                } else {
+                    &this.failed
+                };
+                let moved = move_into(&path, dest);
+                for s in &sidecars {
+                    let _ = move_into(s, dest);
+                }
+                if let (Err(reason), Ok(target)) = (&outcome, &moved) {
+                    let _ = fs::write(reason_path(target), format!("{reason}\n"));
+                    tracing::warn!(file = %path.display(), "failed: {reason}");
+                }
+                in_flight.lock().expect("folder lock").remove(&path);
+            }
+        };
+        match image {
+            Err(reason) => finish(Err(reason)),
+            Ok(image) => {
+                let job = Job {
+                    poster: Poster {
+                        source: Source::Folder,
+                        name,
+                        image,
+                        overview,
+                    },
+                    done: Some(Box::new(move |o| finish(o.map(|_| ())))),
+                };
+                if let Err(e) = queue.send(job) {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
+}
+
+fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
+    let f = fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() > MAX_BYTES {
+        return Err(format!("file larger than the {MAX_BYTES}-byte image limit"));
+    }
+    Ok(bytes)
+}
+
+fn reason_path(target: &Path) -> PathBuf {
+    let mut s = target.as_os_str().to_owned();
+    s.push(".reason.txt");
+    PathBuf::from(s)
+}
+
+/// Moves `path` into `dir`, never overwriting: a clash gets a numeric suffix.
+fn move_into(path: &Path, dir: &Path) -> std::io::Result<PathBuf> {
+    let name = path.file_name().unwrap_or_default();
+    let mut target = dir.join(name);
+    let mut n = 1;
+    while target.exists() {
+        target = dir.join(format!("{n}-{}", name.to_string_lossy()));
+        n += 1;
+    }
+    fs::rename(path, &target)?;
+    Ok(target)
+}

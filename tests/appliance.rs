@@ -1,0 +1,722 @@
+//! The appliance end to end, against a real Mosquitto broker on a loopback port
+//! (with `mosquitto_sub` as the independent client) and Debian's headless Chromium.
+
+mod common;
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-tmp")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(p: &Proc, sig: &str) {
+    Command::new("kill")
+        .args([sig, &p.0.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+struct Broker {
+    port: u16,
+    conf: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Broker {
+    /// Persistence on, so a subscriber's session survives a broker restart.
+    fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                 persistence_location {}/\nautosave_interval 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut b = Self {
+            port,
+            conf,
+            proc: None,
+        };
+        b.restart();
+        b
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto installed (apt-get install mosquitto)");
+        self.proc = Some(Proc(child));
+        let port = self.port;
+        wait_for("the broker", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    fn kill(&mut self) {
+        if let Some(p) = self.proc.take() {
+            signal(&p, "-KILL");
+        }
+    }
+
+    /// The retained message on `topic`, read by a fresh `mosquitto_sub`.
+    fn retained(&self, topic: &str) -> Option<String> {
+        let out = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-t",
+                topic,
+                "-C",
+                "1",
+                "-W",
+                "3",
+                "--retained-only",
+            ])
+            .output()
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!s.is_empty()).then_some(s)
+    }
+}
+
+/// `mosquitto_sub -v` with a persistent QoS 1 session, collecting lines.
+struct Subscriber {
+    lines: Arc<Mutex<Vec<String>>>,
+    _proc: Proc,
+}
+
+impl Subscriber {
+    fn start(port: u16, topics: &[&str]) -> Self {
+        let mut cmd = Command::new("mosquitto_sub");
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-i",
+            "marquee-test-sub",
+            "-c",
+            "-q",
+            "1",
+            "-v",
+        ]);
+        for t in topics {
+            cmd.args(["-t", t]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            lines,
+            _proc: Proc(child),
+        }
+    }
+
+    fn on(&self, topic: &str) -> Vec<String> {
+        let prefix = format!("{topic} ");
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix).map(String::from))
+            .collect()
+    }
+}
+
+struct Marquee {
+    proc: Proc,
+    status: String,
+    inbox: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+const TOKEN: &str = "test-token-123";
+
+fn start_marquee(dir: &Path, broker_port: u16, extra: &str) -> Marquee {
+    common::cache();
+    let inbox = dir.join("inbox");
+    let status_port = free_port();
+    let config = dir.join("marquee.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"kiosk-test\"\nstate_dir = \"{}\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\n\
+             prefix = \"marquee\"\ndiscovery_prefix = \"homeassistant\"\nstats_interval_s = 2\n\
+             [sources.folder]\npath = \"{}\"\npoll_ms = 100\nsettle_ms = 300\n\
+             [status]\nlisten = \"127.0.0.1:{status_port}\"\nmax_upload_bytes = 2000000\n{extra}",
+            dir.join("state").display(),
+            inbox.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("MARQUEE_HTTP_TOKEN", TOKEN)
+        .env("MARQUEE_LOG", "info")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let s2 = stderr.clone();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(err);
+        let mut buf = String::new();
+        while r.read_line(&mut buf).unwrap_or(0) > 0 {
+            s2.lock().unwrap().push_str(&buf);
+            buf.clear();
+        }
+    });
+    let status = format!("http://127.0.0.1:{status_port}");
+    let url = format!("{status}/healthz");
+    let m = Marquee {
+        proc: Proc(child),
+        status,
+        inbox,
+        stderr,
+    };
+    wait_for("marquee's status server", Duration::from_secs(60), || {
+        ureq::get(&url).call().is_ok()
+    });
+    m
+}
+
+/// Real posters from posters-v1, by manifest order.
+fn posters(n: usize) -> Vec<PathBuf> {
+    let root = common::shared().join("data/posters-v1");
+    let text = std::fs::read_to_string(root.join("movies.jsonl")).unwrap();
+    text.lines()
+        .take(n)
+        .map(|l| {
+            root.join(
+                serde_json::from_str::<Value>(l).unwrap()["poster"]
+                    .as_str()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Drops a file the way a careful writer does: a temp name, then a rename.
+fn drop_file(inbox: &Path, name: &str, bytes: &[u8]) {
+    let tmp = inbox.join(format!("{name}.part"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, inbox.join(name)).unwrap();
+}
+
+fn events(sub: &Subscriber) -> Vec<Value> {
+    sub.on("marquee/kiosk-test/events")
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("valid JSON event"))
+        .collect()
+}
+
+fn seq_of(id: &str) -> u64 {
+    id.rsplit('-').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn hot_folder_to_mqtt_survives_a_broker_restart() {
+    let dir = tmpdir("appliance-mqtt");
+    let mut broker = Broker::start(&dir);
+    let sub = Subscriber::start(
+        broker.port,
+        &[
+            "marquee/kiosk-test/#",
+            "homeassistant/device/kiosk-test/config",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let m = start_marquee(&dir, broker.port, "");
+    wait_for("online", Duration::from_secs(20), || {
+        sub.on("marquee/kiosk-test/availability")
+            .iter()
+            .any(|s| s == "online")
+    });
+
+    let files = posters(20);
+    for (i, p) in files.iter().take(10).enumerate() {
+        drop_file(
+            &m.inbox,
+            &format!("p{i:02}.jpg"),
+            &std::fs::read(p).unwrap(),
+        );
+    }
+    wait_for("the first 10 events", Duration::from_secs(120), || {
+        events(&sub).len() >= 10
+    });
+
+    // The broker dies mid-run; results keep coming and wait in the outbox.
+    broker.kill();
+    for (i, p) in files.iter().enumerate().skip(10) {
+        drop_file(
+            &m.inbox,
+            &format!("p{i:02}.jpg"),
+            &std::fs::read(p).unwrap(),
+        );
+    }
+    wait_for("all 20 posters processed", Duration::from_secs(120), || {
+        std::fs::read_dir(m.inbox.join("done"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            >= 20
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    broker.restart();
+    wait_for("all 20 events", Duration::from_secs(120), || {
+        let mut names: Vec<String> = events(&sub)
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect();
+        names.dedup();
+        names.len() >= 20
+    });
+
+    // In order, with duplicates only as QoS 1 allows (a repeat of the latest).
+    let evs = events(&sub);
+    let mut seqs: Vec<u64> = evs
+        .iter()
+        .map(|e| seq_of(e["id"].as_str().unwrap()))
+        .collect();
+    let n = seqs.len();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 20, "20 distinct results ({n} messages)");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    for e in &evs {
+        assert_eq!(e["genres"].as_array().unwrap().len(), 18);
+        assert_eq!(e["source"], "folder");
+        assert!(!e["predicted"].as_array().unwrap().is_empty());
+    }
+    assert!(failed_is_empty(&m.inbox));
+
+    // Retained state and attributes, and discovery.
+    let state = broker
+        .retained("marquee/kiosk-test/genres/state")
+        .expect("retained state");
+    assert!(!state.is_empty() && state.len() <= 255);
+    let attrs: Value = serde_json::from_str(
+        &broker
+            .retained("marquee/kiosk-test/genres/attributes")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(attrs["id"], evs.last().unwrap()["id"]);
+    let disc: Value = serde_json::from_str(
+        sub.on("homeassistant/device/kiosk-test/config")
+            .last()
+            .expect("discovery"),
+    )
+    .unwrap();
+    assert_eq!(
+        disc["cmps"]["kiosk-test_genres"]["stat_t"],
+        "marquee/kiosk-test/genres/state"
+    );
+    assert_eq!(disc["avty_t"], "marquee/kiosk-test/availability");
+
+    // Killing marquee leaves `offline` retained (the last will).
+    signal(&m.proc, "-KILL");
+    wait_for("offline retained", Duration::from_secs(10), || {
+        broker
+            .retained("marquee/kiosk-test/availability")
+            .as_deref()
+            == Some("offline")
+    });
+    assert!(!m.stderr.lock().unwrap().contains("panicked"));
+}
+
+fn failed_is_empty(inbox: &Path) -> bool {
+    std::fs::read_dir(inbox.join("failed"))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true)
+}
+
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    // Signature + IHDR with a valid CRC, no image data.
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(w.to_be_bytes());
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in &ihdr {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 == 1 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+    v.extend(13u32.to_be_bytes());
+    v.extend(&ihdr);
+    v.extend((!c).to_be_bytes());
+    v
+}
+
+fn post(url: &str, token: &str, body: &[u8]) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .post(url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("Content-Type", "image/jpeg")
+        .send(body)
+        .unwrap();
+    let code = resp.status().as_u16();
+    (code, resp.body_mut().read_to_string().unwrap_or_default())
+}
+
+#[test]
+fn bad_inputs_end_in_failed_and_the_daemon_keeps_running() {
+    let dir = tmpdir("appliance-bad");
+    let broker = Broker::start(&dir);
+    let m = start_marquee(&dir, broker.port, "");
+    let poster = std::fs::read(&posters(1)[0]).unwrap();
+    let mut corrupt = poster[..poster.len() / 2].to_vec();
+    corrupt.extend(std::iter::repeat_n(0u8, 500));
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("corrupt.jpg", corrupt),
+        ("empty.jpg", vec![]),
+        ("bomb.png", png_header(20000, 20000)),
+        ("notes.jpg", b"just some text, not a JPEG\n".to_vec()),
+    ];
+    for (name, bytes) in &bad {
+        drop_file(&m.inbox, name, bytes);
+    }
+    drop_file(&m.inbox, "good.jpg", &poster);
+    std::fs::write(
+        m.inbox.join("good.txt"),
+        "Two brothers fight a war in the desert.",
+    )
+    .unwrap();
+    wait_for("every file handled", Duration::from_secs(60), || {
+        let n = |d: &str| {
+            std::fs::read_dir(m.inbox.join(d))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
+        n("failed") >= 2 * bad.len() && n("done") >= 2
+    });
+    for (name, _) in &bad {
+        let reason =
+            std::fs::read_to_string(m.inbox.join("failed").join(format!("{name}.reason.txt")))
+                .unwrap_or_else(|_| panic!("{name} has a reason"));
+        assert_eq!(reason.trim().lines().count(), 1, "{name}: {reason}");
+    }
+    let bomb = std::fs::read_to_string(m.inbox.join("failed/bomb.png.reason.txt")).unwrap();
+    assert!(bomb.contains("20000x20000"), "{bomb}");
+    assert!(
+        m.inbox.join("done/good.txt").is_file(),
+        "the sidecar travels with its poster"
+    );
+
+    // Uploads: wrong token, too large, good.
+    let url = format!("{}/api/classify", m.status);
+    assert_eq!(post(&url, "wrong", &poster).0, 401);
+    assert_eq!(post(&url, TOKEN, &vec![0u8; 2_100_000]).0, 413);
+    assert_eq!(post(&url, TOKEN, b"not an image").0, 422);
+    let (code, body) = post(&url, TOKEN, &poster);
+    assert_eq!(code, 200, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["source"], "upload");
+    assert_eq!(r["genres"].as_array().unwrap().len(), 18);
+
+    // Still alive, metrics say so, and no panic anywhere.
+    assert!(ureq::get(&format!("{}/healthz", m.status)).call().is_ok());
+    let metrics = ureq::get(&format!("{}/metrics", m.status))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(metrics.contains("marquee_processed_total 2"), "{metrics}");
+    assert!(
+        metrics.contains("marquee_uploads_rejected_total 3"),
+        "{metrics}"
+    );
+
+    // SIGTERM: a clean exit that leaves `offline` retained.
+    let mut m = m;
+    signal(&m.proc, "-TERM");
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = m.proc.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "marquee did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(
+        broker
+            .retained("marquee/kiosk-test/availability")
+            .as_deref(),
+        Some("offline")
+    );
+    assert!(
+        !m.stderr.lock().unwrap().contains("panicked"),
+        "{}",
+        m.stderr.lock().unwrap()
+    );
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let dir = tmpdir("appliance-config");
+    let p = dir.join("bad.toml");
+    std::fs::write(
+        &p,
+        "device_id = \"kiosk\"\n[status]\nlisten = \"everywhere\"\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["config", "check", p.to_str().unwrap()],
+        vec!["run", "--config", p.to_str().unwrap()],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_marquee"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("status.listen") && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+    let ok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd/marquee.toml");
+    let o = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(["config", "check", ok.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "the shipped example config is valid: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Chrome DevTools Protocol over a WebSocket: just enough to navigate, evaluate and
+/// take a screenshot.
+struct Cdp {
+    ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    next: u64,
+}
+
+impl Cdp {
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let msg = serde_json::json!({"id": id, "method": method, "params": params});
+        self.ws
+            .send(tungstenite::Message::text(msg.to_string()))
+            .unwrap();
+        loop {
+            let m = self.ws.read().unwrap();
+            if let Ok(text) = m.to_text()
+                && let Ok(v) = serde_json::from_str::<Value>(text)
+                && v["id"] == id
+            {
+                return v["result"].clone();
+            }
+        }
+    }
+
+    fn eval(&mut self, expr: &str) -> Value {
+        self.call(
+            "Runtime.evaluate",
+            serde_json::json!({"expression": expr, "returnByValue": true}),
+        )["result"]["value"]
+            .clone()
+    }
+}
+
+#[test]
+fn status_page_updates_live_in_a_real_browser() {
+    let dir = tmpdir("appliance-page");
+    let broker = Broker::start(&dir);
+    let m = start_marquee(&dir, broker.port, "");
+    let poster = posters(3);
+    drop_file(&m.inbox, "first.jpg", &std::fs::read(&poster[1]).unwrap());
+    let history = format!("{}/api/history", m.status);
+    let count = |url: &str| -> usize {
+        ureq::get(url)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .and_then(|s| serde_json::from_str::<Vec<Value>>(&s).ok())
+            .map_or(0, |v| v.len())
+    };
+    wait_for("the first result", Duration::from_secs(60), || {
+        count(&history) >= 1
+    });
+
+    let profile = dir.join("chromium");
+    let mut child = Command::new("chromium")
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-port=0",
+            "--window-size=1280,800",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("about:blank")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("chromium installed (apt-get install chromium)");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let _chromium = Proc(child);
+    let mut line = String::new();
+    let ws_browser = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "chromium exited");
+        if let Some(u) = line.trim().strip_prefix("DevTools listening on ") {
+            break u.to_string();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let port = ws_browser
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let list = ureq::get(&format!("http://127.0.0.1:{port}/json/list")).call().unwrap().body_mut().read_to_string().unwrap();
+    let targets: Vec<Value> = serde_json::from_str(&list).unwrap();
+    let page = targets
+        .iter()
+        .find(|t| t["type"] == "page")
+        .expect("a page target");
+    let (ws, _) = tungstenite::connect(page["webSocketDebuggerUrl"].as_str().unwrap()).unwrap();
+    let mut cdp = Cdp { ws, next: 0 };
+
+    cdp.call(
+        "Page.navigate",
+        serde_json::json!({"url": format!("{}/", m.status)}),
+    );
+    wait_for(
+        "the latest result rendered",
+        Duration::from_secs(20),
+        || cdp.eval("document.querySelectorAll('#bars .bar').length") == 18,
+    );
+    let first_id = cdp.eval("document.getElementById('predicted').dataset.id");
+    assert!(
+        first_id
+            .as_str()
+            .is_some_and(|s| s.starts_with("kiosk-test-"))
+    );
+    // A marker that a reload would wipe.
+    cdp.eval("window.__marker = 'no-reload'");
+
+    drop_file(&m.inbox, "second.jpg", &std::fs::read(&poster[2]).unwrap());
+    wait_for(
+        "the new result on the page",
+        Duration::from_secs(60),
+        || {
+            let id = cdp.eval("document.getElementById('predicted').dataset.id");
+            id != first_id && id.is_string()
+        },
+    );
+    assert_eq!(
+        cdp.eval("window.__marker"),
+        "no-reload",
+        "updated without a reload"
+    );
+    assert_eq!(
+        cdp.eval("document.getElementById('name').textContent"),
+        "folder: second.jpg"
+    );
+    assert_eq!(
+        cdp.eval("document.querySelectorAll('#history tr').length"),
+        2
+    );
+    wait_for("health badges", Duration::from_secs(10), || {
+        cdp.eval("document.getElementById('h-broker').className") == "badge ok"
+    });
+
+    let shot = cdp.call(
+        "Page.captureScreenshot",
+        serde_json::json!({"format": "png"}),
+    );
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/status-page.png");
+    std::fs::write(&out, &png).unwrap();
+    assert!(png.len() > 10_000, "a real screenshot");
+}

