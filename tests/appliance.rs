@@ -751,6 +751,7 @@ fn status_page_updates_live_in_a_real_browser() {
         .decode(shot["data"].as_str().unwrap())
         .unwrap();
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/status-page.png");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     std::fs::write(&out, &png).unwrap();
     assert!(png.len() > 10_000, "a real screenshot");
 }

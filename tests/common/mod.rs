@@ -106,6 +106,7 @@ pub fn record(backend: &str, tensor: &str, err: f64) {
     let line = format!("{backend:<8} {tensor:<28} rel_l2 {err:.3e}\n");
     print!("{line}");
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/parity.txt");
+    let _ = std::fs::create_dir_all(path.parent().unwrap());
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
