@@ -186,6 +186,7 @@ pub fn run_classifier(
         });
         match &delivered {
             Ok(r) => {
+                health.processed(r.timings_ms.get("pipeline").copied().unwrap_or(0.0));
                 tracing::info!(id = %r.id, name = %r.name, predicted = ?r.predicted, "classified")
             }
             Err(e) => {

@@ -101,9 +101,6 @@ impl Sink for StatusSink {
             }
         }
         self.0
-            .health
-            .processed(r.timings_ms.get("pipeline").copied().unwrap_or(0.0));
-        self.0
             .broadcast("result", &serde_json::to_string(r).unwrap_or_default());
         Ok(())
     }
