@@ -150,10 +150,6 @@ impl EfficientNetLite0 {
         }
     }
 
-    pub fn num_blocks(&self) -> usize {
-        self.blocks.len()
-    }
-
     /// Stem: conv 3x3/2 + BN + ReLU6.
     pub fn stem(&self, input: Tensor<4>) -> Tensor<4> {
         relu6(self.bn0.forward(self.conv_stem.forward(input)))
