@@ -7,8 +7,7 @@ use crate::classify::Classifier;
 use crate::config::Config;
 use crate::health::Health;
 use crate::model::cache::CacheDir;
-use crate::model::dir::{ModelDir, default_model_dir};
-use crate::model::towers::Towers;
+use crate::model::dir::default_model_dir;
 use crate::pipeline::{Queue, Sink, run_classifier};
 use crate::publish::mqtt::{Mqtt, OutboxSink};
 use crate::publish::outbox::Outbox;
@@ -36,11 +35,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .map(CacheDir::new)
         .unwrap_or_else(CacheDir::from_env);
     let model_dir = cfg.classify.model.clone().unwrap_or_else(default_model_dir);
-    let classifier = Classifier::new(
-        Towers::load(&cache, &device)?,
-        ModelDir::load(&model_dir, &device)?,
-        device,
-    );
+    let classifier = Classifier::load(&model_dir, &cache, &device)?;
 
     let health = Arc::new(Health::default());
     let (queue, rx) = Queue::new(cfg.pipeline.queue);

@@ -1,11 +1,10 @@
 //! Classifier: (poster, overview, caption) -> 18 genre scores and the predicted set.
 //! It takes decoded images and strings, never paths: reading files is the caller's job.
 
-use crate::model::dir::{ImageInput, ModelDir};
+use crate::model::cache::CacheDir;
+use crate::model::dir::{ImageInput, ModelDir, TowerSource};
 use crate::model::towers::Towers;
-use crate::nn::bert::mean_pool_normalize;
-use crate::nn::efficientnet::FEATURE_DIM;
-use crate::nn::head::{FusionHead, HeadInput};
+use crate::nn::fusion::FusionInput;
 use crate::preprocess::image::{resize_exact, to_chw};
 use crate::train::metrics::decide;
 use anyhow::Result;
@@ -13,6 +12,7 @@ use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 use image::RgbImage;
 use serde::Serialize;
+use std::path::Path;
 use std::time::Instant;
 
 /// Width of the text embedding.
@@ -30,47 +30,25 @@ pub fn compose_text(overview: Option<&str>, caption: Option<&str>) -> Option<Str
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
-/// The frozen towers, turning images and text into the head's input features.
-pub struct Encoder {
-    pub towers: Towers,
-    pub image_input: ImageInput,
-    pub device: Device,
-}
-
-impl Encoder {
-    /// Pooled image features of a batch, row-major `[n, 1280]`.
-    pub fn image_features(&self, images: &[RgbImage]) -> Vec<f32> {
-        let (w, h) = (self.image_input.width, self.image_input.height);
-        let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
-        for img in images {
-            data.extend(to_chw(&resize_exact(img, w, h)));
-        }
-        let x = Tensor::<4>::from_data(
-            TensorData::new(data, [images.len(), 3, h as usize, w as usize]),
-            &self.device,
-        );
-        let pooled = self.towers.image.forward_features(x).pooled;
-        pooled
-            .into_data()
-            .try_to_vec::<f32>()
-            .expect("f32 features")
+/// The feature map of images as tokens: `[n, cells, 1280]`, row-major cells.
+pub fn image_tokens(
+    towers: &Towers,
+    images: &[RgbImage],
+    input: ImageInput,
+    device: &Device,
+) -> Tensor<3> {
+    let (w, h) = (input.width, input.height);
+    let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
+    for img in images {
+        data.extend(to_chw(&resize_exact(img, w, h)));
     }
-
-    /// Sentence embeddings of a batch, row-major `[n, 384]`.
-    pub fn text_features(&self, texts: &[&str]) -> Result<Vec<f32>> {
-        let batch = self.towers.tokenizer.encode_batch(texts)?;
-        let ids = Tensor::<2, Int>::from_data(
-            TensorData::new(batch.ids, [batch.rows, batch.len]),
-            &self.device,
-        );
-        let mask = Tensor::<2>::from_data(
-            TensorData::new(batch.mask, [batch.rows, batch.len]),
-            &self.device,
-        );
-        let hidden = self.towers.text.forward(ids, mask.clone());
-        let emb = mean_pool_normalize(hidden, mask);
-        Ok(emb.into_data().try_to_vec::<f32>().expect("f32 embeddings"))
-    }
+    let x = Tensor::<4>::from_data(
+        TensorData::new(data, [images.len(), 3, h as usize, w as usize]),
+        device,
+    );
+    let f = towers.image.forward_features(x).features;
+    let [b, c, fh, fw] = f.dims();
+    f.reshape([b, c, fh * fw]).swap_dims(1, 2)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -89,42 +67,25 @@ pub struct Prediction {
     pub timings_ms: Vec<(String, f64)>,
 }
 
-/// Sigmoid scores of head inputs, row-major `[n, classes]`.
-pub fn head_scores(head: &FusionHead, input: HeadInput) -> Vec<f32> {
-    sigmoid(head.forward(input))
-        .into_data()
-        .try_to_vec::<f32>()
-        .expect("f32 scores")
-}
-
-/// Builds head inputs from feature rows already on the host.
-pub fn head_input(
-    image: Vec<f32>,
-    text: Vec<f32>,
-    present: Vec<f32>,
-    device: &Device,
-) -> HeadInput {
-    let n = present.len();
-    HeadInput {
-        image: Tensor::from_data(TensorData::new(image, [n, FEATURE_DIM]), device),
-        text: Tensor::from_data(TensorData::new(text, [n, TEXT_DIM]), device),
-        text_present: Tensor::from_data(TensorData::new(present, [n, 1]), device),
-    }
-}
-
 pub struct Classifier {
-    pub encoder: Encoder,
+    pub towers: Towers,
     pub model: ModelDir,
+    pub device: Device,
 }
 
 impl Classifier {
-    pub fn new(towers: Towers, model: ModelDir, device: Device) -> Self {
-        let encoder = Encoder {
-            towers,
-            image_input: model.spec.image_input,
-            device,
+    /// Loads a model directory and its towers (bundled, or from the cache).
+    pub fn load(model_dir: &Path, cache: &CacheDir, device: &Device) -> Result<Self> {
+        let model = ModelDir::load(model_dir, device)?;
+        let towers = match &model.spec.towers {
+            TowerSource::Cache => Towers::load(cache, device)?,
+            TowerSource::Bundled { .. } => Towers::load_bundled(model_dir, &model.spec, device)?,
         };
-        Self { encoder, model }
+        Ok(Self {
+            towers,
+            model,
+            device: device.clone(),
+        })
     }
 
     pub fn labels(&self) -> &[String] {
@@ -143,30 +104,88 @@ impl Classifier {
             timings.push((name.to_string(), since.elapsed().as_secs_f64() * 1e3));
             Instant::now()
         };
+        let spec = &self.model.spec;
+        let dev = &self.device;
         let t = Instant::now();
-        let image = self.encoder.image_features(std::slice::from_ref(poster));
+        let mut views = vec![image_tokens(
+            &self.towers,
+            std::slice::from_ref(poster),
+            spec.image_input,
+            dev,
+        )];
+        if spec.tta_flip {
+            let flipped = image::imageops::flip_horizontal(poster);
+            views.push(image_tokens(
+                &self.towers,
+                &[flipped],
+                spec.image_input,
+                dev,
+            ));
+        }
         let t = lap("image_tower", t);
-        let text = compose_text(overview, caption);
-        let (text_feat, present) = match &text {
-            Some(s) => (self.encoder.text_features(&[s.as_str()])?, 1.0),
-            None => (vec![0.0; TEXT_DIM], 0.0),
+        let ids = match compose_text(overview, caption) {
+            Some(s) => self.towers.tokenizer.encode(&s)?,
+            None => Vec::new(),
+        };
+        let has_text = !ids.is_empty();
+        let (text, text_mask) = if has_text {
+            let n = ids.len();
+            let idt = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), dev);
+            let mask = Tensor::<2>::ones([1, n], dev);
+            let h = self.towers.text.forward_layers(idt, mask, spec.text_layers);
+            (
+                h,
+                Tensor::<2, Bool>::from_data(TensorData::new(vec![false; n], [1, n]), dev),
+            )
+        } else {
+            (
+                Tensor::<3>::zeros([1, 1, TEXT_DIM], dev),
+                Tensor::<2, Bool>::from_data(TensorData::new(vec![true], [1, 1]), dev),
+            )
         };
         let t = lap("text_tower", t);
-        let input = head_input(image, text_feat, vec![present], &self.encoder.device);
-        let scores = head_scores(&self.model.head, input);
-        lap("head", t);
+        let k = spec.fusion.classes;
+        let mut scores = vec![0f32; k];
+        let weight = 1.0 / (views.len() * self.model.members.len()) as f32;
+        for m in &self.model.members {
+            for v in &views {
+                let input = FusionInput {
+                    image: v.clone(),
+                    image_hidden: Tensor::<2, Bool>::from_data(
+                        TensorData::new(vec![false], [1, 1]),
+                        dev,
+                    ),
+                    text: text.clone(),
+                    text_mask: text_mask.clone(),
+                };
+                let p = sigmoid(m.forward(input))
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .expect("f32 scores");
+                for (a, b) in scores.iter_mut().zip(p) {
+                    *a += b * weight;
+                }
+            }
+        }
+        lap("fusion", t);
         timings.push(("total".into(), start.elapsed().as_secs_f64() * 1e3));
-        Ok(self.prediction(&scores, caption, timings))
+        Ok(self.prediction(&scores, has_text, caption, timings))
     }
 
     fn prediction(
         &self,
         scores: &[f32],
+        has_text: bool,
         caption: Option<&str>,
         timings_ms: Vec<(String, f64)>,
     ) -> Prediction {
         let spec = &self.model.spec;
-        let chosen = decide(scores, &spec.thresholds);
+        let thresholds = if has_text {
+            &spec.thresholds
+        } else {
+            &spec.thresholds_text_less
+        };
+        let chosen = decide(scores, thresholds);
         let mut genres: Vec<GenreScore> = spec
             .labels
             .iter()

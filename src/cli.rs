@@ -45,20 +45,56 @@ pub enum Command {
         split: Option<String>,
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Withhold the overviews (poster only, as a kiosk camera sees it).
+        #[arg(long)]
+        text_less: bool,
         #[arg(long)]
         json: bool,
     },
-    /// Train the fusion head (and its poster-only and text-only ablations).
+    /// Train the early-fusion teacher, the ablations and the distilled student.
     Train {
         #[arg(long)]
         manifest: PathBuf,
-        /// Where the fused head is written.
+        /// Where the student (the shipped model) is written.
         #[arg(long, default_value = "models")]
         out: PathBuf,
+        /// Where the teacher, the student before bundling and the ablation table go
+        /// [default: CACHE/train].
+        #[arg(long)]
+        work: Option<PathBuf>,
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        #[arg(long, default_value_t = 60)]
+        /// Most epochs per network (early stopping usually ends sooner).
+        #[arg(long, default_value_t = 8)]
         epochs: usize,
+        /// Networks in the teacher ensemble.
+        #[arg(long, default_value_t = 2)]
+        teacher_members: usize,
+        /// Use only the first N training rows (smoke tests); 0 = all.
+        #[arg(long, default_value_t = 0)]
+        fit_limit: usize,
+        /// Only extract (and cache) the frozen features, then stop.
+        #[arg(long)]
+        extract_only: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-poster latency of a model (batch 1): percentiles per stage, load time, peak RSS.
+    Bench {
+        /// Model directory [default: models/].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Poster to classify [default: examples/poster.png].
+        #[arg(long)]
+        poster: Option<PathBuf>,
+        /// Plot text to classify with [default: a 60-word overview].
+        #[arg(long)]
+        overview: Option<String>,
+        /// Poster only, no text.
+        #[arg(long)]
+        text_less: bool,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
         #[arg(long)]
         json: bool,
     },
@@ -90,6 +126,17 @@ pub enum ModelsAction {
     },
     /// Show the cache folder and what it holds.
     Info,
+    /// Make a trained student self-contained: bundle its cut-down towers beside it.
+    Bundle {
+        /// The trained student [default: CACHE/train/student].
+        #[arg(long)]
+        student: Option<PathBuf>,
+        /// The manifest it was trained on (its train texts fix the vocabulary).
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long, default_value = "models")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

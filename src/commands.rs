@@ -1,14 +1,17 @@
 //! The CLI's subcommands: read files, call the library, print results.
 
-use crate::classify::{Classifier, Prediction};
+use crate::classify::{Classifier, Prediction, compose_text};
 use crate::cli::{Cli, Command, ConfigAction, ModelsAction};
 use crate::config::Config;
+use crate::model::bundle;
 use crate::model::cache::CacheDir;
-use crate::model::dir::{ModelDir, default_model_dir};
-use crate::model::towers::{self, Towers};
+use crate::model::dir::default_model_dir;
+use crate::model::towers;
 use crate::preprocess::image::{MAX_BYTES, decode};
-use crate::train::trainer::TrainOptions;
-use crate::train::{EvalOutput, TrainRun, run_eval, run_train};
+use crate::train::fusion::Role;
+use crate::train::manifest::Manifest;
+use crate::train::recipe::{self, Ablation, RecipeOptions};
+use crate::train::{EvalOutput, run_eval};
 use anyhow::{Context, Result, bail};
 use std::io::Read;
 use std::path::Path;
@@ -31,11 +34,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let img =
                 decode(&read_limited(&poster)?).with_context(|| poster.display().to_string())?;
             let model_dir = model.unwrap_or_else(default_model_dir);
-            let classifier = Classifier::new(
-                Towers::load(&cache, &device)?,
-                ModelDir::load(&model_dir, &device)?,
-                device,
-            );
+            let classifier = Classifier::load(&model_dir, &cache, &device)?;
             let p = classifier.classify(&img, overview.as_deref(), caption.as_deref())?;
             print_prediction(&p, json)?;
         }
@@ -43,28 +42,108 @@ pub fn run(cli: Cli) -> Result<()> {
             manifest,
             split,
             model,
+            text_less,
             json,
         } => {
             let device = cli.backend.device()?;
             let model_dir = model.unwrap_or_else(default_model_dir);
-            let out = run_eval(&manifest, split.as_deref(), &model_dir, &cache, &device)?;
+            let out = run_eval(
+                &manifest,
+                split.as_deref(),
+                &model_dir,
+                text_less,
+                &cache,
+                &device,
+            )?;
             print_eval(&out, json)?;
         }
         Command::Train {
             manifest,
             out,
+            work,
             seed,
             epochs,
+            teacher_members,
+            fit_limit,
+            extract_only,
             json,
         } => {
             let device = cli.backend.device()?;
-            let opts = TrainOptions {
+            if extract_only {
+                return crate::train::extract_all(&manifest, &cache, &device);
+            }
+            let mut opts = RecipeOptions {
                 seed,
-                epochs,
+                teacher_members,
+                fit_limit,
                 ..Default::default()
             };
-            let run = run_train(&manifest, &out, &cache, &device, &opts)?;
-            print_train(&run, &out, json)?;
+            opts.fusion.epochs = epochs;
+            opts.fusion.seed = seed;
+            let work = work.unwrap_or_else(|| cache.root().join("train"));
+            let start = std::time::Instant::now();
+            let run = recipe::run(&manifest, &cache, &device, &opts)?;
+            let facts = serde_json::json!({
+                "manifest": manifest.display().to_string(),
+                "split": "posters-v1 train (1 film in 10 held out as tune); val untouched",
+                "options": opts, "captions": "none",
+            });
+            run.teacher
+                .into_model(Role::Teacher, facts.clone())
+                .save(&work.join("teacher"))?;
+            let student_raw = work.join("student");
+            run.student
+                .into_model(Role::Student, facts)
+                .save(&student_raw)?;
+            std::fs::write(
+                work.join("ablations.json"),
+                serde_json::to_string_pretty(&run.ablations)?,
+            )?;
+            bundle_student(&student_raw, &manifest, &cache, &out, &device)?;
+            eprintln!("trained in {:.1} min", start.elapsed().as_secs_f64() / 60.0);
+            print_ablations(&run.ablations, json)?;
+        }
+        Command::Bench {
+            model,
+            poster,
+            overview,
+            text_less,
+            runs,
+            json,
+        } => {
+            let device = cli.backend.device()?;
+            let model_dir = model.unwrap_or_else(default_model_dir);
+            let poster = poster.unwrap_or_else(example_poster);
+            let img =
+                decode(&read_limited(&poster)?).with_context(|| poster.display().to_string())?;
+            let overview = overview.unwrap_or_else(|| BENCH_OVERVIEW.to_string());
+            let overview = (!text_less).then_some(overview.as_str());
+            let r = crate::bench::run(
+                &model_dir,
+                &cache,
+                &device,
+                cli.backend.name(),
+                &img,
+                overview,
+                runs,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} on {} ({} threads): total p50 {:.1} ms, p90 {:.1} ms; load {:.0} ms; peak RSS {:.0} MB",
+                    r.model,
+                    r.backend,
+                    r.threads,
+                    r.total_ms.p50,
+                    r.total_ms.p90,
+                    r.load_ms,
+                    r.peak_rss_mb
+                );
+                for (k, v) in &r.stages {
+                    println!("  {k:<12} p50 {:.1} ms  p90 {:.1} ms", v.p50, v.p90);
+                }
+            }
         }
         Command::Run { config } => {
             crate::appliance::run(Config::load(&config)?)?;
@@ -80,6 +159,18 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             towers::fetch(&cache, force)?;
             println!("pretrained towers ready in {}", cache.towers().display());
+        }
+        Command::Models {
+            action:
+                ModelsAction::Bundle {
+                    student,
+                    manifest,
+                    out,
+                },
+        } => {
+            let device = cli.backend.device()?;
+            let student = student.unwrap_or_else(|| cache.root().join("train/student"));
+            bundle_student(&student, &manifest, &cache, &out, &device)?;
         }
         Command::Models {
             action: ModelsAction::Info,
@@ -100,6 +191,47 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("model: {}", default_model_dir().display());
         }
     }
+    Ok(())
+}
+
+/// A made-up plot of typical length, so the bench exercises the text tower.
+const BENCH_OVERVIEW: &str = "A retired detective is pulled back into one last case when a string of \
+    robberies across the city mirrors the crimes of a gang he put away twenty years ago. \
+    With an ambitious young partner and a daughter who wants him home, he must decide how \
+    far he will go before the past catches up with both of them.";
+
+/// examples/poster.png of this checkout.
+fn example_poster() -> std::path::PathBuf {
+    let here = Path::new("examples/poster.png");
+    if here.is_file() {
+        return here.to_path_buf();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/poster.png")
+}
+
+fn bundle_student(
+    student: &Path,
+    manifest: &Path,
+    cache: &CacheDir,
+    out: &Path,
+    device: &burn::prelude::Device,
+) -> Result<()> {
+    let m = Manifest::load(manifest)?;
+    let texts: Vec<String> = m
+        .split(Some("train"))
+        .iter()
+        .filter_map(|r| compose_text(Some(&r.overview), None))
+        .collect();
+    bundle::export(student, &texts, cache, out, device)?;
+    let bytes: u64 = std::fs::read_dir(out)?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    eprintln!(
+        "self-contained model written to {} ({:.1} MB)",
+        out.display(),
+        bytes as f64 / 1e6
+    );
     Ok(())
 }
 
@@ -173,23 +305,29 @@ fn print_eval(out: &EvalOutput, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_train(run: &TrainRun, out: &Path, json: bool) -> Result<()> {
+fn print_ablations(rows: &[Ablation], json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(&run.results)?);
+        println!("{}", serde_json::to_string(rows)?);
         return Ok(());
     }
-    println!("val split (never used for training or tuning):");
     println!(
-        "{:<12} {:>6} {:>9} {:>9} {:>9} {:>9}",
-        "head", "epoch", "micro", "macro", "weighted", "samples"
+        "val split (never used for training or tuning); F1 micro / macro / weighted / samples:"
     );
-    for r in &run.results {
+    println!(
+        "{:<62} {:>7} {:>7} {:>7} {:>7} {:>16}",
+        "model", "micro", "macro", "weight", "samples", "text-less macro"
+    );
+    for r in rows {
         let v = &r.val;
+        let less = r
+            .val_text_less
+            .as_ref()
+            .map(|t| format!("{:.4}", t.macro_f1))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "{:<12} {:>6} {:>9.4} {:>9.4} {:>9.4} {:>9.4}",
-            r.variant, r.best_epoch, v.micro_f1, v.macro_f1, v.weighted_f1, v.samples_f1
+            "{:<62} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>16}",
+            r.name, v.micro_f1, v.macro_f1, v.weighted_f1, v.samples_f1, less
         );
     }
-    println!("fused head written to {}", out.display());
     Ok(())
 }

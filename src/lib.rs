@@ -7,6 +7,7 @@
 
 pub mod appliance;
 pub mod backend;
+pub mod bench;
 pub mod classify;
 pub mod cli;
 pub mod commands;

@@ -6,7 +6,6 @@ mod common;
 use burn::prelude::*;
 use common::{Fixture, TOLERANCE, cache, record, rel_l2};
 use marquee::backend::Backend;
-use marquee::classify::Encoder;
 use marquee::model::towers::Towers;
 use marquee::nn::bert::mean_pool_normalize;
 use marquee::preprocess::image::{center_crop_resize, decode, to_chw};
@@ -131,17 +130,25 @@ fn minilm_matches_reference() {
         record(backend.name(), "last_hidden_state (worst)", worst_h);
         record(backend.name(), "embedding (worst)", worst_e);
 
-        // The padded batch through the Encoder, as training and inference use it.
+        // The padded batch, as training extracts it: right-padded ids with their mask.
         let texts: Vec<&str> = sentences
             .iter()
             .map(|s| s.as_str().or_else(|| s["text"].as_str()).unwrap())
             .collect();
-        let encoder = Encoder {
-            towers,
-            image_input: marquee::train::IMAGE_INPUT,
-            device,
-        };
-        let got = encoder.text_features(&texts).unwrap();
+        let batch = towers.tokenizer.encode_batch(&texts).unwrap();
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new(batch.ids, [batch.rows, batch.len]),
+            &device,
+        );
+        let mask = Tensor::<2>::from_data(
+            TensorData::new(batch.mask, [batch.rows, batch.len]),
+            &device,
+        );
+        let hidden = towers.text.forward(ids, mask.clone());
+        let got = mean_pool_normalize(hidden, mask)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         check(
             backend,
             "batch_embeddings",

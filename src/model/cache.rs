@@ -36,7 +36,8 @@ impl CacheDir {
         self.0.join("wheels")
     }
 
-    pub fn features(&self) -> PathBuf {
-        self.0.join("features")
+    /// Token-level frozen features of manifest rows (see `train::tokens`).
+    pub fn tokens(&self) -> PathBuf {
+        self.0.join("tokens")
     }
 }

@@ -1,15 +1,16 @@
-//! A model directory (models/ by default): `model.json` (labels, thresholds, head
-//! shape, input recipe) beside `head.bpk` (the head's weights, burnpack).
+//! A model directory: `model.json` (labels, thresholds, network shapes, input recipe)
+//! beside the fusion networks' weights, and, for a bundled model, the towers and the
+//! tokenizer too. The shipped student in models/ is bundled, so it runs with no
+//! network and no cache; the teacher reads the full towers from the cache.
 
 use super::towers::{load_burnpack, save_burnpack};
-use crate::nn::head::{FusionHead, HeadConfig};
+use crate::nn::fusion::{EarlyFusion, FusionConfig};
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const SPEC_FILE: &str = "model.json";
-pub const HEAD_FILE: &str = "head.bpk";
 
 /// How posters are resized before the image tower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,16 +19,38 @@ pub struct ImageInput {
     pub height: u32,
 }
 
-/// Everything about a trained head except its weights.
+/// Where a model's towers come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TowerSource {
+    /// `image_tower.safetensors`, `text_tower.safetensors` and `tokenizer.json` in the folder.
+    Bundled {
+        vocab_size: usize,
+        max_positions: usize,
+    },
+    /// The converted pretrained towers in the cache (`marquee models fetch`).
+    Cache,
+}
+
+/// Everything about a trained model except its weights.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelSpec {
     pub id: String,
     pub version: String,
     pub labels: Vec<String>,
-    /// Per-genre decision thresholds on the sigmoid score, tuned on held-out training films.
+    /// Per-genre thresholds on the sigmoid score when the input has text.
     pub thresholds: Vec<f32>,
-    pub head: HeadConfig,
+    /// Per-genre thresholds for text-less input (a kiosk scan with no overview).
+    pub thresholds_text_less: Vec<f32>,
+    pub fusion: FusionConfig,
+    /// Networks whose scores are averaged (`fusion_0` …).
+    pub members: usize,
+    /// Also score the mirror image of the poster and average.
+    pub tta_flip: bool,
     pub image_input: ImageInput,
+    /// MiniLM layers the text tokens pass through.
+    pub text_layers: usize,
+    pub towers: TowerSource,
     /// Free-form facts about training (seed, epochs, data), for the model card.
     #[serde(default)]
     pub training: serde_json::Value,
@@ -35,41 +58,66 @@ pub struct ModelSpec {
 
 impl ModelSpec {
     pub fn validate(&self) -> Result<()> {
-        if self.labels.len() != self.head.classes || self.thresholds.len() != self.head.classes {
+        let k = self.fusion.classes;
+        if self.labels.len() != k
+            || self.thresholds.len() != k
+            || self.thresholds_text_less.len() != k
+        {
             bail!(
-                "model.json: {} labels and {} thresholds for a head of {} classes",
+                "model.json: {} labels, {} and {} thresholds for a network of {k} classes",
                 self.labels.len(),
                 self.thresholds.len(),
-                self.head.classes
+                self.thresholds_text_less.len(),
             );
+        }
+        if self.members == 0 || !(1..=6).contains(&self.text_layers) {
+            bail!("model.json: members must be ≥ 1 and text_layers 1..=6");
         }
         Ok(())
     }
 }
 
+pub fn member_file(i: usize) -> String {
+    format!("fusion_{i}.bpk")
+}
+
+/// The fusion networks of a model and their spec.
 pub struct ModelDir {
     pub spec: ModelSpec,
-    pub head: FusionHead,
+    pub members: Vec<EarlyFusion>,
 }
 
 impl ModelDir {
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+    pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
         let spec_path = dir.join(SPEC_FILE);
         let text = std::fs::read_to_string(&spec_path)
             .with_context(|| format!("no model at {} (missing {SPEC_FILE})", dir.display()))?;
         let spec: ModelSpec = serde_json::from_str(&text)
             .with_context(|| format!("parsing {}", spec_path.display()))?;
         spec.validate()?;
-        let mut head = FusionHead::new(&spec.head, device);
-        load_burnpack(&mut head, &dir.join(HEAD_FILE))?;
-        Ok(Self { spec, head })
+        Ok(spec)
+    }
+
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let spec = Self::load_spec(dir)?;
+        let members = (0..spec.members)
+            .map(|i| {
+                let mut m = EarlyFusion::new(&spec.fusion, device);
+                load_burnpack(&mut m, &dir.join(member_file(i)))?;
+                Ok(m)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { spec, members })
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let json = serde_json::to_string_pretty(&self.spec)?;
         std::fs::write(dir.join(SPEC_FILE), json + "\n")?;
-        save_burnpack(&self.head, &dir.join(HEAD_FILE))
+        for (i, m) in self.members.iter().enumerate() {
+            save_burnpack(m, &dir.join(member_file(i)))?;
+        }
+        Ok(())
     }
 }
 

@@ -146,6 +146,30 @@ impl Bert {
     }
 }
 
+impl Bert {
+    /// Hidden states after each layer listed in `taps` (1-based, ascending), in one pass.
+    pub fn forward_taps(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Tensor<2>,
+        taps: &[usize],
+    ) -> Vec<Tensor<3>> {
+        let bias = Self::mask_bias(mask);
+        let mut x = self.embed(ids);
+        let mut out = Vec::with_capacity(taps.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            if taps.iter().all(|&t| t <= i) {
+                break;
+            }
+            x = layer.forward(x, bias.clone());
+            if taps.contains(&(i + 1)) {
+                out.push(x.clone());
+            }
+        }
+        out
+    }
+}
+
 /// sentence-transformers pooling: mean over real tokens, then unit L2 norm. `[B, H]`.
 pub fn mean_pool_normalize(hidden: Tensor<3>, mask: Tensor<2>) -> Tensor<2> {
     let [b, l, h] = hidden.dims();

@@ -1,4 +1,4 @@
 //! Pure networks: tensors in, tensors out. No files, no network, no clocks.
 pub mod bert;
 pub mod efficientnet;
-pub mod head;
+pub mod fusion;

@@ -1,0 +1,292 @@
+//! Trains early-fusion networks on cached token features with burn autodiff on the
+//! CPU, and scores them. Deterministic for a seed: batch order and modality dropout
+//! come from a seeded stream, burn's initialisation from the seeded device.
+
+use super::metrics::{decide_all, report, tune_thresholds};
+use super::tokens::{STUDENT_INPUT, TEACHER_INPUT, TokenSet, grid, grid_tokens};
+use crate::classify::TEXT_DIM;
+use crate::nn::efficientnet::FEATURE_DIM;
+use crate::nn::fusion::{EarlyFusion, FusionConfig, FusionInput};
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::activation::{relu, sigmoid};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+/// Which cached features a network reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Role {
+    /// 224x336 maps (or their mirror image), MiniLM after 6 layers.
+    Teacher,
+    /// 160x240 maps, MiniLM after 3 layers.
+    Student,
+}
+
+/// Which view of the poster a batch uses (the teacher averages both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Plain,
+    Flipped,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FusionOptions {
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub weight_decay: f32,
+    pub seed: u64,
+    /// Epochs without a better tune macro-F1 before stopping.
+    pub patience: usize,
+    /// Share of text rows whose text is hidden in a step (the kiosk case).
+    pub text_dropout: f64,
+    /// Share of text rows whose poster is hidden in a step (keeps the text path strong).
+    pub image_dropout: f64,
+}
+
+impl Default for FusionOptions {
+    fn default() -> Self {
+        Self {
+            epochs: 8,
+            batch: 64,
+            lr: 1e-3,
+            weight_decay: 0.05,
+            seed: 42,
+            patience: 2,
+            text_dropout: 0.3,
+            image_dropout: 0.1,
+        }
+    }
+}
+
+pub fn config(role: Role, use_image: bool, use_text: bool, classes: usize) -> FusionConfig {
+    // The teacher pools its 11x7 map to 6x4 tokens, which keeps CPU training affordable;
+    // the student's 8x5 map is small enough to read whole.
+    let (input, pool) = match role {
+        Role::Teacher => (TEACHER_INPUT, true),
+        Role::Student => (STUDENT_INPUT, false),
+    };
+    FusionConfig {
+        image_dim: FEATURE_DIM,
+        image_grid: grid(input),
+        pool,
+        text_dim: TEXT_DIM,
+        use_image,
+        use_text,
+        d_model: 128,
+        heads: 4,
+        layers: 2,
+        d_ff: 256,
+        classes,
+        dropout: 0.1,
+    }
+}
+
+/// Rows of one batch, with what to hide in each.
+struct BatchSpec<'a> {
+    idx: &'a [usize],
+    hide_text: Vec<bool>,
+    hide_image: Vec<bool>,
+}
+
+fn build(set: &TokenSet, role: Role, view: View, b: &BatchSpec, device: &Device) -> FusionInput {
+    let (map, cells, text) = match (role, view) {
+        (Role::Teacher, View::Plain) => {
+            (&set.teacher_map, grid_tokens(TEACHER_INPUT), &set.text_l6)
+        }
+        (Role::Teacher, View::Flipped) => (&set.flip_map, grid_tokens(TEACHER_INPUT), &set.text_l6),
+        (Role::Student, _) => (&set.student_map, grid_tokens(STUDENT_INPUT), &set.text_l3),
+    };
+    let n = b.idx.len();
+    let row = cells * FEATURE_DIM;
+    let mut image = Vec::with_capacity(n * row);
+    for &i in b.idx {
+        image.extend(map[i * row..(i + 1) * row].iter().map(|x| x.to_f32()));
+    }
+    // At least one (masked) text slot, so every batch has the same structure.
+    let len = b
+        .idx
+        .iter()
+        .map(|&i| set.text_len(i))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut txt = vec![0f32; n * len * TEXT_DIM];
+    let mut text_mask = vec![true; n * len];
+    for (k, &i) in b.idx.iter().enumerate() {
+        if b.hide_text[k] {
+            continue;
+        }
+        let (s, l) = (set.text_off[i], set.text_len(i));
+        for (j, v) in text[s * TEXT_DIM..(s + l) * TEXT_DIM].iter().enumerate() {
+            txt[k * len * TEXT_DIM + j] = v.to_f32();
+        }
+        text_mask[k * len..k * len + l].fill(false);
+    }
+    FusionInput {
+        image: Tensor::from_data(TensorData::new(image, [n, cells, FEATURE_DIM]), device),
+        image_hidden: Tensor::from_data(TensorData::new(b.hide_image.clone(), [n, 1]), device),
+        text: Tensor::from_data(TensorData::new(txt, [n, len, TEXT_DIM]), device),
+        text_mask: Tensor::from_data(TensorData::new(text_mask, [n, len]), device),
+    }
+}
+
+/// Binary cross-entropy on logits against soft targets in [0, 1], mean over all.
+fn soft_bce(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
+    let loss = relu(logits.clone()) - logits.clone() * targets + logits.abs().neg().exp().log1p();
+    loss.mean()
+}
+
+/// Sigmoid scores `[rows, classes]` of `rows` of `set`, optionally text-less.
+pub fn score(
+    model: &EarlyFusion,
+    c: &FusionConfig,
+    set: &TokenSet,
+    rows: &[usize],
+    role: Role,
+    view: View,
+    text_less: bool,
+    device: &Device,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * c.classes);
+    // Similar text lengths together, so a batch pads little; results go back in order.
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&k| set.text_len(rows[k]));
+    let mut scores = vec![0f32; rows.len() * c.classes];
+    for chunk in order.chunks(64) {
+        let idx: Vec<usize> = chunk.iter().map(|&k| rows[k]).collect();
+        let spec = BatchSpec {
+            hide_text: vec![text_less || !c.use_text; idx.len()],
+            hide_image: vec![!c.use_image; idx.len()],
+            idx: &idx,
+        };
+        let p = sigmoid(model.forward(build(set, role, view, &spec, device)))
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("f32 scores");
+        for (j, &k) in chunk.iter().enumerate() {
+            scores[k * c.classes..(k + 1) * c.classes]
+                .copy_from_slice(&p[j * c.classes..(j + 1) * c.classes]);
+        }
+    }
+    out.extend(scores);
+    out
+}
+
+pub struct Trained {
+    pub model: EarlyFusion,
+    pub thresholds: Vec<f32>,
+    pub best_epoch: usize,
+    pub tune_macro_f1: f64,
+    pub seconds: f64,
+}
+
+/// Trains one network on `fit` rows against `targets` (`[fit.len(), classes]`, hard
+/// or soft), picking the epoch and thresholds on `tune` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    c: &FusionConfig,
+    role: Role,
+    set: &TokenSet,
+    fit: &[usize],
+    targets: &[f32],
+    tune: (&TokenSet, &[usize], &[u8]),
+    labels: &[String],
+    opts: &FusionOptions,
+    name: &str,
+    device: &Device,
+) -> Trained {
+    let start = std::time::Instant::now();
+    let k = c.classes;
+    device.seed(opts.seed);
+    let ad = device.clone().autodiff();
+    let mut model = EarlyFusion::new(c, &ad);
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(opts.weight_decay)
+        .init();
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let mut order: Vec<usize> = (0..fit.len()).collect();
+    let steps = fit.len().div_ceil(opts.batch);
+    let pb = ProgressBar::new((opts.epochs * steps) as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} steps, eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(name.to_string());
+    let mut best: Option<Trained> = None;
+    let mut since_best = 0;
+    for epoch in 1..=opts.epochs {
+        order.shuffle(&mut rng);
+        // Rows of similar text length share a batch (poster-only rows have none), so
+        // little is spent on padding; the batches themselves go in random order.
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        for window in order.chunks(opts.batch * 16) {
+            let mut w = window.to_vec();
+            w.sort_by_key(|&j| set.text_len(fit[j]));
+            batches.extend(w.chunks(opts.batch).map(<[usize]>::to_vec));
+        }
+        batches.shuffle(&mut rng);
+        for chunk in &batches {
+            let idx: Vec<usize> = chunk.iter().map(|&j| fit[j]).collect();
+            let mut hide_text = Vec::with_capacity(idx.len());
+            let mut hide_image = Vec::with_capacity(idx.len());
+            for &i in &idx {
+                let has_text = c.use_text && set.text_len(i) > 0;
+                let drop_text = has_text && c.use_image && rng.random_bool(opts.text_dropout);
+                let drop_image = has_text && !drop_text && rng.random_bool(opts.image_dropout);
+                hide_text.push(!has_text || drop_text);
+                hide_image.push(!c.use_image || drop_image);
+            }
+            let spec = BatchSpec {
+                idx: &idx,
+                hide_text,
+                hide_image,
+            };
+            let y: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&j| targets[j * k..(j + 1) * k].iter().copied())
+                .collect();
+            let y = Tensor::<2>::from_data(TensorData::new(y, [idx.len(), k]), &ad);
+            let logits = model.forward(build(set, role, View::Plain, &spec, &ad));
+            let loss = soft_bce(logits, y);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(opts.lr, model, grads);
+            pb.inc(1);
+        }
+        // Model selection on held-out training films, never on the reported split.
+        let valid = model.valid();
+        let scores = score(&valid, c, tune.0, tune.1, role, View::Plain, false, device);
+        let thresholds = tune_thresholds(&scores, tune.2, k);
+        let macro_f1 = report(&decide_all(&scores, &thresholds), tune.2, labels).macro_f1;
+        pb.println(format!(
+            "{name}: epoch {epoch}, tune macro-F1 {macro_f1:.4}"
+        ));
+        if best.as_ref().is_none_or(|b| macro_f1 > b.tune_macro_f1) {
+            best = Some(Trained {
+                model: valid,
+                thresholds,
+                best_epoch: epoch,
+                tune_macro_f1: macro_f1,
+                seconds: 0.0,
+            });
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= opts.patience {
+                break;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let mut best = best.expect("at least one epoch");
+    best.seconds = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{name}: best epoch {} of {}, tune macro-F1 {:.4}, {:.0} s",
+        best.best_epoch, opts.epochs, best.tune_macro_f1, best.seconds
+    );
+    best
+}

@@ -1,0 +1,488 @@
+//! The training recipe behind the shipped model: an early-fusion teacher ensemble,
+//! the single-modality and late-fusion ablations, and a student distilled from the
+//! teacher's soft labels. Everything is scored on val, which nothing here tunes on:
+//! epochs and thresholds are chosen on held-out training films ("tune").
+
+use super::fusion::{self, FusionOptions, Role, Trained, View};
+use super::manifest::{Manifest, Row, multi_hot};
+use super::metrics::{Report, decide_all, report, tune_thresholds};
+use super::tokens::{STUDENT_INPUT, STUDENT_TEXT_LAYERS, TEACHER_INPUT, TEACHER_TEXT_LAYERS};
+use super::tokens::{TokenSet, extract_tokens};
+use super::{fit_tune_split, labels};
+use crate::model::cache::CacheDir;
+use crate::model::dir::{ModelDir, ModelSpec, TowerSource};
+use crate::model::towers::Towers;
+use crate::nn::fusion::{EarlyFusion, FusionConfig};
+use anyhow::{Result, bail};
+use burn::prelude::*;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecipeOptions {
+    pub seed: u64,
+    pub teacher_members: usize,
+    /// Weight of the hard labels in the student's targets (the rest is the teacher's).
+    pub hard_weight: f32,
+    /// Use only the first N fit rows (smoke tests); 0 = all.
+    pub fit_limit: usize,
+    pub fusion: FusionOptions,
+}
+
+impl Default for RecipeOptions {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            teacher_members: 2,
+            hard_weight: 0.5,
+            fit_limit: 0,
+            fusion: FusionOptions::default(),
+        }
+    }
+}
+
+/// One line of the ablation table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ablation {
+    pub name: String,
+    pub val: Report,
+    /// The same model with the overview hidden (poster + caption; the kiosk case).
+    pub val_text_less: Option<Report>,
+    pub best_epochs: Vec<usize>,
+    pub train_seconds: f64,
+}
+
+/// The trained networks that the export step needs.
+pub struct RecipeOutput {
+    pub ablations: Vec<Ablation>,
+    pub teacher: Ensemble,
+    pub student: Ensemble,
+}
+
+/// Networks whose sigmoid scores are averaged, with their thresholds.
+pub struct Ensemble {
+    pub config: FusionConfig,
+    pub members: Vec<EarlyFusion>,
+    pub thresholds: Vec<f32>,
+    pub thresholds_text_less: Vec<f32>,
+}
+
+/// Rows of a split as indices into its token set, with and without text.
+struct Part {
+    set: TokenSet,
+    y: Vec<u8>,
+    all: Vec<usize>,
+    with_text: Vec<usize>,
+}
+
+impl Part {
+    fn new(set: TokenSet, rows: &[Row], labels: &[String]) -> Self {
+        let all: Vec<usize> = (0..set.n).collect();
+        let with_text = all
+            .iter()
+            .copied()
+            .filter(|&i| set.text_len(i) > 0)
+            .collect();
+        Self {
+            y: multi_hot(rows, labels),
+            set,
+            all,
+            with_text,
+        }
+    }
+
+    fn y_of(&self, idx: &[usize]) -> Vec<u8> {
+        let k = self.y.len() / self.set.n.max(1);
+        idx.iter()
+            .flat_map(|&i| self.y[i * k..(i + 1) * k].iter().copied())
+            .collect()
+    }
+}
+
+fn mean_into(acc: &mut [f32], add: &[f32], weight: f32) {
+    for (a, b) in acc.iter_mut().zip(add) {
+        *a += b * weight;
+    }
+}
+
+/// Mean scores of an ensemble over its members (and both views, for `tta`).
+fn ensemble_scores(
+    e: &[&EarlyFusion],
+    c: &FusionConfig,
+    part: &Part,
+    rows: &[usize],
+    role: Role,
+    tta: bool,
+    text_less: bool,
+    device: &Device,
+) -> Vec<f32> {
+    let views: &[View] = if tta {
+        &[View::Plain, View::Flipped]
+    } else {
+        &[View::Plain]
+    };
+    let w = 1.0 / (e.len() * views.len()) as f32;
+    let mut acc = vec![0f32; rows.len() * c.classes];
+    for m in e {
+        for &v in views {
+            let s = fusion::score(m, c, &part.set, rows, role, v, text_less, device);
+            mean_into(&mut acc, &s, w);
+        }
+    }
+    acc
+}
+
+fn tuned(scores: &[f32], truth: &[u8], k: usize) -> Vec<f32> {
+    tune_thresholds(scores, truth, k)
+}
+
+fn eval(scores: &[f32], thresholds: &[f32], truth: &[u8], labels: &[String]) -> Report {
+    report(&decide_all(scores, thresholds), truth, labels)
+}
+
+pub fn run(
+    manifest_path: &Path,
+    cache: &CacheDir,
+    device: &Device,
+    opts: &RecipeOptions,
+) -> Result<RecipeOutput> {
+    let manifest = Manifest::load(manifest_path)?;
+    let labels = labels();
+    let k = labels.len();
+    let (mut fit_rows, tune_rows) = fit_tune_split(&manifest.split(Some("train")));
+    if opts.fit_limit > 0 {
+        fit_rows.truncate(opts.fit_limit);
+    }
+    let val_rows = manifest.split(Some("val"));
+    if fit_rows.is_empty() || tune_rows.is_empty() || val_rows.is_empty() {
+        bail!(
+            "manifest {} lacks train or val rows",
+            manifest_path.display()
+        );
+    }
+    let towers = Towers::load(cache, device)?;
+    let dir = cache.tokens();
+    eprintln!(
+        "token features: {} fit, {} tune, {} val rows (cached in {})",
+        fit_rows.len(),
+        tune_rows.len(),
+        val_rows.len(),
+        dir.display()
+    );
+    let val = Part::new(
+        extract_tokens(&towers, device, &manifest, &val_rows, &dir, true)?,
+        &val_rows,
+        &labels,
+    );
+    let tune = Part::new(
+        extract_tokens(&towers, device, &manifest, &tune_rows, &dir, true)?,
+        &tune_rows,
+        &labels,
+    );
+    let fit = Part::new(
+        extract_tokens(&towers, device, &manifest, &fit_rows, &dir, false)?,
+        &fit_rows,
+        &labels,
+    );
+    drop(towers);
+
+    let hard =
+        |p: &Part, idx: &[usize]| -> Vec<f32> { p.y_of(idx).iter().map(|&v| v as f32).collect() };
+    let train_one = |c: &FusionConfig,
+                     role: Role,
+                     rows: &[usize],
+                     targets: &[f32],
+                     seed: u64,
+                     name: &str|
+     -> Trained {
+        let sel = if c.use_text {
+            &tune.with_text
+        } else {
+            &tune.all
+        };
+        let y_sel = tune.y_of(sel);
+        let o = FusionOptions {
+            seed,
+            ..opts.fusion.clone()
+        };
+        fusion::train(
+            c,
+            role,
+            &fit.set,
+            rows,
+            targets,
+            (&tune.set, sel, &y_sel),
+            &labels,
+            &o,
+            name,
+            device,
+        )
+    };
+    let y_tune_text = tune.y_of(&tune.with_text);
+    let y_tune_all = tune.y_of(&tune.all);
+    let y_val = val.y_of(&val.all);
+    let mut ablations = Vec::new();
+
+    // Single-modality models and their late fusion.
+    let c_poster = fusion::config(Role::Teacher, true, false, k);
+    let poster = train_one(
+        &c_poster,
+        Role::Teacher,
+        &fit.all,
+        &hard(&fit, &fit.all),
+        opts.seed,
+        "poster-only",
+    );
+    let c_text = fusion::config(Role::Teacher, false, true, k);
+    let text = train_one(
+        &c_text,
+        Role::Teacher,
+        &fit.with_text,
+        &hard(&fit, &fit.with_text),
+        opts.seed,
+        "text-only",
+    );
+    let s_poster_tune = ensemble_scores(
+        &[&poster.model],
+        &c_poster,
+        &tune,
+        &tune.with_text,
+        Role::Teacher,
+        false,
+        false,
+        device,
+    );
+    let s_text_tune = ensemble_scores(
+        &[&text.model],
+        &c_text,
+        &tune,
+        &tune.with_text,
+        Role::Teacher,
+        false,
+        false,
+        device,
+    );
+    let s_poster_val = ensemble_scores(
+        &[&poster.model],
+        &c_poster,
+        &val,
+        &val.all,
+        Role::Teacher,
+        false,
+        false,
+        device,
+    );
+    let s_text_val = ensemble_scores(
+        &[&text.model],
+        &c_text,
+        &val,
+        &val.all,
+        Role::Teacher,
+        false,
+        false,
+        device,
+    );
+    let t_poster = tuned(
+        &ensemble_scores(
+            &[&poster.model],
+            &c_poster,
+            &tune,
+            &tune.all,
+            Role::Teacher,
+            false,
+            false,
+            device,
+        ),
+        &y_tune_all,
+        k,
+    );
+    ablations.push(Ablation {
+        name: "poster-only".into(),
+        val: eval(&s_poster_val, &t_poster, &y_val, &labels),
+        val_text_less: Some(eval(&s_poster_val, &t_poster, &y_val, &labels)),
+        best_epochs: vec![poster.best_epoch],
+        train_seconds: poster.seconds,
+    });
+    ablations.push(Ablation {
+        name: "text-only".into(),
+        val: eval(&s_text_val, &text.thresholds, &y_val, &labels),
+        val_text_less: None,
+        best_epochs: vec![text.best_epoch],
+        train_seconds: text.seconds,
+    });
+    let late = |a: &[f32], b: &[f32]| -> Vec<f32> {
+        a.iter().zip(b).map(|(x, y)| 0.5 * (x + y)).collect()
+    };
+    let t_late = tuned(&late(&s_poster_tune, &s_text_tune), &y_tune_text, k);
+    ablations.push(Ablation {
+        name: "late fusion (mean of the two)".into(),
+        val: eval(&late(&s_poster_val, &s_text_val), &t_late, &y_val, &labels),
+        val_text_less: Some(eval(&s_poster_val, &t_poster, &y_val, &labels)),
+        best_epochs: vec![],
+        train_seconds: 0.0,
+    });
+
+    // The early-fusion teacher: an ensemble of seeds, scored with a mirror-image view too.
+    let c_teacher = fusion::config(Role::Teacher, true, true, k);
+    let y_fit_all = hard(&fit, &fit.all);
+    let members: Vec<Trained> = (0..opts.teacher_members)
+        .map(|m| {
+            train_one(
+                &c_teacher,
+                Role::Teacher,
+                &fit.all,
+                &y_fit_all,
+                opts.seed + m as u64,
+                &format!("teacher {}/{}", m + 1, opts.teacher_members),
+            )
+        })
+        .collect();
+    let refs: Vec<&EarlyFusion> = members.iter().map(|t| &t.model).collect();
+    let teacher = finish(
+        &refs,
+        &c_teacher,
+        Role::Teacher,
+        true,
+        &tune,
+        &val,
+        &y_val,
+        &labels,
+        device,
+    );
+    ablations.push(Ablation {
+        name: format!(
+            "early-fusion teacher ({} members, flip TTA, 224x336, MiniLM-L6)",
+            opts.teacher_members
+        ),
+        val: teacher.1,
+        val_text_less: Some(teacher.2),
+        best_epochs: members.iter().map(|t| t.best_epoch).collect(),
+        train_seconds: members.iter().map(|t| t.seconds).sum(),
+    });
+
+    // The student, on the teacher's soft labels for every training poster.
+    eprintln!("scoring the fit rows with the teacher for distillation");
+    let soft = ensemble_scores(
+        &refs,
+        &c_teacher,
+        &fit,
+        &fit.all,
+        Role::Teacher,
+        false,
+        false,
+        device,
+    );
+    let targets: Vec<f32> = y_fit_all
+        .iter()
+        .zip(&soft)
+        .map(|(h, s)| opts.hard_weight * h + (1.0 - opts.hard_weight) * s)
+        .collect();
+    let c_student = fusion::config(Role::Student, true, true, k);
+    let st = train_one(
+        &c_student,
+        Role::Student,
+        &fit.all,
+        &targets,
+        opts.seed,
+        "student",
+    );
+    let student = finish(
+        &[&st.model],
+        &c_student,
+        Role::Student,
+        false,
+        &tune,
+        &val,
+        &y_val,
+        &labels,
+        device,
+    );
+    ablations.push(Ablation {
+        name: "early-fusion student (160x240, MiniLM-L3)".into(),
+        val: student.1,
+        val_text_less: Some(student.2),
+        best_epochs: vec![st.best_epoch],
+        train_seconds: st.seconds,
+    });
+    let teacher_e = Ensemble {
+        thresholds: teacher.0.0,
+        thresholds_text_less: teacher.0.1,
+        config: c_teacher,
+        members: members.into_iter().map(|t| t.model).collect(),
+    };
+    let student_e = Ensemble {
+        thresholds: student.0.0,
+        thresholds_text_less: student.0.1,
+        config: c_student,
+        members: vec![st.model],
+    };
+    Ok(RecipeOutput {
+        ablations,
+        teacher: teacher_e,
+        student: student_e,
+    })
+}
+
+impl Ensemble {
+    /// A model directory whose towers come from the cache.
+    pub fn into_model(self, role: Role, training: serde_json::Value) -> ModelDir {
+        let (id, input, layers, tta) = match role {
+            Role::Teacher => (
+                "marquee-early-fusion-teacher",
+                TEACHER_INPUT,
+                TEACHER_TEXT_LAYERS,
+                true,
+            ),
+            Role::Student => (
+                "marquee-early-fusion-student",
+                STUDENT_INPUT,
+                STUDENT_TEXT_LAYERS,
+                false,
+            ),
+        };
+        ModelDir {
+            spec: ModelSpec {
+                id: id.into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                labels: labels(),
+                thresholds: self.thresholds,
+                thresholds_text_less: self.thresholds_text_less,
+                fusion: self.config,
+                members: self.members.len(),
+                tta_flip: tta,
+                image_input: input,
+                text_layers: layers,
+                towers: TowerSource::Cache,
+                training,
+            },
+            members: self.members,
+        }
+    }
+}
+
+/// Tunes both threshold sets on tune rows and reports val with and without text.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    e: &[&EarlyFusion],
+    c: &FusionConfig,
+    role: Role,
+    tta: bool,
+    tune: &Part,
+    val: &Part,
+    y_val: &[u8],
+    labels: &[String],
+    device: &Device,
+) -> ((Vec<f32>, Vec<f32>), Report, Report) {
+    let k = labels.len();
+    let s = ensemble_scores(e, c, tune, &tune.with_text, role, tta, false, device);
+    let t = tuned(&s, &tune.y_of(&tune.with_text), k);
+    let s_less = ensemble_scores(e, c, tune, &tune.all, role, tta, true, device);
+    let t_less = tuned(&s_less, &tune.y_of(&tune.all), k);
+    let v = ensemble_scores(e, c, val, &val.all, role, tta, false, device);
+    let v_less = ensemble_scores(e, c, val, &val.all, role, tta, true, device);
+    (
+        (t.clone(), t_less.clone()),
+        eval(&v, &t, y_val, labels),
+        eval(&v_less, &t_less, y_val, labels),
+    )
+}

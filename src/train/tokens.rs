@@ -1,0 +1,365 @@
+//! Token-level frozen features for the early-fusion models, cached on disk in
+//! chunks (f16, resumable) so that training reads them instead of running towers.
+//!
+//! Per row: the EfficientNet feature map at the teacher input (224x336, 7x11 cells)
+//! and at the student input (160x240, 5x8 cells), each cell a 1280-d token; and the
+//! MiniLM hidden state of every wordpiece after layer 3 (the student's text tower)
+//! and layer 6 (the teacher's). A second recipe holds horizontally flipped teacher
+//! maps, for the teacher's test-time augmentation on the rows it is scored on.
+
+use super::manifest::{Manifest, Row};
+use crate::classify::{TEXT_DIM, compose_text};
+use crate::model::dir::ImageInput;
+use crate::model::towers::Towers;
+use crate::nn::efficientnet::FEATURE_DIM;
+use crate::preprocess::image::{decode, resize_exact, to_chw};
+use anyhow::{Context, Result};
+use burn::prelude::*;
+use half::f16;
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+const CHUNK: usize = 128;
+const IMAGE_BATCH: usize = 8;
+const TEXT_BATCH: usize = 16;
+
+pub const TEACHER_INPUT: ImageInput = ImageInput {
+    width: 224,
+    height: 336,
+};
+pub const STUDENT_INPUT: ImageInput = ImageInput {
+    width: 160,
+    height: 240,
+};
+/// MiniLM layers whose hidden states are kept: the student's depth, the teacher's.
+pub const STUDENT_TEXT_LAYERS: usize = 3;
+pub const TEACHER_TEXT_LAYERS: usize = 6;
+
+const RECIPE: &str =
+    "tokens v1 | effnet-lite0 maps 224x336 160x240 catmullrom | minilm-l6 L3 L6 128";
+const FLIP_RECIPE: &str = "tokens-flip v1 | effnet-lite0 map 224x336 hflip catmullrom";
+
+/// Rows and columns of the feature map for an input (TF-SAME padding rounds up).
+pub fn grid(input: ImageInput) -> [usize; 2] {
+    [
+        (input.height as usize).div_ceil(32),
+        (input.width as usize).div_ceil(32),
+    ]
+}
+
+/// Cells of the feature map for an input.
+pub fn grid_tokens(input: ImageInput) -> usize {
+    let [h, w] = grid(input);
+    h * w
+}
+
+/// Token features of `n` rows. Maps are `[n, cells, 1280]`, text is packed:
+/// row `i` owns tokens `text_off[i]..text_off[i + 1]` of `[tokens, 384]`.
+#[derive(Debug, Default, Clone)]
+pub struct TokenSet {
+    pub n: usize,
+    pub teacher_map: Vec<f16>,
+    pub student_map: Vec<f16>,
+    pub text_off: Vec<usize>,
+    pub text_l3: Vec<f16>,
+    pub text_l6: Vec<f16>,
+    /// Flipped teacher maps; empty unless asked for.
+    pub flip_map: Vec<f16>,
+}
+
+impl TokenSet {
+    pub fn text_len(&self, i: usize) -> usize {
+        self.text_off[i + 1] - self.text_off[i]
+    }
+}
+
+fn progress(n: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Token features for `rows`, from the cache where present, computed otherwise.
+/// With `flip`, also the flipped teacher maps.
+pub fn extract_tokens(
+    towers: &Towers,
+    device: &Device,
+    manifest: &Manifest,
+    rows: &[Row],
+    cache: &Path,
+    flip: bool,
+) -> Result<TokenSet> {
+    std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+    let pb = progress(rows.len(), if flip { "tokens+flip" } else { "tokens" });
+    let mut all = TokenSet {
+        text_off: vec![0],
+        ..Default::default()
+    };
+    for chunk in rows.chunks(CHUNK) {
+        let path = chunk_path(cache, manifest, chunk, RECIPE);
+        let set = match read_chunk(&path, chunk.len()) {
+            Some(s) => s,
+            None => {
+                let s = compute(towers, device, manifest, chunk, &pb)?;
+                write_chunk(&path, &s)?;
+                s
+            }
+        };
+        let mut set = set;
+        if flip {
+            let fpath = chunk_path(cache, manifest, chunk, FLIP_RECIPE);
+            set.flip_map = match read_flip(&fpath, chunk.len()) {
+                Some(f) => f,
+                None => {
+                    let images = load_images(manifest, chunk)?;
+                    let flipped: Vec<RgbImage> = images
+                        .iter()
+                        .map(image::imageops::flip_horizontal)
+                        .collect();
+                    let f = maps(towers, device, &flipped, TEACHER_INPUT);
+                    write_named(&fpath, &[("flip_map", f16_bytes(&f), vec![f.len()])])?;
+                    f
+                }
+            };
+        }
+        pb.set_position((all.n + chunk.len()) as u64);
+        append(&mut all, set);
+    }
+    pb.finish_and_clear();
+    Ok(all)
+}
+
+fn append(all: &mut TokenSet, s: TokenSet) {
+    let base = *all.text_off.last().expect("starts with 0");
+    all.n += s.n;
+    all.teacher_map.extend(s.teacher_map);
+    all.student_map.extend(s.student_map);
+    all.text_off
+        .extend(s.text_off[1..].iter().map(|o| o + base));
+    all.text_l3.extend(s.text_l3);
+    all.text_l6.extend(s.text_l6);
+    all.flip_map.extend(s.flip_map);
+}
+
+fn load_images(manifest: &Manifest, rows: &[Row]) -> Result<Vec<RgbImage>> {
+    rows.iter()
+        .map(|r| {
+            let path = manifest.poster_path(r);
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            decode(&bytes).with_context(|| format!("poster of {}", r.id))
+        })
+        .collect()
+}
+
+/// Feature maps of images at `input`, `[n, cells, 1280]` flattened, f16.
+pub fn maps(towers: &Towers, device: &Device, images: &[RgbImage], input: ImageInput) -> Vec<f16> {
+    let mut out = Vec::new();
+    for batch in images.chunks(IMAGE_BATCH) {
+        let t = image_map(towers, device, batch, input);
+        out.extend(t.into_data().iter::<f32>().map(f16::from_f32));
+    }
+    out
+}
+
+/// The feature map as tokens: `[n, cells, 1280]`.
+pub fn image_map(
+    towers: &Towers,
+    device: &Device,
+    images: &[RgbImage],
+    input: ImageInput,
+) -> Tensor<3> {
+    let (w, h) = (input.width, input.height);
+    let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
+    for img in images {
+        data.extend(to_chw(&resize_exact(img, w, h)));
+    }
+    let x = Tensor::<4>::from_data(
+        TensorData::new(data, [images.len(), 3, h as usize, w as usize]),
+        device,
+    );
+    let f = towers.image.forward_features(x).features;
+    let [b, c, fh, fw] = f.dims();
+    f.reshape([b, c, fh * fw]).swap_dims(1, 2)
+}
+
+fn compute(
+    towers: &Towers,
+    device: &Device,
+    manifest: &Manifest,
+    rows: &[Row],
+    pb: &ProgressBar,
+) -> Result<TokenSet> {
+    let mut s = TokenSet {
+        n: rows.len(),
+        ..Default::default()
+    };
+    for batch in rows.chunks(IMAGE_BATCH) {
+        let images = load_images(manifest, batch)?;
+        s.teacher_map
+            .extend(maps(towers, device, &images, TEACHER_INPUT));
+        s.student_map
+            .extend(maps(towers, device, &images, STUDENT_INPUT));
+        pb.inc(batch.len() as u64);
+    }
+    // Tokenise each row; text-less rows own no tokens.
+    let ids: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| match compose_text(Some(&r.overview), None) {
+            Some(t) => towers.tokenizer.encode(&t).map_err(anyhow::Error::from),
+            None => Ok(Vec::new()),
+        })
+        .collect::<Result<_>>()?;
+    let mut l3: Vec<Vec<f16>> = vec![Vec::new(); rows.len()];
+    let mut l6: Vec<Vec<f16>> = vec![Vec::new(); rows.len()];
+    // Similar lengths together, so a batch pads little.
+    let mut order: Vec<usize> = (0..rows.len()).filter(|&i| !ids[i].is_empty()).collect();
+    order.sort_by_key(|&i| ids[i].len());
+    for batch in order.chunks(TEXT_BATCH) {
+        let rows_ids: Vec<Vec<i64>> = batch.iter().map(|&i| ids[i].clone()).collect();
+        let tb = crate::preprocess::text::pad_batch(&rows_ids);
+        let idt = Tensor::<2, Int>::from_data(TensorData::new(tb.ids, [tb.rows, tb.len]), device);
+        let mask = Tensor::<2>::from_data(TensorData::new(tb.mask, [tb.rows, tb.len]), device);
+        let taps = towers
+            .text
+            .forward_taps(idt, mask, &[STUDENT_TEXT_LAYERS, TEACHER_TEXT_LAYERS]);
+        for (tap, dst) in taps.into_iter().zip([&mut l3, &mut l6]) {
+            let v = tap.into_data().try_to_vec::<f32>().expect("f32 hidden");
+            for (k, &i) in batch.iter().enumerate() {
+                let start = k * tb.len * TEXT_DIM;
+                dst[i] = v[start..start + ids[i].len() * TEXT_DIM]
+                    .iter()
+                    .map(|&x| f16::from_f32(x))
+                    .collect();
+            }
+        }
+    }
+    s.text_off.push(0);
+    for i in 0..rows.len() {
+        s.text_off.push(s.text_off[i] + ids[i].len());
+        s.text_l3.extend(&l3[i]);
+        s.text_l6.extend(&l6[i]);
+    }
+    Ok(s)
+}
+
+fn chunk_path(cache: &Path, manifest: &Manifest, rows: &[Row], recipe: &str) -> PathBuf {
+    let mut h = Sha256::new();
+    h.update(recipe.as_bytes());
+    for r in rows {
+        for part in [
+            r.id.as_bytes(),
+            manifest.poster_path(r).as_os_str().as_encoded_bytes(),
+            r.overview.as_bytes(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    let key = crate::model::towers::hex(&h.finalize()[..16]);
+    cache.join(format!("{key}.safetensors"))
+}
+
+fn f16_bytes(v: &[f16]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn write_named(path: &Path, tensors: &[(&str, Vec<u8>, Vec<usize>)]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, bytes, shape)| {
+            let dtype = if *name == "text_off" {
+                Dtype::I64
+            } else {
+                Dtype::F16
+            };
+            Ok((
+                name.to_string(),
+                TensorView::new(dtype, shape.clone(), bytes)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Write then rename, so a killed run never leaves a half chunk behind.
+    let tmp = path.with_extension("tmp");
+    safetensors::serialize_to_file(views, None, &tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn write_chunk(path: &Path, s: &TokenSet) -> Result<()> {
+    let off: Vec<u8> = s
+        .text_off
+        .iter()
+        .flat_map(|&o| (o as i64).to_le_bytes())
+        .collect();
+    write_named(
+        path,
+        &[
+            (
+                "teacher_map",
+                f16_bytes(&s.teacher_map),
+                vec![s.teacher_map.len()],
+            ),
+            (
+                "student_map",
+                f16_bytes(&s.student_map),
+                vec![s.student_map.len()],
+            ),
+            ("text_off", off, vec![s.text_off.len()]),
+            ("text_l3", f16_bytes(&s.text_l3), vec![s.text_l3.len()]),
+            ("text_l6", f16_bytes(&s.text_l6), vec![s.text_l6.len()]),
+        ],
+    )
+}
+
+fn f16_of(st: &SafeTensors, name: &str) -> Option<Vec<f16>> {
+    let t = st.tensor(name).ok()?;
+    (t.dtype() == Dtype::F16).then(|| {
+        t.data()
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]))
+            .collect()
+    })
+}
+
+fn read_chunk(path: &Path, n: usize) -> Option<TokenSet> {
+    let bytes = std::fs::read(path).ok()?;
+    let st = SafeTensors::deserialize(&bytes).ok()?;
+    let off = st.tensor("text_off").ok()?;
+    let text_off: Vec<usize> = off
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .collect();
+    let s = TokenSet {
+        n,
+        teacher_map: f16_of(&st, "teacher_map")?,
+        student_map: f16_of(&st, "student_map")?,
+        text_l3: f16_of(&st, "text_l3")?,
+        text_l6: f16_of(&st, "text_l6")?,
+        text_off,
+        flip_map: Vec::new(),
+    };
+    let tokens = *s.text_off.last()?;
+    let ok = s.text_off.len() == n + 1
+        && s.teacher_map.len() == n * grid_tokens(TEACHER_INPUT) * FEATURE_DIM
+        && s.student_map.len() == n * grid_tokens(STUDENT_INPUT) * FEATURE_DIM
+        && s.text_l3.len() == tokens * TEXT_DIM
+        && s.text_l6.len() == tokens * TEXT_DIM;
+    ok.then_some(s)
+}
+
+fn read_flip(path: &Path, n: usize) -> Option<Vec<f16>> {
+    let bytes = std::fs::read(path).ok()?;
+    let st = SafeTensors::deserialize(&bytes).ok()?;
+    let f = f16_of(&st, "flip_map")?;
+    (f.len() == n * grid_tokens(TEACHER_INPUT) * FEATURE_DIM).then_some(f)
+}
