@@ -6,11 +6,12 @@
 //! - `text_tower.safetensors`: the first `text_layers` MiniLM layers, position
 //!   embeddings up to the tokenizer's 128-token limit, and word embeddings for a
 //!   vocabulary pruned to the wordpieces of the training texts plus every
-//!   single-character piece (so any word still tokenizes), f16.
+//!   single-character piece (so any word still tokenizes), f16 / int8.
 //! - `tokenizer.json`: MiniLM's tokenizer with that vocabulary, renumbered.
 //!
-//! Weights are stored as f16 to halve the folder and widened to f32 on load, so
-//! inference runs in f32 on every backend.
+//! Weights are stored as f16 to halve the folder, and the word embeddings (the
+//! largest table) as int8 with one f32 scale per row; all are widened to f32 on
+//! load, so inference runs in f32 on every backend.
 
 use super::cache::CacheDir;
 use super::dir::{ModelDir, ModelSpec, TowerSource};
@@ -29,6 +30,7 @@ use std::path::Path;
 pub const IMAGE_FILE: &str = "image_tower.safetensors";
 pub const TEXT_FILE: &str = "text_tower.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+const WORD_EMBEDDINGS: &str = "embeddings.word.weight";
 
 /// A tensor on its way to a file: name, shape, f32 values.
 type Named = (String, Vec<usize>, Vec<f32>);
@@ -56,41 +58,92 @@ fn snapshot<M: ModuleSnapshot>(m: &M) -> Result<Vec<Named>> {
     Ok(out)
 }
 
-fn write_f16(path: &Path, tensors: &[Named]) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| {
-            v.iter()
+/// Suffixes of an int8 table: the values and one scale per row.
+const Q8: &str = ".q8";
+const Q8_SCALE: &str = ".q8scale";
+
+/// Writes tensors as f16, except those named in `int8`, which are stored as int8 rows
+/// with a per-row scale (`NAME.q8`, `NAME.q8scale`).
+fn write_compact(path: &Path, tensors: &[Named], int8: &[&str]) -> Result<()> {
+    let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (n, shape, v) in tensors {
+        if int8.contains(&n.as_str()) && shape.len() == 2 {
+            let h = shape[1];
+            let mut q = Vec::with_capacity(v.len());
+            let mut scales = Vec::with_capacity(shape[0] * 4);
+            for row in v.chunks(h) {
+                let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+                q.extend(
+                    row.iter()
+                        .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8 as u8),
+                );
+                scales.extend(scale.to_le_bytes());
+            }
+            out.push((format!("{n}{Q8}"), Dtype::I8, shape.clone(), q));
+            out.push((format!("{n}{Q8_SCALE}"), Dtype::F32, vec![shape[0]], scales));
+        } else {
+            let b = v
+                .iter()
                 .flat_map(|x| f16::from_f32(*x).to_le_bytes())
-                .collect()
-        })
-        .collect();
-    let views = tensors
+                .collect();
+            out.push((n.clone(), Dtype::F16, shape.clone(), b));
+        }
+    }
+    let views = out
         .iter()
-        .zip(&bytes)
-        .map(|((n, s, _), b)| Ok((n.clone(), TensorView::new(Dtype::F16, s.clone(), b)?)))
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, path)
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Reads an f16 safetensors file into a module (widened to f32).
-fn load_f16<M: ModuleSnapshot>(m: &mut M, path: &Path, allow_partial: bool) -> Result<()> {
+/// Reads a compact safetensors file (f16, int8 rows) into a module, widened to f32.
+fn load_compact<M: ModuleSnapshot>(m: &mut M, path: &Path, allow_partial: bool) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let st =
         SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-    let widened: Vec<(String, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| {
+    let mut widened: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (n, t) in st.tensors() {
+        if n.ends_with(Q8_SCALE) {
+            continue;
+        }
+        if let Some(base) = n.strip_suffix(Q8) {
+            let scales: Vec<f32> = st
+                .tensor(&format!("{base}{Q8_SCALE}"))
+                .with_context(|| format!("{}: {base} has no scales", path.display()))?
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let h = t.shape()[1];
+            if scales.len() != t.shape()[0] {
+                bail!(
+                    "{}: {base} has {} scales for {} rows",
+                    path.display(),
+                    scales.len(),
+                    t.shape()[0]
+                );
+            }
             let v = t
                 .data()
-                .chunks_exact(2)
-                .flat_map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes())
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &q)| (q as i8 as f32 * scales[i / h]).to_le_bytes())
                 .collect();
-            (n, t.shape().to_vec(), v)
-        })
-        .collect();
+            widened.push((base.to_string(), t.shape().to_vec(), v));
+            continue;
+        }
+        if t.dtype() != Dtype::F16 {
+            bail!("{}: {n} is {:?}, expected f16", path.display(), t.dtype());
+        }
+        let v = t
+            .data()
+            .chunks_exact(2)
+            .flat_map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes())
+            .collect();
+        widened.push((n, t.shape().to_vec(), v));
+    }
     let views = widened
         .iter()
         .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
@@ -114,7 +167,7 @@ impl Towers {
         };
         let mut image = EfficientNetLite0::new(device);
         // The ImageNet classifier is not shipped: it is the one part left unloaded.
-        load_f16(&mut image, &dir.join(IMAGE_FILE), true)?;
+        load_compact(&mut image, &dir.join(IMAGE_FILE), true)?;
         let config = BertConfig {
             vocab_size,
             max_positions,
@@ -122,7 +175,7 @@ impl Towers {
             ..BertConfig::MINILM_L6
         };
         let mut text = Bert::new(&config, device);
-        load_f16(&mut text, &dir.join(TEXT_FILE), false)?;
+        load_compact(&mut text, &dir.join(TEXT_FILE), false)?;
         let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
         Ok(Self {
             image,
@@ -147,7 +200,7 @@ pub fn write_bundle(
         .into_iter()
         .filter(|(n, _, _)| !n.starts_with("fc."))
         .collect();
-    write_f16(&dir.join(IMAGE_FILE), &image)?;
+    write_compact(&dir.join(IMAGE_FILE), &image, &[])?;
 
     // The vocabulary: the training texts' pieces, single characters, special tokens.
     let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(tokenizer_json)?)?;
@@ -222,7 +275,7 @@ pub fn write_bundle(
                 continue;
             }
             text.push((name, shape, v));
-        } else if name.starts_with("embeddings.word.") {
+        } else if name == WORD_EMBEDDINGS {
             let h = shape[1];
             let rows = old
                 .iter()
@@ -236,7 +289,7 @@ pub fn write_bundle(
             text.push((name, shape, v));
         }
     }
-    write_f16(&dir.join(TEXT_FILE), &text)?;
+    write_compact(&dir.join(TEXT_FILE), &text, &[WORD_EMBEDDINGS])?;
     Ok(TowerSource::Bundled {
         vocab_size: old.len(),
         max_positions: MAX_TOKENS,

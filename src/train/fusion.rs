@@ -141,6 +141,7 @@ fn soft_bce(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
 }
 
 /// Sigmoid scores `[rows, classes]` of `rows` of `set`, optionally text-less.
+#[allow(clippy::too_many_arguments)]
 pub fn score(
     model: &EarlyFusion,
     c: &FusionConfig,

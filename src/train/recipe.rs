@@ -106,6 +106,7 @@ fn mean_into(acc: &mut [f32], add: &[f32], weight: f32) {
 }
 
 /// Mean scores of an ensemble over its members (and both views, for `tta`).
+#[allow(clippy::too_many_arguments)]
 fn ensemble_scores(
     e: &[&EarlyFusion],
     c: &FusionConfig,
