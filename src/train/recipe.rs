@@ -243,57 +243,16 @@ pub fn run(
         opts.seed,
         "text-only",
     );
-    let s_poster_tune = ensemble_scores(
-        &[&poster.model],
-        &c_poster,
-        &tune,
-        &tune.with_text,
-        Role::Teacher,
-        false,
-        false,
-        device,
-    );
-    let s_text_tune = ensemble_scores(
-        &[&text.model],
-        &c_text,
-        &tune,
-        &tune.with_text,
-        Role::Teacher,
-        false,
-        false,
-        device,
-    );
-    let s_poster_val = ensemble_scores(
-        &[&poster.model],
-        &c_poster,
-        &val,
-        &val.all,
-        Role::Teacher,
-        false,
-        false,
-        device,
-    );
-    let s_text_val = ensemble_scores(
-        &[&text.model],
-        &c_text,
-        &val,
-        &val.all,
-        Role::Teacher,
-        false,
-        false,
-        device,
-    );
+    // One network, plain view, text as given.
+    let single = |m: &EarlyFusion, c: &FusionConfig, p: &Part, rows: &[usize]| {
+        ensemble_scores(&[m], c, p, rows, Role::Teacher, false, false, device)
+    };
+    let s_poster_tune = single(&poster.model, &c_poster, &tune, &tune.with_text);
+    let s_text_tune = single(&text.model, &c_text, &tune, &tune.with_text);
+    let s_poster_val = single(&poster.model, &c_poster, &val, &val.all);
+    let s_text_val = single(&text.model, &c_text, &val, &val.all);
     let t_poster = tuned(
-        &ensemble_scores(
-            &[&poster.model],
-            &c_poster,
-            &tune,
-            &tune.all,
-            Role::Teacher,
-            false,
-            false,
-            device,
-        ),
+        &single(&poster.model, &c_poster, &tune, &tune.all),
         &y_tune_all,
         k,
     );

@@ -8,11 +8,11 @@
 //! maps, for the teacher's test-time augmentation on the rows it is scored on.
 
 use super::manifest::{Manifest, Row};
-use crate::classify::{TEXT_DIM, compose_text};
+use crate::classify::{TEXT_DIM, compose_text, image_tokens};
 use crate::model::dir::ImageInput;
 use crate::model::towers::Towers;
 use crate::nn::efficientnet::FEATURE_DIM;
-use crate::preprocess::image::{decode, resize_exact, to_chw};
+use crate::preprocess::image::decode;
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use half::f16;
@@ -164,31 +164,10 @@ fn load_images(manifest: &Manifest, rows: &[Row]) -> Result<Vec<RgbImage>> {
 pub fn maps(towers: &Towers, device: &Device, images: &[RgbImage], input: ImageInput) -> Vec<f16> {
     let mut out = Vec::new();
     for batch in images.chunks(IMAGE_BATCH) {
-        let t = image_map(towers, device, batch, input);
+        let t = image_tokens(towers, batch, input, device);
         out.extend(t.into_data().iter::<f32>().map(f16::from_f32));
     }
     out
-}
-
-/// The feature map as tokens: `[n, cells, 1280]`.
-pub fn image_map(
-    towers: &Towers,
-    device: &Device,
-    images: &[RgbImage],
-    input: ImageInput,
-) -> Tensor<3> {
-    let (w, h) = (input.width, input.height);
-    let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
-    for img in images {
-        data.extend(to_chw(&resize_exact(img, w, h)));
-    }
-    let x = Tensor::<4>::from_data(
-        TensorData::new(data, [images.len(), 3, h as usize, w as usize]),
-        device,
-    );
-    let f = towers.image.forward_features(x).features;
-    let [b, c, fh, fw] = f.dims();
-    f.reshape([b, c, fh * fw]).swap_dims(1, 2)
 }
 
 fn compute(
