@@ -8,6 +8,7 @@
 pub mod appliance;
 pub mod backend;
 pub mod bench;
+pub mod caption;
 pub mod classify;
 pub mod cli;
 pub mod commands;

@@ -3,4 +3,5 @@
 pub mod bundle;
 pub mod cache;
 pub mod dir;
+pub mod florence;
 pub mod towers;

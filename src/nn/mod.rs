@@ -1,4 +1,5 @@
 //! Pure networks: tensors in, tensors out. No files, no network, no clocks.
 pub mod bert;
 pub mod efficientnet;
+pub mod florence;
 pub mod fusion;

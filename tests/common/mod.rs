@@ -50,6 +50,7 @@ pub struct Array {
     pub shape: Vec<usize>,
     pub f32: Vec<f32>,
     pub i64: Vec<i64>,
+    pub u8: Vec<u8>,
 }
 
 impl Fixture {
@@ -68,22 +69,29 @@ impl Fixture {
             .unwrap_or_else(|_| panic!("fixture has no {name}"));
         let shape = t.shape().to_vec();
         let data = t.data();
-        let (f32, i64) = match t.dtype() {
-            safetensors::Dtype::F32 => (
-                data.chunks_exact(4)
+        let (mut f32, mut i64, mut u8) = (vec![], vec![], vec![]);
+        match t.dtype() {
+            safetensors::Dtype::F32 => {
+                f32 = data
+                    .chunks_exact(4)
                     .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-                vec![],
-            ),
-            safetensors::Dtype::I64 => (
-                vec![],
-                data.chunks_exact(8)
+                    .collect()
+            }
+            safetensors::Dtype::I64 => {
+                i64 = data
+                    .chunks_exact(8)
                     .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-            ),
+                    .collect()
+            }
+            safetensors::Dtype::U8 => u8 = data.to_vec(),
             d => panic!("unexpected dtype {d:?} for {name}"),
         };
-        Array { shape, f32, i64 }
+        Array {
+            shape,
+            f32,
+            i64,
+            u8,
+        }
     }
 }
 
