@@ -292,7 +292,7 @@ fn pickle_to_safetensors(path: &Path) -> Result<Vec<u8>> {
     safetensors::serialize(views, None).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// Every float parameter of a module: burn path, shape, and whether it sits in a
+/// Every float parameter of a module: its path as a checkpoint names it, shape, and whether it sits in a
 /// `Linear` (whose weight burn stores transposed). Shapes come from lazy params, so a
 /// full-size model costs no memory.
 pub fn parameter_shapes<M: Module>(model: &M) -> BTreeMap<String, (Vec<usize>, bool)> {
@@ -311,14 +311,18 @@ pub fn parameter_shapes<M: Module>(model: &M) -> BTreeMap<String, (Vec<usize>, b
             self.kinds.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let linear = self
-                .kinds
-                .iter()
-                .rev()
-                .find(|k| k.starts_with("Struct:"))
-                .is_some_and(|k| k == "Struct:Linear");
-            self.out
-                .insert(self.path.join("."), (param.lazy_shape().to_vec(), linear));
+            let kind = self.kinds.iter().rev().find(|k| k.starts_with("Struct:"));
+            let linear = kind.is_some_and(|k| k == "Struct:Linear");
+            let mut path = self.path.join(".");
+            // A LayerNorm's gamma/beta are weight/bias in a checkpoint.
+            if kind.is_some_and(|k| k == "Struct:LayerNorm") {
+                for (burn, torch) in [(".gamma", ".weight"), (".beta", ".bias")] {
+                    if let Some(stem) = path.strip_suffix(burn) {
+                        path = format!("{stem}{torch}");
+                    }
+                }
+            }
+            self.out.insert(path, (param.lazy_shape().to_vec(), linear));
         }
     }
     let mut v = Shapes {
@@ -328,4 +332,25 @@ pub fn parameter_shapes<M: Module>(model: &M) -> BTreeMap<String, (Vec<usize>, b
     };
     model.visit(&mut v);
     v.out
+}
+
+/// The shape a checkpoint tensor has once the load adapters are through with it: a
+/// Linear weight transposed (Microsoft's projection already is), Microsoft's vocabulary
+/// rows padded to the native count.
+pub fn adapted_shape(
+    layout: Layout,
+    burn_path: &str,
+    shape: &[usize],
+    in_linear: bool,
+    vocab: usize,
+) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    let ms_projection = layout == Layout::Microsoft && burn_path == PROJECTION;
+    if in_linear && s.len() == 2 && burn_path.ends_with(".weight") && !ms_projection {
+        s.reverse();
+    }
+    if layout == Layout::Microsoft && burn_path == SHARED && s.len() == 2 {
+        s[0] = s[0].max(vocab);
+    }
+    s
 }
