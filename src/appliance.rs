@@ -3,6 +3,7 @@
 //! on SIGTERM: sources stop, queued posters are finished (their results are on disk
 //! in the outbox), `offline` is published, and the process exits.
 
+use crate::caption::stage::CaptionStage;
 use crate::classify::Classifier;
 use crate::config::Config;
 use crate::health::Health;
@@ -36,6 +37,10 @@ pub fn run(cfg: Config) -> Result<()> {
         .unwrap_or_else(CacheDir::from_env);
     let model_dir = cfg.classify.model.clone().unwrap_or_else(default_model_dir);
     let classifier = Classifier::load(&model_dir, &cache, &device)?;
+    let captioner = CaptionStage::start(&cfg.caption, &device)?;
+    if let Some(c) = &captioner {
+        tracing::info!("captioning: {}", c.label);
+    }
 
     let health = Arc::new(Health::default());
     let (queue, rx) = Queue::new(cfg.pipeline.queue);
@@ -99,6 +104,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 run_classifier(
                     &device_id,
                     &classifier,
+                    captioner.as_ref(),
                     rx,
                     next_overview,
                     &mut sinks,

@@ -98,6 +98,43 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Caption one image with a Florence-2 model directory.
+    Caption {
+        image: PathBuf,
+        /// Model directory: config.json, weights (either layout), tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// caption | detailed_caption | more_detailed_caption | ocr (or <CAPTION> ...).
+        #[arg(long, default_value = "caption")]
+        task: String,
+        /// Beam width [default: the model's generation_config.json].
+        #[arg(long)]
+        beams: Option<usize>,
+        /// Most tokens to generate [default: generation_config.json, else 20].
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve Florence-2 captions over HTTP (Marquee and OpenAI-compatible APIs).
+    ServeCaptions {
+        #[arg(long, default_value = "127.0.0.1:8788")]
+        listen: String,
+        #[arg(long)]
+        model: PathBuf,
+        /// Bearer token clients must send [env: MARQUEE_CAPTION_TOKEN].
+        #[arg(long, env = "MARQUEE_CAPTION_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Requests captioned at once.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Requests that may wait; beyond that, 503.
+        #[arg(long, default_value_t = 4)]
+        queue: usize,
+        /// Largest request body in bytes; beyond that, 413.
+        #[arg(long, default_value_t = 16 << 20)]
+        max_body: usize,
+    },
     /// Run the appliance: sources -> classify -> MQTT + status page.
     Run {
         /// TOML config (see systemd/marquee.toml).

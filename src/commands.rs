@@ -1,5 +1,8 @@
 //! The CLI's subcommands: read files, call the library, print results.
 
+use crate::caption::local::FlorenceCaptioner;
+use crate::caption::server::{CaptionServer, ServerConfig};
+use crate::caption::{CaptionOptions, Task};
 use crate::classify::{Classifier, Prediction, compose_text};
 use crate::cli::{Cli, Command, ConfigAction, ModelsAction};
 use crate::config::Config;
@@ -144,6 +147,71 @@ pub fn run(cli: Cli) -> Result<()> {
                     println!("  {k:<12} p50 {:.1} ms  p90 {:.1} ms", v.p50, v.p90);
                 }
             }
+        }
+        Command::Caption {
+            image,
+            model,
+            task,
+            beams,
+            max_new_tokens,
+            json,
+        } => {
+            let task: Task = task.parse().map_err(anyhow::Error::msg)?;
+            let device = cli.backend.device()?;
+            let img =
+                decode(&read_limited(&image)?).with_context(|| image.display().to_string())?;
+            let captioner = FlorenceCaptioner::load(&model, &device)?;
+            let opts = CaptionOptions {
+                beams,
+                max_new_tokens,
+            };
+            let out = captioner.caption(&img, task, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                let t = &out.timings_ms;
+                println!("{}", out.caption);
+                println!(
+                    "{} tokens; preprocess {:.0} ms, vision {:.0} ms, encoder {:.0} ms, decoder {:.0} ms ({:.1} ms/token), total {:.0} ms",
+                    out.tokens, t.preprocess, t.vision, t.encoder, t.decoder, t.per_token, t.total
+                );
+            }
+        }
+        Command::ServeCaptions {
+            listen,
+            model,
+            token,
+            workers,
+            queue,
+            max_body,
+        } => {
+            let device = cli.backend.device()?;
+            let captioner = std::sync::Arc::new(FlorenceCaptioner::load(&model, &device)?);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            let cfg = ServerConfig {
+                listen,
+                token,
+                workers,
+                queue,
+                max_body,
+                ..Default::default()
+            };
+            let server = CaptionServer::start(captioner.clone(), cfg)?;
+            eprintln!(
+                "serving {} captions on http://{}",
+                captioner.name,
+                server.addr()
+            );
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            server.shutdown();
+            eprintln!("caption server stopped");
         }
         Command::Run { config } => {
             crate::appliance::run(Config::load(&config)?)?;

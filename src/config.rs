@@ -3,6 +3,7 @@
 //! (`MARQUEE_MQTT_PASSWORD`, `MARQUEE_HTTP_TOKEN`) so they stay out of the file.
 
 use crate::backend::Backend;
+use crate::caption::stage::{CaptionConfig, Mode};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ pub struct Config {
     pub sources: SourcesConfig,
     pub status: StatusConfig,
     pub classify: ClassifyConfig,
+    /// Florence-2 captions: off, on the device, or from a caption server.
+    pub caption: CaptionConfig,
     pub pipeline: PipelineConfig,
     /// Folder for the MQTT outbox and other state (systemd's StateDirectory).
     pub state_dir: PathBuf,
@@ -38,6 +41,7 @@ impl Default for Config {
             sources: SourcesConfig::default(),
             status: StatusConfig::default(),
             classify: ClassifyConfig::default(),
+            caption: CaptionConfig::default(),
             pipeline: PipelineConfig::default(),
             state_dir: PathBuf::from("/var/lib/marquee"),
         }
@@ -229,6 +233,9 @@ impl Config {
         if let Some(t) = get("MARQUEE_HTTP_TOKEN") {
             self.status.token = Some(t);
         }
+        if let Some(t) = get("MARQUEE_CAPTION_TOKEN") {
+            self.caption.remote.token = Some(t);
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -256,6 +263,27 @@ impl Config {
         }
         if self.mqtt.host.is_empty() {
             return Err(err("mqtt.host", "must not be empty"));
+        }
+        let c = &self.caption;
+        if c.mode == Mode::Local && c.model.is_none() {
+            return Err(err(
+                "caption.model",
+                "a Florence-2 model directory is needed for mode = \"local\"",
+            ));
+        }
+        if c.mode == Mode::Remote
+            && !(c.remote.url.starts_with("http://") || c.remote.url.starts_with("https://"))
+        {
+            return Err(err(
+                "caption.remote.url",
+                "must be an http:// or https:// URL for mode = \"remote\"",
+            ));
+        }
+        if c.deadline_ms == 0 || c.remote.timeout_ms == 0 {
+            return Err(err(
+                "caption.deadline_ms",
+                "deadline_ms and remote.timeout_ms must be positive",
+            ));
         }
         if self.mqtt.port == 0 {
             return Err(err("mqtt.port", "must be 1-65535"));

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod health;
+pub mod http;
 pub mod model;
 pub mod nn;
 pub mod pipeline;

@@ -4,6 +4,7 @@
 //! job's `done` callback runs, so a hot-folder file moves to done/ only once its
 //! result is safe on disk.
 
+use crate::caption::stage::{CaptionStage, Captioned};
 use crate::classify::{Classifier, GenreScore};
 use crate::health::Health;
 use image::RgbImage;
@@ -132,9 +133,11 @@ fn thumbnail(img: &RgbImage) -> Vec<u8> {
 
 /// Runs until `stop` is set (then finishes the jobs already queued) or every
 /// `Queue` is dropped: classify, hand to the sinks, call `done`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_classifier(
     device_id: &str,
     classifier: &Classifier,
+    captioner: Option<&CaptionStage>,
     rx: Receiver<Job>,
     next_overview: Arc<Mutex<Option<String>>>,
     sinks: &mut [Box<dyn Sink>],
@@ -157,18 +160,28 @@ pub fn run_classifier(
             .overview
             .clone()
             .or_else(|| next_overview.lock().ok().and_then(|mut o| o.take()));
-        let outcome = classifier.classify(&poster.image, overview.as_deref(), None);
+        let captioned = captioner
+            .map(|c| c.caption(&poster.image))
+            .unwrap_or_else(Captioned::off);
+        let outcome = classifier.classify(
+            &poster.image,
+            overview.as_deref(),
+            captioned.caption.as_deref(),
+        );
         let result = match outcome {
             Ok(p) => {
                 let mut timings: BTreeMap<String, f64> = p.timings_ms.into_iter().collect();
                 timings.insert("pipeline".into(), start.elapsed().as_secs_f64() * 1e3);
+                if captioner.is_some() {
+                    timings.insert("caption".into(), captioned.waited_ms);
+                }
                 Ok(ScanResult {
                     id: new_id(device_id),
                     timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                     source: poster.source,
                     name: poster.name.clone(),
-                    caption: None,
-                    caption_status: "none: captioning is off".into(),
+                    caption: captioned.caption.clone(),
+                    caption_status: captioned.status.clone(),
                     overview,
                     genres: p.genres,
                     predicted: p.predicted,

@@ -5,6 +5,9 @@
 
 pub mod local;
 pub mod processor;
+pub mod remote;
+pub mod server;
+pub mod stage;
 pub mod task;
 
 use serde::{Deserialize, Serialize};

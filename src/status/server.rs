@@ -5,6 +5,7 @@
 use super::metrics;
 use crate::config::Config;
 use crate::health::Health;
+use crate::http::{bearer_ok, header, header_value, json, text};
 use crate::pipeline::{Job, Poster, Queue, QueueError, ScanResult, Sink, Source};
 use crate::preprocess::image::decode;
 use crate::publish::outbox::Outbox;
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tiny_http::{Header, Method, Request, Response, Server};
+use tiny_http::{Method, Request, Response, Server};
 
 const PAGE: &str = include_str!("page.html");
 const MAX_CLIENTS: usize = 64;
@@ -186,22 +187,6 @@ struct Ctx {
     stop: Arc<AtomicBool>,
 }
 
-fn header(name: &str, value: &str) -> Header {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header")
-}
-
-fn text(code: u16, body: &str) -> Response<std::io::Cursor<Vec<u8>>> {
-    Response::from_string(format!("{body}\n"))
-        .with_status_code(code)
-        .with_header(header("Content-Type", "text/plain; charset=utf-8"))
-}
-
-fn json(code: u16, body: String) -> Response<std::io::Cursor<Vec<u8>>> {
-    Response::from_string(body)
-        .with_status_code(code)
-        .with_header(header("Content-Type", "application/json"))
-}
-
 fn handle(ctx: &Ctx, req: Request) {
     let url = req.url().split('?').next().unwrap_or("/").to_string();
     let st = &ctx.state;
@@ -273,30 +258,6 @@ fn sse(ctx: &Ctx, req: Request) {
             Err(_) => return,
         }
     }
-}
-
-fn bearer_ok(req: &Request, token: &str) -> bool {
-    let got = req
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .map(|h| h.value.as_str().to_string())
-        .unwrap_or_default();
-    let want = format!("Bearer {token}");
-    // Length-independent comparison: no early exit on the first differing byte.
-    got.len() == want.len()
-        && got
-            .bytes()
-            .zip(want.bytes())
-            .fold(0u8, |a, (x, y)| a | (x ^ y))
-            == 0
-}
-
-fn header_value(req: &Request, name: &'static str) -> Option<String> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv(name))
-        .map(|h| h.value.as_str().to_string())
 }
 
 fn upload(ctx: &Ctx, mut req: Request) {

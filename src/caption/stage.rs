@@ -1,0 +1,209 @@
+//! Captioning inside the appliance. A worker thread owns the captioner (Florence-2 on
+//! the device, or a remote server); the pipeline asks it for a caption and waits at
+//! most `deadline_ms`. Whatever happens (a slow Pi, a dead server, an open circuit) the
+//! scan goes on: the result is published with the caption if it came in time, without
+//! it otherwise, and `caption_status` says which and why.
+
+use super::local::FlorenceCaptioner;
+use super::remote::{RemoteCaptioner, RemoteConfig};
+use super::{CaptionOptions, CaptionOutput, Task};
+use anyhow::{Context, Result};
+use burn::prelude::Device;
+use image::RgbImage;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Off,
+    Local,
+    Remote,
+}
+
+/// `[caption]` in the appliance config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptionConfig {
+    pub mode: Mode,
+    /// Florence-2 model directory (mode = local).
+    pub model: Option<PathBuf>,
+    pub task: Task,
+    /// Overrides of the model's generation_config.json (local).
+    pub beams: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+    /// Longest a scan waits for its caption before publishing without one.
+    pub deadline_ms: u64,
+    pub remote: RemoteConfig,
+}
+
+impl Default for CaptionConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Off,
+            model: None,
+            task: Task::Caption,
+            beams: None,
+            max_new_tokens: None,
+            deadline_ms: 3000,
+            remote: RemoteConfig::default(),
+        }
+    }
+}
+
+enum Engine {
+    Local(Box<FlorenceCaptioner>, CaptionOptions),
+    Remote(RemoteCaptioner),
+}
+
+impl Engine {
+    fn run(&self, image: &RgbImage, task: Task) -> Result<CaptionOutput, String> {
+        match self {
+            Engine::Local(c, opts) => c.caption(image, task, opts).map_err(|e| format!("{e:#}")),
+            Engine::Remote(r) => {
+                let mut jpeg = std::io::Cursor::new(Vec::new());
+                image
+                    .write_to(&mut jpeg, image::ImageFormat::Jpeg)
+                    .map_err(|e| format!("encoding the poster: {e}"))?;
+                r.caption(jpeg.get_ref(), task).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+type Reply = Result<CaptionOutput, String>;
+
+struct Ask {
+    image: RgbImage,
+    reply: Sender<Reply>,
+}
+
+/// The pipeline's handle on the caption worker.
+pub struct CaptionStage {
+    tx: SyncSender<Ask>,
+    /// Set while the worker has a poster; cleared when it is done with it.
+    busy: Arc<AtomicBool>,
+    deadline: Duration,
+    /// "local florence-2-base" / "remote http://…", for status lines.
+    pub label: String,
+}
+
+/// What a scan got: the caption, or why not, and how long it waited.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Captioned {
+    pub caption: Option<String>,
+    pub status: String,
+    pub waited_ms: f64,
+}
+
+impl Captioned {
+    pub fn off() -> Self {
+        Self {
+            caption: None,
+            status: "none: captioning is off".into(),
+            waited_ms: 0.0,
+        }
+    }
+}
+
+impl CaptionStage {
+    /// `None` when captioning is off. A local model is loaded here, so a bad model
+    /// directory stops the appliance at start-up with a clear error.
+    pub fn start(cfg: &CaptionConfig, device: &Device) -> Result<Option<Self>> {
+        let (engine, label) = match cfg.mode {
+            Mode::Off => return Ok(None),
+            Mode::Local => {
+                let dir = cfg
+                    .model
+                    .clone()
+                    .context("caption.model is needed for mode = local")?;
+                let c = FlorenceCaptioner::load(&dir, device)
+                    .with_context(|| format!("caption.model {}", dir.display()))?;
+                let label = format!("local {}", c.name);
+                let opts = CaptionOptions {
+                    beams: cfg.beams,
+                    max_new_tokens: cfg.max_new_tokens,
+                };
+                (Engine::Local(Box::new(c), opts), label)
+            }
+            Mode::Remote => (
+                Engine::Remote(RemoteCaptioner::new(cfg.remote.clone())),
+                format!("remote {}", cfg.remote.url),
+            ),
+        };
+        // One poster in flight and none waiting: a caption that would start late is
+        // worth less than starting the next one on time.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Ask>(1);
+        let busy = Arc::new(AtomicBool::new(false));
+        let task = cfg.task;
+        let flag = busy.clone();
+        std::thread::Builder::new()
+            .name("captioner".into())
+            .spawn(move || worker(&engine, task, rx, &flag))?;
+        Ok(Some(Self {
+            tx,
+            busy,
+            deadline: Duration::from_millis(cfg.deadline_ms),
+            label,
+        }))
+    }
+
+    /// Asks for a caption and waits until it comes or the deadline passes.
+    pub fn caption(&self, image: &RgbImage) -> Captioned {
+        let start = Instant::now();
+        let (reply, rx) = std::sync::mpsc::channel();
+        let ask = Ask {
+            image: image.clone(),
+            reply,
+        };
+        let waited = |s: Instant| s.elapsed().as_secs_f64() * 1e3;
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Captioned {
+                caption: None,
+                status: "none: captioner still busy with an earlier poster".into(),
+                waited_ms: 0.0,
+            };
+        }
+        let status = match self.tx.try_send(ask) {
+            Err(TrySendError::Full(_)) => {
+                "none: captioner still busy with an earlier poster".to_string()
+            }
+            Err(TrySendError::Disconnected(_)) => "none: captioner stopped".to_string(),
+            Ok(()) => match rx.recv_timeout(self.deadline) {
+                Ok(Ok(out)) => {
+                    return Captioned {
+                        status: format!("ok: {} in {:.0} ms", self.label, waited(start)),
+                        caption: Some(out.caption).filter(|c| !c.is_empty()),
+                        waited_ms: waited(start),
+                    };
+                }
+                Ok(Err(e)) => format!("none: {e}"),
+                Err(RecvTimeoutError::Timeout) => format!(
+                    "none: deadline of {} ms passed ({})",
+                    self.deadline.as_millis(),
+                    self.label
+                ),
+                Err(RecvTimeoutError::Disconnected) => "none: captioner stopped".to_string(),
+            },
+        };
+        Captioned {
+            caption: None,
+            status,
+            waited_ms: waited(start),
+        }
+    }
+}
+
+fn worker(engine: &Engine, task: Task, rx: Receiver<Ask>, busy: &AtomicBool) {
+    while let Ok(ask) = rx.recv() {
+        let out = engine.run(&ask.image, task);
+        // The scan may have stopped waiting; then the late caption is dropped.
+        let _ = ask.reply.send(out);
+        busy.store(false, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,278 @@
+//! The caption server and the appliance's remote client, on loopback with the tiny
+//! Florence-2 of the reference kit: both protocols, the token, the body limit, 503 when
+//! the queue is full, a hung server (timeout), the circuit breaker, the appliance's
+//! deadline, and graceful shutdown.
+
+mod common;
+
+use common::shared;
+use marquee::backend::Backend;
+use marquee::caption::Task;
+use marquee::caption::local::FlorenceCaptioner;
+use marquee::caption::remote::{Protocol, RemoteCaptioner, RemoteConfig, RemoteError};
+use marquee::caption::server::{CaptionServer, ServerConfig};
+use marquee::caption::stage::{CaptionConfig, CaptionStage, Mode};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn kit() -> PathBuf {
+    shared().join("reference/florence2")
+}
+
+fn captioner() -> Arc<FlorenceCaptioner> {
+    Arc::new(
+        FlorenceCaptioner::load(&kit().join("tiny"), &Backend::Flex.device().unwrap()).unwrap(),
+    )
+}
+
+fn astronaut() -> Vec<u8> {
+    std::fs::read(kit().join("astronaut.png")).unwrap()
+}
+
+fn client(url: String, protocol: Protocol, token: Option<&str>) -> RemoteCaptioner {
+    RemoteCaptioner::new(RemoteConfig {
+        url,
+        protocol,
+        token: token.map(str::to_string),
+        timeout_ms: 10_000,
+        retries: 0,
+        ..Default::default()
+    })
+}
+
+fn beam3_astronaut() -> Vec<u32> {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(kit().join("expected_ids.json")).unwrap())
+            .unwrap();
+    serde_json::from_value(json["astronaut_beam3_20_ids"].clone()).unwrap()
+}
+
+#[test]
+fn round_trip_both_protocols_token_and_limits() {
+    let server = CaptionServer::start(
+        captioner(),
+        ServerConfig {
+            listen: "127.0.0.1:0".into(),
+            token: Some("s3cret".into()),
+            max_body: 2 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let url = format!("http://{}", server.addr());
+
+    // Marquee's protocol: the model's generation_config (beam 3) gives the reference ids.
+    let out = client(url.clone(), Protocol::Marquee, Some("s3cret"))
+        .caption(&astronaut(), Task::Caption)
+        .unwrap();
+    assert_eq!(out.ids, beam3_astronaut());
+    assert_eq!(out.task, Task::Caption);
+    assert_eq!(out.model, "tiny");
+    assert!(!out.caption.is_empty() && out.timings_ms.total > 0.0);
+
+    // OpenAI-compatible chat completions: the same caption.
+    let oa = client(url.clone(), Protocol::Openai, Some("s3cret"))
+        .caption(&astronaut(), Task::Caption)
+        .unwrap();
+    assert_eq!(oa.caption, out.caption);
+
+    // Wrong token: refused, and not retried as if the server were sick.
+    let bad =
+        client(url.clone(), Protocol::Marquee, Some("nope")).caption(&astronaut(), Task::Caption);
+    assert!(matches!(bad, Err(RemoteError::Refused(401, _))), "{bad:?}");
+
+    // Body over the limit: 413 before the server reads it.
+    let big = vec![0u8; 3 << 20];
+    let r = client(url.clone(), Protocol::Marquee, Some("s3cret")).caption(&big, Task::Caption);
+    assert!(matches!(r, Err(RemoteError::Refused(413, _))), "{r:?}");
+
+    // Not an image: a clear 422.
+    let r = client(url.clone(), Protocol::Marquee, Some("s3cret")).caption(b"hello", Task::Caption);
+    assert!(matches!(r, Err(RemoteError::Refused(422, _))), "{r:?}");
+
+    // Health needs no token.
+    let health: serde_json::Value = ureq::get(format!("{url}/healthz"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+
+    // Graceful shutdown: returns, and the port is closed afterwards.
+    server.shutdown();
+    let r = client(url, Protocol::Marquee, Some("s3cret")).caption(&astronaut(), Task::Caption);
+    assert!(matches!(r, Err(RemoteError::Unreachable(_))), "{r:?}");
+}
+
+#[test]
+fn full_queue_answers_503() {
+    let server = CaptionServer::start(
+        captioner(),
+        ServerConfig {
+            listen: "127.0.0.1:0".into(),
+            workers: 1,
+            queue: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let url = format!(
+        "http://{}/v1/caption?beams=3&max_new_tokens=120",
+        server.addr()
+    );
+    let image = Arc::new(astronaut());
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| {
+            let (url, image) = (url.clone(), image.clone());
+            std::thread::spawn(move || {
+                let agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .new_agent();
+                agent.post(&url).send(&image[..]).unwrap().status().as_u16()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    println!("statuses: {statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(statuses.contains(&503), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+
+    // The client reports 503 as "busy": a burst of clients released together.
+    let gate = Arc::new(std::sync::Barrier::new(12));
+    let results: Vec<_> = (0..12)
+        .map(|_| {
+            let remote = client(format!("http://{}", server.addr()), Protocol::Marquee, None);
+            let (image, gate) = (image.clone(), gate.clone());
+            std::thread::spawn(move || {
+                gate.wait();
+                remote.caption(&image, Task::Caption)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert!(results.iter().any(|r| r.is_ok()));
+    assert!(
+        results.iter().any(|r| matches!(r, Err(RemoteError::Busy))),
+        "{results:?}"
+    );
+    server.shutdown();
+}
+
+/// A server that accepts connections and never answers: the "hung caption server".
+fn hung_server() -> (TcpListener, String) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (l, url)
+}
+
+#[test]
+fn hung_server_times_out_and_the_breaker_opens() {
+    let (_hung, url) = hung_server();
+    let remote = RemoteCaptioner::new(RemoteConfig {
+        url,
+        timeout_ms: 300,
+        retries: 0,
+        breaker_failures: 2,
+        breaker_cooldown_ms: 400,
+        ..Default::default()
+    });
+    for _ in 0..2 {
+        let t = Instant::now();
+        let r = remote.caption(&astronaut(), Task::Caption);
+        assert!(matches!(r, Err(RemoteError::Timeout(300))), "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+    }
+    // Open: refused at once, without touching the network.
+    let t = Instant::now();
+    let r = remote.caption(&astronaut(), Task::Caption);
+    assert!(matches!(r, Err(RemoteError::CircuitOpen(2, _))), "{r:?}");
+    assert!(t.elapsed() < Duration::from_millis(50));
+    // After the cool-down one trial goes through (and fails, so it opens again).
+    std::thread::sleep(Duration::from_millis(450));
+    let r = remote.caption(&astronaut(), Task::Caption);
+    assert!(matches!(r, Err(RemoteError::Timeout(_))), "{r:?}");
+    let r = remote.caption(&astronaut(), Task::Caption);
+    assert!(matches!(r, Err(RemoteError::CircuitOpen(..))), "{r:?}");
+}
+
+#[test]
+fn appliance_stage_publishes_on_deadline_and_with_caption() {
+    let device = Backend::Flex.device().unwrap();
+    let img = image::open(kit().join("astronaut.png")).unwrap().to_rgb8();
+
+    // A hung server: the scan goes on at the deadline and says so.
+    let (_hung, url) = hung_server();
+    let mut cfg = CaptionConfig {
+        mode: Mode::Remote,
+        deadline_ms: 400,
+        ..Default::default()
+    };
+    cfg.remote.url = url;
+    cfg.remote.timeout_ms = 5000;
+    let stage = CaptionStage::start(&cfg, &device).unwrap().unwrap();
+    let t = Instant::now();
+    let c = stage.caption(&img);
+    assert!(c.caption.is_none());
+    assert!(
+        c.status.starts_with("none: deadline of 400 ms passed"),
+        "{}",
+        c.status
+    );
+    assert!(t.elapsed() < Duration::from_millis(1500));
+    // The worker is still stuck on that request: the next scan does not wait at all.
+    let c = stage.caption(&img);
+    assert!(c.status.contains("busy"), "{}", c.status);
+
+    // A live server: the caption arrives in time.
+    let server = CaptionServer::start(
+        captioner(),
+        ServerConfig {
+            listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut cfg = CaptionConfig {
+        mode: Mode::Remote,
+        deadline_ms: 20_000,
+        ..Default::default()
+    };
+    cfg.remote.url = format!("http://{}", server.addr());
+    let stage = CaptionStage::start(&cfg, &device).unwrap().unwrap();
+    let c = stage.caption(&img);
+    assert!(c.caption.is_some(), "{}", c.status);
+    assert!(c.status.starts_with("ok: remote"), "{}", c.status);
+
+    // A dead server: no caption, the reason, no panic.
+    server.shutdown();
+    let c = stage.caption(&img);
+    assert!(c.caption.is_none());
+    assert!(
+        c.status.starts_with("none: caption server unreachable"),
+        "{}",
+        c.status
+    );
+
+    // On the device.
+    let cfg = CaptionConfig {
+        mode: Mode::Local,
+        model: Some(kit().join("tiny")),
+        deadline_ms: 20_000,
+        ..Default::default()
+    };
+    let stage = CaptionStage::start(&cfg, &device).unwrap().unwrap();
+    let c = stage.caption(&img);
+    assert!(c.status.starts_with("ok: local tiny"), "{}", c.status);
+}
