@@ -29,7 +29,7 @@ pub struct BenchReport {
     pub peak_rss_mb: f64,
 }
 
-fn percentiles(mut v: Vec<f64>) -> Percentiles {
+pub fn percentiles(mut v: Vec<f64>) -> Percentiles {
     v.sort_by(f64::total_cmp);
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
     Percentiles {

@@ -76,11 +76,21 @@ pub enum Command {
         /// Only extract (and cache) the frozen features, then stop.
         #[arg(long)]
         extract_only: bool,
+        #[command(flatten)]
+        captions: CaptionArgs,
         #[arg(long)]
         json: bool,
     },
     /// Per-poster latency of a model (batch 1): percentiles per stage, load time, peak RSS.
+    /// With `--florence base|large`: Florence-2's vision encoder and decoder steps
+    /// (random weights) against the reference kit's PyTorch CPU figures.
     Bench {
+        /// Time Florence-2 of this size instead of the genre model.
+        #[arg(long)]
+        florence: Option<String>,
+        /// PyTorch figures to compare with [default: ../shared/reference/florence2/bench_base_cpu.json].
+        #[arg(long)]
+        reference: Option<PathBuf>,
         /// Model directory [default: models/].
         #[arg(long)]
         model: Option<PathBuf>,
@@ -151,6 +161,28 @@ pub enum Command {
         #[command(subcommand)]
         action: ModelsAction,
     },
+}
+
+/// Where `train` gets poster captions from.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CaptionArgs {
+    /// Caption the posters first and train with the captions: local | remote | none.
+    #[arg(long)]
+    pub captions: Option<String>,
+    /// Florence-2 model directory (--captions local).
+    #[arg(long)]
+    pub caption_model: Option<PathBuf>,
+    /// Caption server base URL (--captions remote).
+    #[arg(long)]
+    pub caption_url: Option<String>,
+    /// marquee | openai (--captions remote).
+    #[arg(long, value_enum, default_value = "marquee")]
+    pub caption_protocol: crate::caption::remote::Protocol,
+    #[arg(long, default_value = "caption")]
+    pub caption_task: String,
+    /// Caption and write the captioned manifest, then stop.
+    #[arg(long)]
+    pub captions_only: bool,
 }
 
 #[derive(Debug, Subcommand)]

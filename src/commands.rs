@@ -69,6 +69,7 @@ pub fn run(cli: Cli) -> Result<()> {
             teacher_members,
             fit_limit,
             extract_only,
+            captions,
             json,
         } => {
             let device = cli.backend.device()?;
@@ -85,11 +86,36 @@ pub fn run(cli: Cli) -> Result<()> {
             opts.fusion.seed = seed;
             let work = work.unwrap_or_else(|| cache.root().join("train"));
             let start = std::time::Instant::now();
+            let (manifest, caption_source) = match train_captioner(&captions, &device)? {
+                None => (manifest, "none".to_string()),
+                Some(c) => {
+                    let r = crate::train::captions::caption_manifest(
+                        &manifest,
+                        &c,
+                        captions.caption_task.parse().map_err(anyhow::Error::msg)?,
+                        &cache.root().join("captions"),
+                        &work.join("captioned"),
+                    )?;
+                    eprintln!(
+                        "captions from {}: {} new, {} cached, {} failed (cache {})",
+                        r.source,
+                        r.captioned,
+                        r.from_cache,
+                        r.failed,
+                        r.cache.display()
+                    );
+                    if captions.captions_only {
+                        println!("{}", r.manifest.display());
+                        return Ok(());
+                    }
+                    (r.manifest, r.source)
+                }
+            };
             let run = recipe::run(&manifest, &cache, &device, &opts)?;
             let facts = serde_json::json!({
                 "manifest": manifest.display().to_string(),
                 "split": "posters-v1 train (1 film in 10 held out as tune); val untouched",
-                "options": opts, "captions": "none",
+                "options": opts, "captions": caption_source,
             });
             run.teacher
                 .into_model(Role::Teacher, facts.clone())
@@ -107,6 +133,45 @@ pub fn run(cli: Cli) -> Result<()> {
             print_ablations(&run.ablations, json)?;
         }
         Command::Bench {
+            florence: Some(size),
+            reference,
+            runs,
+            json,
+            ..
+        } => {
+            let device = cli.backend.device()?;
+            let reference = reference
+                .unwrap_or_else(|| "../shared/reference/florence2/bench_base_cpu.json".into());
+            let runs = if runs == 20 { 3 } else { runs };
+            let r = crate::caption::bench::run(
+                &size,
+                &device,
+                cli.backend.name(),
+                runs,
+                Some(&reference),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "Florence-2-{} ({:.0} M params, random weights) on {} ({} threads), p50 of {runs}:",
+                    r.size,
+                    r.params as f64 / 1e6,
+                    r.backend,
+                    r.threads
+                );
+                for (k, v) in &r.stages_s {
+                    let vs = match (r.ratio_vs_pytorch.get(k), r.pytorch_s.get(k)) {
+                        (Some(x), Some(t)) => format!("  PyTorch {t:.4} s -> {x:.2}x"),
+                        _ => String::new(),
+                    };
+                    println!("  {k:<14} {:.4} s (p90 {:.4}){vs}", v.p50, v.p90);
+                }
+            }
+        }
+        Command::Bench {
+            florence: None,
+            reference: _,
             model,
             poster,
             overview,
@@ -277,6 +342,42 @@ fn example_poster() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/poster.png")
 }
 
+/// The captioner `train --captions` asked for, if any.
+fn train_captioner(
+    a: &crate::cli::CaptionArgs,
+    device: &burn::prelude::Device,
+) -> Result<Option<crate::train::captions::Captioner>> {
+    use crate::caption::remote::{RemoteCaptioner, RemoteConfig};
+    use crate::train::captions::Captioner;
+    Ok(match a.captions.as_deref() {
+        None | Some("none") => None,
+        Some("local") => {
+            let dir = a
+                .caption_model
+                .as_ref()
+                .context("--captions local needs --caption-model DIR (a Florence-2 model)")?;
+            Some(Captioner::Local(Box::new(FlorenceCaptioner::load(
+                dir, device,
+            )?)))
+        }
+        Some("remote") => {
+            let url = a
+                .caption_url
+                .clone()
+                .context("--captions remote needs --caption-url URL")?;
+            Some(Captioner::Remote(RemoteCaptioner::new(RemoteConfig {
+                url,
+                protocol: a.caption_protocol,
+                token: std::env::var("MARQUEE_CAPTION_TOKEN").ok(),
+                timeout_ms: 120_000,
+                retries: 2,
+                ..Default::default()
+            })))
+        }
+        Some(other) => bail!("--captions {other}: use local, remote or none"),
+    })
+}
+
 fn bundle_student(
     student: &Path,
     manifest: &Path,
@@ -288,7 +389,7 @@ fn bundle_student(
     let texts: Vec<String> = m
         .split(Some("train"))
         .iter()
-        .filter_map(|r| compose_text(Some(&r.overview), None))
+        .filter_map(|r| compose_text(Some(&r.overview), r.caption.as_deref()))
         .collect();
     bundle::export(student, &texts, cache, out, device)?;
     let bytes: u64 = std::fs::read_dir(out)?

@@ -283,3 +283,146 @@ fn missing_model_and_missing_pip_say_what_to_run_and_the_shipped_model_needs_nei
         "nothing fetched"
     );
 }
+
+fn florence_kit() -> PathBuf {
+    common::shared().join("reference/florence2")
+}
+
+fn kit_ids(key: &str) -> Vec<u64> {
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(florence_kit().join("expected_ids.json")).unwrap(),
+    )
+    .unwrap();
+    serde_json::from_value(json[key].clone()).unwrap()
+}
+
+#[test]
+fn caption_prints_the_contract_json_and_follows_generation_config() {
+    let img = florence_kit().join("astronaut.png");
+    let tiny = florence_kit().join("tiny");
+    let (img, tiny) = (img.to_str().unwrap(), tiny.to_str().unwrap());
+    // No --beams: generation_config.json (beam 3, no-repeat 3) decides, as in the reference.
+    let o = marquee(&["caption", img, "--model", tiny, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let ids: Vec<u64> = serde_json::from_value(v["ids"].clone()).unwrap();
+    assert_eq!(ids, kit_ids("astronaut_beam3_20_ids"));
+    assert!(v["caption"].as_str().is_some_and(|c| !c.is_empty()));
+    for k in ["vision", "encoder", "decoder", "total"] {
+        assert!(v["timings_ms"][k].as_f64().is_some(), "timings_ms.{k}");
+    }
+    let o = marquee(&[
+        "caption",
+        img,
+        "--model",
+        tiny,
+        "--beams",
+        "1",
+        "--task",
+        "<CAPTION>",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ids: Vec<u64> = serde_json::from_value(v["ids"].clone()).unwrap();
+    assert_eq!(ids, kit_ids("astronaut_greedy_20_ids"));
+    // Plain output: the text, then a line with the token count and the stages.
+    let o = marquee(&["caption", img, "--model", tiny, "--max-new-tokens", "5"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("5 tokens;") && l.contains("vision")),
+        "{out}"
+    );
+    // Bad input: one line each.
+    assert_clean_failure(
+        &marquee(&["caption", "Cargo.toml", "--model", tiny]),
+        "not an image",
+    );
+    assert_clean_failure(
+        &marquee(&["caption", img, "--model", "src"]),
+        "not a model directory",
+    );
+    assert_clean_failure(
+        &marquee(&["caption", img, "--model", tiny, "--task", "<OD>"]),
+        "unknown task",
+    );
+}
+
+#[test]
+fn serve_captions_answers_and_stops_cleanly_on_sigterm() {
+    use std::io::BufRead;
+    let tiny = florence_kit().join("tiny");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args([
+            "serve-captions",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            tiny.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first.rsplit("http://").next().unwrap().trim().to_string();
+    let body = std::fs::read(florence_kit().join("coffee.png")).unwrap();
+    let mut r = ureq::post(format!("http://{addr}/v1/caption?task=caption&beams=3"))
+        .send(&body[..])
+        .unwrap();
+    let v: Value = r.body_mut().read_json().unwrap();
+    let ids: Vec<u64> = serde_json::from_value(v["ids"].clone()).unwrap();
+    assert_eq!(ids, kit_ids("coffee_beam3_20_ids"));
+    assert_eq!(v["task"], "caption");
+    assert_eq!(v["model"], "tiny");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    assert!(lines.any(|l| l.unwrap().contains("stopped")));
+}
+
+#[test]
+fn train_captions_local_captions_every_poster_once() {
+    let dir = common::tmpdir("train-captions");
+    let manifest = small_manifest(&dir, 4, 2);
+    let tiny = florence_kit().join("tiny");
+    let args = [
+        "train",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--work",
+        dir.to_str().unwrap(),
+        "--cache",
+        dir.to_str().unwrap(),
+        "--captions",
+        "local",
+        "--caption-model",
+        tiny.to_str().unwrap(),
+        "--captions-only",
+    ];
+    let o = marquee(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("6 new, 0 cached, 0 failed"),
+        "{}",
+        stderr(&o)
+    );
+    let out = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    let rows: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 6);
+    assert!(
+        rows.iter()
+            .all(|r| r["caption"].as_str().is_some_and(|c| !c.is_empty()))
+    );
+    // Again: everything from the cache.
+    let o = marquee(&args);
+    assert!(stderr(&o).contains("0 new, 6 cached"), "{}", stderr(&o));
+}

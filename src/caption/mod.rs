@@ -3,6 +3,7 @@
 //! OpenAI-compatible vision endpoint), and the server Marquee runs for others
 //! (`server`). The networks are in `nn::florence`; this folder does the I/O.
 
+pub mod bench;
 pub mod local;
 pub mod processor;
 pub mod remote;

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct Row {
     pub id: String,
     #[serde(default)]
@@ -17,6 +17,9 @@ pub struct Row {
     pub poster: String,
     #[serde(default)]
     pub split: String,
+    /// A caption of the poster, when the manifest carries one (`train --captions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
 }
 
 #[derive(Debug, Clone)]

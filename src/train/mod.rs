@@ -2,6 +2,7 @@
 //! Reuses `nn` and `preprocess` through `classify::Encoder`, so training and
 //! inference compute features the same way.
 
+pub mod captions;
 pub mod fusion;
 pub mod manifest;
 pub mod metrics;
@@ -125,7 +126,7 @@ pub fn run_eval(
         let start = Instant::now();
         let img = decode(&bytes).with_context(|| format!("poster of {}", row.id))?;
         let overview = Some(row.overview.as_str()).filter(|s| !text_less && !s.trim().is_empty());
-        let p = classifier.classify(&img, overview, None)?;
+        let p = classifier.classify(&img, overview, row.caption.as_deref())?;
         total_ms += start.elapsed().as_secs_f64() * 1e3;
         pred.extend(labels.iter().map(|l| p.predicted.contains(l) as u8));
         pb.inc(1);

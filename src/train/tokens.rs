@@ -192,10 +192,12 @@ fn compute(
     // Tokenise each row; text-less rows own no tokens.
     let ids: Vec<Vec<i64>> = rows
         .iter()
-        .map(|r| match compose_text(Some(&r.overview), None) {
-            Some(t) => towers.tokenizer.encode(&t).map_err(anyhow::Error::from),
-            None => Ok(Vec::new()),
-        })
+        .map(
+            |r| match compose_text(Some(&r.overview), r.caption.as_deref()) {
+                Some(t) => towers.tokenizer.encode(&t).map_err(anyhow::Error::from),
+                None => Ok(Vec::new()),
+            },
+        )
         .collect::<Result<_>>()?;
     let mut l3: Vec<Vec<f16>> = vec![Vec::new(); rows.len()];
     let mut l6: Vec<Vec<f16>> = vec![Vec::new(); rows.len()];
@@ -238,6 +240,7 @@ fn chunk_path(cache: &Path, manifest: &Manifest, rows: &[Row], recipe: &str) -> 
             r.id.as_bytes(),
             manifest.poster_path(r).as_os_str().as_encoded_bytes(),
             r.overview.as_bytes(),
+            r.caption.as_deref().unwrap_or("").as_bytes(),
         ] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
