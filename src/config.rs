@@ -382,6 +382,33 @@ listen = "127.0.0.1:8080"
     }
 
     #[test]
+    fn the_shipped_example_parses_and_caption_modes_are_checked() {
+        let text = include_str!("../systemd/marquee.toml");
+        let c = Config::parse(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.caption.mode, Mode::Off);
+        assert_eq!(c.caption.remote.breaker_failures, 3);
+        let mut c = Config::parse(CONTRACT).unwrap();
+        c.caption.mode = Mode::Local;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("caption.model")
+        );
+        c.caption.mode = Mode::Remote;
+        c.caption.remote.url = "captions.local".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("caption.remote.url")
+        );
+        let e = Config::parse("[caption]\nmode = \"sometimes\"\n").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
     fn env_overrides_secrets() {
         let mut c = Config::parse(CONTRACT).unwrap();
         c.apply_env(|k| (k == "MARQUEE_HTTP_TOKEN").then(|| "s3cret".to_string()));

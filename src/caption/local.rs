@@ -202,7 +202,7 @@ impl FlorenceCaptioner {
 /// Reads one value back so that the work queued for `t` is done (burn is lazy on some
 /// backends); returns `t` unchanged.
 pub fn sync<const D: usize>(t: Tensor<D>) -> Tensor<D> {
-    let probe = t.clone().slice([0..1]).sum();
+    let probe = t.clone().slice(0..1).sum();
     let _ = probe.into_data();
     t
 }

@@ -136,9 +136,9 @@ impl FlorenceConfig {
         for s in 0..stages {
             let d = v.embed_dim[s];
             if v.num_heads[s] == 0
-                || d % v.num_heads[s] != 0
+                || !d.is_multiple_of(v.num_heads[s])
                 || v.num_groups[s] == 0
-                || d % v.num_groups[s] != 0
+                || !d.is_multiple_of(v.num_groups[s])
             {
                 return Err(format!(
                     "stage {s}: embed_dim {d} is not divisible by its heads/groups"
@@ -153,7 +153,7 @@ impl FlorenceConfig {
             ("encoder", t.encoder_attention_heads),
             ("decoder", t.decoder_attention_heads),
         ] {
-            if heads == 0 || t.d_model % heads != 0 {
+            if heads == 0 || !t.d_model.is_multiple_of(heads) {
                 return Err(format!(
                     "text_config: d_model {} is not divisible by {name} heads {heads}",
                     t.d_model
@@ -173,7 +173,7 @@ impl FlorenceConfig {
 
 /// Microsoft's 51289 (or the tiny 2024) rows plus `<image>`, rounded up to 64.
 pub fn native_vocab(vocab: usize) -> usize {
-    if vocab % VOCAB_MULTIPLE == 0 {
+    if vocab.is_multiple_of(VOCAB_MULTIPLE) {
         vocab
     } else {
         (vocab + 1).div_ceil(VOCAB_MULTIPLE) * VOCAB_MULTIPLE

@@ -128,7 +128,7 @@ impl QkvProj {
             .permute([2, 0, 3, 1, 4]);
         let pick = |i: usize| {
             qkv.clone()
-                .slice([i..i + 1])
+                .slice(i..i + 1)
                 .reshape([b, parts, n, c / parts])
         };
         [pick(0), pick(1), pick(2)]

@@ -67,7 +67,7 @@ impl Projector {
             .visual_temporal_embed
             .pos_idx_to_embed
             .val()
-            .slice([0..1])
+            .slice(0..1)
             .reshape([1, 1, c]);
         let tokens = x + pos + temporal;
         let mean = tokens.clone().mean_dim(1);
