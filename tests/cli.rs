@@ -426,3 +426,21 @@ fn train_captions_local_captions_every_poster_once() {
     let o = marquee(&args);
     assert!(stderr(&o).contains("0 new, 6 cached"), "{}", stderr(&o));
 }
+
+#[test]
+fn florence_fetch_refuses_to_download_unpinned() {
+    let dir = common::tmpdir("florence-fetch");
+    let out = dir.join("base");
+    let o = marquee(&[
+        "models",
+        "fetch",
+        "florence-2-base",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "unpinned fetch");
+    assert!(stderr(&o).contains("--sha256"), "{}", stderr(&o));
+    assert!(!out.exists(), "nothing downloaded");
+    let o = marquee(&["models", "fetch", "florence-3"]);
+    assert_clean_failure(&o, "unknown model");
+}

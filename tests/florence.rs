@@ -83,6 +83,41 @@ fn generation(fx: &Fixture, which: &str) -> GenerationConfig {
     serde_json::from_value(gens[which].clone()).unwrap()
 }
 
+/// Merges the image tokens with the fixture's prompt (`{prefix}input_ids` after the
+/// image placeholders, with its mask), runs the encoder and the first decoder step,
+/// and checks both against `{prefix}encoder_last_hidden_state` and
+/// `{prefix}first_step_logits`. Returns the encoder output and mask.
+fn encode_and_first_step(
+    backend: Backend,
+    model: &Florence2,
+    image: Tensor<3>,
+    fx: &Fixture,
+    prefix: &str,
+) -> (Tensor<3>, Tensor<2>) {
+    let device = image.device();
+    let (prompt, shape) = columns(&fx.get(&format!("{prefix}input_ids")), IMAGE_TOKENS);
+    let (mask, _) = columns(&fx.get(&format!("{prefix}attention_mask")), IMAGE_TOKENS);
+    let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, shape), &device).float();
+    let (embeds, mask) = model.merge(image, ids_tensor(&prompt, shape, &device), mask);
+    if prefix.is_empty() {
+        let want = fx.get("encoder_inputs_embeds").f32;
+        check(
+            backend,
+            "encoder_inputs_embeds",
+            &host(embeds.clone()),
+            &want,
+        );
+    }
+    let encoded = model.encode(embeds, mask.clone());
+    let name = format!("{prefix}encoder_last_hidden_state");
+    check(backend, &name, &host(encoded.clone()), &fx.get(&name).f32);
+    let mut cache = model.start(encoded.clone(), mask.clone());
+    let first = model.decode_logits(ids_tensor(&[2, 2], [2, 1], &device), &mut cache);
+    let name = format!("{prefix}first_step_logits");
+    check(backend, &name, &host(first), &fx.get(&name).f32);
+    (encoded, mask)
+}
+
 #[test]
 fn tiny_florence_matches_the_reference_tensors_and_ids() {
     let fx = fixture();
@@ -109,32 +144,7 @@ fn tiny_florence_matches_the_reference_tensors_and_ids() {
             &fx.get("image_features").f32,
         );
 
-        let (prompt, shape) = columns(&fx.get("input_ids"), IMAGE_TOKENS);
-        let (mask, _) = columns(&fx.get("attention_mask"), IMAGE_TOKENS);
-        let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, shape), &device).float();
-        let (embeds, mask) = model.merge(image, ids_tensor(&prompt, shape, &device), mask);
-        check(
-            backend,
-            "encoder_inputs_embeds",
-            &host(embeds.clone()),
-            &fx.get("encoder_inputs_embeds").f32,
-        );
-        let encoded = model.encode(embeds, mask.clone());
-        check(
-            backend,
-            "encoder_last_hidden_state",
-            &host(encoded.clone()),
-            &fx.get("encoder_last_hidden_state").f32,
-        );
-
-        let mut cache = model.start(encoded.clone(), mask.clone());
-        let first = model.decode_logits(ids_tensor(&[2, 2], [2, 1], &device), &mut cache);
-        check(
-            backend,
-            "first_step_logits",
-            &host(first),
-            &fx.get("first_step_logits").f32,
-        );
+        let (encoded, mask) = encode_and_first_step(backend, model, image, &fx, "");
 
         let tf = fx.get("teacher_forced_decoder_input_ids");
         let mut cache = model.start(encoded.clone(), mask.clone());
@@ -215,26 +225,9 @@ fn padded_batch_matches_the_reference() {
         let cap = FlorenceCaptioner::load(&kit().join("tiny"), &device).unwrap();
         let model = cap.model();
         let image = model.encode_image(tensor(&fx, "pixel_values", &device));
-        let (prompt, shape) = columns(&fx.get("padded_input_ids"), IMAGE_TOKENS);
-        let (mask, _) = columns(&fx.get("padded_attention_mask"), IMAGE_TOKENS);
-        assert!(mask.contains(&0), "the fixture pads one prompt");
-        let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, shape), &device).float();
-        let (embeds, mask) = model.merge(image, ids_tensor(&prompt, shape, &device), mask);
-        let encoded = model.encode(embeds, mask.clone());
-        check(
-            backend,
-            "padded_encoder_last_hidden_state",
-            &host(encoded.clone()),
-            &fx.get("padded_encoder_last_hidden_state").f32,
-        );
-        let mut cache = model.start(encoded.clone(), mask.clone());
-        let first = model.decode_logits(ids_tensor(&[2, 2], [2, 1], &device), &mut cache);
-        check(
-            backend,
-            "padded_first_step_logits",
-            &host(first),
-            &fx.get("padded_first_step_logits").f32,
-        );
+        let pads = fx.get("padded_attention_mask").i64;
+        assert!(pads.contains(&0), "the fixture pads one prompt");
+        let (encoded, mask) = encode_and_first_step(backend, model, image, &fx, "padded_");
         let greedy = generate(model, encoded, mask, &generation(&fx, "greedy"), false);
         assert_eq!(
             greedy.ids,

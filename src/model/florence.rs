@@ -354,3 +354,106 @@ pub fn adapted_shape(
     }
     s
 }
+
+/// A released Florence-2 checkpoint on the Hugging Face hub (transformers-native layout).
+pub struct FlorencePin {
+    pub name: &'static str,
+    pub repo: &'static str,
+    /// A commit of the repo, and the sha256 of its `model.safetensors` at that commit.
+    /// `None` until someone with access to the hub has recorded them: we never pin by
+    /// guesswork, so then `fetch` asks for both on the command line.
+    pub revision: Option<&'static str>,
+    pub weights_sha256: Option<&'static str>,
+    pub licence: &'static str,
+}
+
+pub const FLORENCE_PINS: [FlorencePin; 2] = [
+    FlorencePin {
+        name: "florence-2-base",
+        repo: "florence-community/Florence-2-base",
+        revision: None,
+        weights_sha256: None,
+        licence: "MIT",
+    },
+    FlorencePin {
+        name: "florence-2-large",
+        repo: "florence-community/Florence-2-large",
+        revision: None,
+        weights_sha256: None,
+        licence: "MIT",
+    },
+];
+
+const MODEL_FILES: [&str; 5] = [
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "model.safetensors",
+];
+
+/// Downloads a checkpoint folder at a pinned revision into `out`, checking the weights'
+/// sha256 before anything is renamed into place. For users with internet; no test calls
+/// it with the network.
+pub fn fetch(name: &str, out: &Path, revision: Option<&str>, sha256: Option<&str>) -> Result<()> {
+    let pin = FLORENCE_PINS
+        .iter()
+        .find(|p| p.name == name)
+        .with_context(|| {
+            format!("unknown model {name:?}: use florence-2-base or florence-2-large")
+        })?;
+    let (Some(revision), Some(sha256)) = (revision.or(pin.revision), sha256.or(pin.weights_sha256))
+    else {
+        bail!(
+            "no revision and sha256 are pinned for {name} in this build: pass --revision COMMIT --sha256 HEX (of model.safetensors, from https://huggingface.co/{}/tree/COMMIT)",
+            pin.repo
+        );
+    };
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    let agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(std::time::Duration::from_secs(20)))
+        .build()
+        .new_agent();
+    for file in MODEL_FILES {
+        let url = format!(
+            "https://huggingface.co/{}/resolve/{revision}/{file}",
+            pin.repo
+        );
+        let part = out.join(format!("{file}.part"));
+        let digest = download(&agent, &url, &part)?;
+        if file == "model.safetensors" && !digest.eq_ignore_ascii_case(sha256) {
+            let _ = std::fs::remove_file(&part);
+            bail!("{url}: sha256 {digest} is not the pinned {sha256}");
+        }
+        std::fs::rename(&part, out.join(file))?;
+    }
+    Ok(())
+}
+
+fn download(agent: &ureq::Agent, url: &str, to: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Write};
+    let mut resp = agent
+        .get(url)
+        .call()
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let total = resp.body().content_length().unwrap_or(0);
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_message(url.rsplit('/').next().unwrap_or("").to_string());
+    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(to)?);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).with_context(|| url.to_string())?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        file.write_all(&buf[..n])?;
+        bar.inc(n as u64);
+    }
+    file.flush()?;
+    bar.finish_and_clear();
+    Ok(crate::model::towers::hex(&hash.finalize()))
+}
