@@ -7,6 +7,8 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 
 fn tokens_to_nchw(x: Tensor<3>, h: usize, w: usize) -> Tensor<4> {
     let [b, _, c] = x.dims();
@@ -182,10 +184,8 @@ impl SpatialBlock {
             .permute([0, 1, 3, 2, 4, 5])
             .reshape([b * nh * nw, ws * ws, c]);
         let [q, k, v] = self.window_attn.split(windows, self.heads);
-        let dh = c / self.heads;
-        let attn = softmax((q * (dh as f64).powf(-0.5)).matmul(k.swap_dims(2, 3)), 3);
-        let out = attn
-            .matmul(v)
+        // The backend's fused attention: no score tensor round trip through memory.
+        let out = attention(q, k, v, None, None, AttentionModuleOptions::default())
             .swap_dims(1, 2)
             .reshape([b * nh * nw, ws * ws, c]);
         let out = self.window_attn.proj.forward(out);
