@@ -74,8 +74,7 @@ fn reference_ids(fx: &Fixture, name: &str) -> Vec<Vec<u32>> {
     a.i64.chunks(a.shape[1]).map(strip_pad).collect()
 }
 
-fn generation(fx: &Fixture, which: &str) -> GenerationConfig {
-    let _ = fx;
+fn generation(which: &str) -> GenerationConfig {
     let meta = std::fs::read(kit().join("tiny_reference.safetensors")).unwrap();
     let (_, m) = safetensors::SafeTensors::read_metadata(&meta).unwrap();
     let gens: serde_json::Value =
@@ -161,7 +160,7 @@ fn tiny_florence_matches_the_reference_tensors_and_ids() {
             model,
             encoded.clone(),
             mask.clone(),
-            &generation(&fx, "greedy"),
+            &generation("greedy"),
             true,
         );
         assert_eq!(
@@ -182,7 +181,7 @@ fn tiny_florence_matches_the_reference_tensors_and_ids() {
             model,
             encoded.clone(),
             mask.clone(),
-            &generation(&fx, "greedy_plain"),
+            &generation("greedy_plain"),
             false,
         );
         assert_eq!(
@@ -192,7 +191,7 @@ fn tiny_florence_matches_the_reference_tensors_and_ids() {
             backend.name()
         );
 
-        let beam = generate(model, encoded, mask, &generation(&fx, "beam3"), false);
+        let beam = generate(model, encoded, mask, &generation("beam3"), false);
         assert_eq!(
             beam.ids,
             reference_ids(&fx, "beam3_ids"),
@@ -228,7 +227,7 @@ fn padded_batch_matches_the_reference() {
         let pads = fx.get("padded_attention_mask").i64;
         assert!(pads.contains(&0), "the fixture pads one prompt");
         let (encoded, mask) = encode_and_first_step(backend, model, image, &fx, "padded_");
-        let greedy = generate(model, encoded, mask, &generation(&fx, "greedy"), false);
+        let greedy = generate(model, encoded, mask, &generation("greedy"), false);
         assert_eq!(
             greedy.ids,
             reference_ids(&fx, "padded_greedy_ids"),
@@ -278,7 +277,7 @@ fn microsoft_layout_and_window_padding_match() {
         &host(first),
         &fx.get("first_step_logits").f32,
     );
-    let beam = generate(&ms, encoded, mask, &generation(&fx, "beam3"), false);
+    let beam = generate(&ms, encoded, mask, &generation("beam3"), false);
     assert_eq!(beam.ids, reference_ids(&fx, "beam3_ids"));
 
     // window 3 on a 4x4 map pads every stage but the first: the padding path.

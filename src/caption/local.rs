@@ -163,7 +163,8 @@ impl FlorenceCaptioner {
         let prompt = self.prompt_ids(task)?;
         let pixels = self.pixel_values(std::slice::from_ref(image));
         let t1 = Instant::now();
-        let (embeds, mask) = self.encode_image_and_prompt(pixels, &prompt);
+        let (embeds, mask) = self.encode(pixels, &prompt);
+        let embeds = sync(embeds);
         let t2 = Instant::now();
         let encoded = self.model.encode(embeds, mask.clone());
         // Force the lazy backends to finish the encoder before the clock reads.
@@ -191,11 +192,6 @@ impl FlorenceCaptioner {
                 total: ms(t0, Instant::now()),
             },
         })
-    }
-
-    fn encode_image_and_prompt(&self, pixels: Tensor<4>, prompt: &[u32]) -> (Tensor<3>, Tensor<2>) {
-        let (embeds, mask) = self.encode(pixels, prompt);
-        (sync(embeds), mask)
     }
 }
 
