@@ -1,7 +1,8 @@
 //! Florence-2 in burn against the reference kit (`../shared/reference/florence2`):
 //! every DaViT stage and block, the projector, the BART encoder, first-step and
 //! teacher-forced logits within 1e-4 relative L2; greedy and beam-3 ids identical;
-//! the padded batch; both checkpoint layouts; on both CPU backends.
+//! the padded batch; both checkpoint layouts; on both CPU backends, and the vision
+//! tower also through burn's generic path (the one a GPU takes).
 
 mod common;
 
@@ -364,4 +365,26 @@ fn caption_api_runs_end_to_end_on_the_tiny_model() {
     assert_eq!(out.tokens, 20);
     assert!(!out.caption.is_empty());
     assert!(!out.caption.contains("<s>") && !out.caption.contains("</s>"));
+}
+
+/// On an autodiff device the CPU kernels of `nn::cpu_ops` step aside, so this runs
+/// burn's generic vision path (NCHW convs, window partition with padding), the one a
+/// GPU takes, against the same fixtures.
+#[test]
+fn burns_generic_vision_path_matches_too() {
+    let fx = fixture();
+    let device = Backend::Flex.device().unwrap().autodiff();
+    for (window, want) in [(4, "image_features"), (3, "image_features_window3")] {
+        let mut config = tiny_config();
+        config.vision_config.window_size = window;
+        let mut model = Florence2::new(&config, &device);
+        load_weights(&mut model, &config, &kit().join("tiny/model.safetensors")).unwrap();
+        let pixels: Tensor<4> = tensor(&fx, "pixel_values", &device);
+        check(
+            Backend::Flex,
+            &format!("generic path {want}"),
+            &host(model.encode_image(pixels)),
+            &fx.get(want).f32,
+        );
+    }
 }

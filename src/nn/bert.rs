@@ -1,9 +1,10 @@
 //! The BERT encoder of all-MiniLM-L6-v2 (post-LN, exact erf GELU, LayerNorm eps 1e-12)
 //! and the sentence-transformers pooling: masked mean, then L2 normalisation.
 
+use crate::nn::cpu_ops::linear_gelu;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
 
 /// Shape of a BERT encoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -89,7 +90,7 @@ impl BertLayer {
             .swap_dims(1, 2)
             .reshape([b, l, h]);
         let x = self.attn_norm.forward(x + self.attn_out.forward(context));
-        let ffn = self.ffn_out.forward(gelu(self.ffn_in.forward(x.clone())));
+        let ffn = self.ffn_out.forward(linear_gelu(&self.ffn_in, x.clone()));
         self.ffn_norm.forward(x + ffn)
     }
 }

@@ -1,5 +1,6 @@
 //! Pure networks: tensors in, tensors out. No files, no network, no clocks.
 pub mod bert;
+pub mod cpu_ops;
 pub mod efficientnet;
 pub mod florence;
 pub mod fusion;

@@ -4,9 +4,12 @@
 //! cross-attention K/V of the encoder output are projected once per generation.
 
 use super::config::{POSITION_OFFSET, TextConfig};
+use crate::nn::cpu_ops::linear_gelu;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 
 /// Added to masked attention scores: far below any real score, finite in f32.
 const MASK_BIAS: f32 = -1e9;
@@ -44,6 +47,18 @@ impl Attention {
             k: self.split(self.k_proj.forward(x.clone())),
             v: self.split(self.v_proj.forward(x)),
         }
+    }
+
+    /// Unmasked self-attention through the backend's fused attention op: the score
+    /// matrix of a long encoder input never makes a round trip through memory.
+    fn attend_fused(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, l, d] = x.dims();
+        let q = self.split(self.q_proj.forward(x.clone()));
+        let KeyValue { k, v } = self.kv(x);
+        let ctx = attention(q, k, v, None, None, AttentionModuleOptions::default())
+            .swap_dims(1, 2)
+            .reshape([b, l, d]);
+        self.out_proj.forward(ctx)
     }
 
     /// `bias` broadcasts to `[B, heads, Lq, Lk]`.
@@ -98,11 +113,16 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn forward(&self, x: Tensor<3>, bias: Tensor<4>) -> Tensor<3> {
-        let kv = self.self_attn.kv(x.clone());
-        let a = self.self_attn.attend(x.clone(), &kv, Some(bias));
+    /// `bias` masks padding; `None` when the batch has none.
+    fn forward(&self, x: Tensor<3>, bias: Option<Tensor<4>>) -> Tensor<3> {
+        let a = match bias {
+            None => self.self_attn.attend_fused(x.clone()),
+            bias => self
+                .self_attn
+                .attend(x.clone(), &self.self_attn.kv(x.clone()), bias),
+        };
         let x = self.self_attn_layer_norm.forward(x + a);
-        let f = self.fc2.forward(gelu(self.fc1.forward(x.clone())));
+        let f = self.fc2.forward(linear_gelu(&self.fc1, x.clone()));
         self.final_layer_norm.forward(x + f)
     }
 }
@@ -253,7 +273,9 @@ impl Bart {
         let e = &self.encoder;
         let x = embeds + Self::positions(&e.embed_positions, b, 0, s, &device);
         let x = e.layernorm_embedding.forward(x);
-        let bias = padding_bias(mask);
+        // A batch without padding (one poster, say) takes the fused attention path.
+        let padded: bool = mask.clone().lower_elem(0.5).any().into_scalar();
+        let bias = padded.then(|| padding_bias(mask));
         e.layers
             .iter()
             .fold(x, |x, layer| layer.forward(x, bias.clone()))
@@ -312,7 +334,7 @@ impl Bart {
                 Some(cache.cross_bias.clone()),
             );
             x = layer.encoder_attn_layer_norm.forward(x + c);
-            let f = layer.fc2.forward(gelu(layer.fc1.forward(x.clone())));
+            let f = layer.fc2.forward(linear_gelu(&layer.fc1, x.clone()));
             x = layer.final_layer_norm.forward(x + f);
         }
         cache.len += t;

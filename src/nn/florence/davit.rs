@@ -1,23 +1,21 @@
 //! DaViT, Florence-2's vision tower: four stages of a strided ConvEmbed followed by
 //! pairs of (spatial window attention, channel attention) blocks. Tokens travel as
-//! `[B, H*W, C]` (row-major); the depthwise position convs see them as NCHW.
+//! `[B, H*W, C]` (row-major). On the CPU backends the convs and the window attention
+//! run as `nn::cpu_ops` kernels in that layout; elsewhere through burn's NCHW convs
+//! and window partition, which the kernels are tested against.
 
 use super::config::VisionConfig;
+use crate::nn::cpu_ops;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 fn tokens_to_nchw(x: Tensor<3>, h: usize, w: usize) -> Tensor<4> {
     let [b, _, c] = x.dims();
     x.reshape([b, h, w, c]).permute([0, 3, 1, 2])
-}
-
-fn nchw_to_tokens(x: Tensor<4>) -> Tensor<3> {
-    let [b, c, h, w] = x.dims();
-    x.permute([0, 2, 3, 1]).reshape([b, h * w, c])
 }
 
 /// Patch embedding: a strided conv, with its LayerNorm before (stages 1-3) or after (stage 0).
@@ -54,14 +52,15 @@ impl ConvEmbed {
 
     /// `x` is the image (NCHW) for stage 0, else the previous stage's tokens on its grid.
     fn forward(&self, x: Stage) -> (Tensor<3>, usize, usize) {
-        let x = match x {
-            Stage::Image(x) => x,
-            Stage::Tokens(t, h, w) if self.pre_norm => tokens_to_nchw(self.norm.forward(t), h, w),
-            Stage::Tokens(t, h, w) => tokens_to_nchw(t, h, w),
+        let (t, h, w) = match x {
+            Stage::Image(x) => {
+                let [b, c, h, w] = x.dims();
+                (x.permute([0, 2, 3, 1]).reshape([b, h * w, c]), h, w)
+            }
+            Stage::Tokens(t, h, w) if self.pre_norm => (self.norm.forward(t), h, w),
+            Stage::Tokens(t, h, w) => (t, h, w),
         };
-        let y = self.conv.forward(x);
-        let [_, _, h, w] = y.dims();
-        let t = nchw_to_tokens(y);
+        let (t, h, w) = cpu_ops::conv2d_tokens(&self.conv, t, h, w);
         let t = if self.pre_norm {
             t
         } else {
@@ -84,10 +83,6 @@ fn depthwise(c: usize, device: &Device) -> Conv2d {
         .init(device)
 }
 
-fn pos_conv(conv: &Conv2d, x: Tensor<3>, h: usize, w: usize) -> Tensor<3> {
-    x.clone() + nchw_to_tokens(conv.forward(tokens_to_nchw(x, h, w)))
-}
-
 #[derive(Module, Debug)]
 pub struct Mlp {
     fc1: Linear,
@@ -102,7 +97,7 @@ impl Mlp {
         }
     }
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        self.fc2.forward(cpu_ops::linear_gelu(&self.fc1, x))
     }
 }
 
@@ -167,6 +162,21 @@ impl SpatialBlock {
     }
 
     fn attention(&self, x: Tensor<3>, h: usize, w: usize) -> Tensor<3> {
+        let win = cpu_ops::Windows {
+            h,
+            w,
+            ws: self.window,
+            heads: self.heads,
+        };
+        // On the CPU: strided windows, no window layout (same result, less copying).
+        let out =
+            cpu_ops::window_attention(&self.window_attn.qkv, x, win, |x| self.windowed(x, h, w));
+        // Per token, so after un-partitioning: padding tokens are not projected.
+        self.window_attn.proj.forward(out)
+    }
+
+    /// burn's path: pad, partition into windows, fused attention, un-partition.
+    fn windowed(&self, x: Tensor<3>, h: usize, w: usize) -> Tensor<3> {
         let [b, _, c] = x.dims();
         let ws = self.window;
         let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
@@ -185,11 +195,9 @@ impl SpatialBlock {
             .reshape([b * nh * nw, ws * ws, c]);
         let [q, k, v] = self.window_attn.split(windows, self.heads);
         // The backend's fused attention: no score tensor round trip through memory.
-        let out = attention(q, k, v, None, None, AttentionModuleOptions::default())
+        attention(q, k, v, None, None, AttentionModuleOptions::default())
             .swap_dims(1, 2)
-            .reshape([b * nh * nw, ws * ws, c]);
-        let out = self.window_attn.proj.forward(out);
-        out.reshape([b, nh, nw, ws, ws, c])
+            .reshape([b, nh, nw, ws, ws, c])
             .permute([0, 1, 3, 2, 4, 5])
             .reshape([b, hp, wp, c])
             .slice([0..b, 0..h, 0..w])
@@ -197,9 +205,9 @@ impl SpatialBlock {
     }
 
     fn forward(&self, x: Tensor<3>, h: usize, w: usize) -> Tensor<3> {
-        let x = pos_conv(&self.conv1, x, h, w);
+        let x = cpu_ops::add_depthwise3x3(&self.conv1, x, h, w);
         let x = x.clone() + self.attention(self.norm1.forward(x), h, w);
-        let x = pos_conv(&self.conv2, x, h, w);
+        let x = cpu_ops::add_depthwise3x3(&self.conv2, x, h, w);
         x.clone() + self.ffn.forward(self.norm2.forward(x))
     }
 }
@@ -243,9 +251,9 @@ impl ChannelBlock {
     }
 
     fn forward(&self, x: Tensor<3>, h: usize, w: usize) -> Tensor<3> {
-        let x = pos_conv(&self.conv1, x, h, w);
+        let x = cpu_ops::add_depthwise3x3(&self.conv1, x, h, w);
         let x = x.clone() + self.attention(self.norm1.forward(x));
-        let x = pos_conv(&self.conv2, x, h, w);
+        let x = cpu_ops::add_depthwise3x3(&self.conv2, x, h, w);
         x.clone() + self.ffn.forward(self.norm2.forward(x))
     }
 }

@@ -1,0 +1,608 @@
+//! Fused kernels for the CPU backends, for the few ops where burn's CPU path spends
+//! far more than the arithmetic needs (measured on Florence-2-base's vision tower):
+//! - exact GELU: flex evaluates libm's scalar `erff` per element, which cost more
+//!   than the two matmuls around it;
+//! - DaViT's depthwise 3x3 position conv: burn convolves NCHW, so tokens `[B, H*W, C]`
+//!   paid two full transposes per call, and the residual add a third pass.
+//!
+//! Each kernel works on the tensor's own buffer (flex hands it over without a copy
+//! when nothing else shares it) and falls back to burn's ops on a GPU, under
+//! autodiff, or for a dtype other than f32, so results never depend on the path
+//! beyond float rounding.
+
+use burn::nn::conv::Conv2d;
+use burn::nn::{Linear, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::DType;
+use rayon::prelude::*;
+
+/// Whether `x` lives in host memory as f32 with no gradient graph to keep.
+fn on_host_f32<const D: usize>(x: &Tensor<D>) -> bool {
+    let device = x.device();
+    #[allow(deprecated)] // ndarray is kept as the reference CPU backend.
+    let cpu = device == Device::flex() || device == Device::ndarray();
+    cpu && !device.is_autodiff() && x.dtype() == DType::F32
+}
+
+/// `gelu(linear(x))`, GELU in the exact (erf) form as PyTorch's `nn.GELU()` and
+/// transformers' "gelu". On the host the bias is added inside the GELU pass, which
+/// saves a pass over the widest activation of a transformer block.
+pub fn linear_gelu<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let bias = match &linear.bias {
+        Some(bias) => host_vec(bias.val()),
+        None => Some(vec![0.0; linear.weight.dims()[1]]),
+    };
+    let (true, Some(bias)) = (on_host_f32(&x), bias) else {
+        return burn::tensor::activation::gelu(linear.forward(x));
+    };
+    let y = burn::tensor::module::linear(x, linear.weight.val(), None);
+    let device = y.device();
+    let mut data = y.into_data();
+    let Ok(values) = data.as_mut_slice::<f32>() else {
+        return burn::tensor::activation::gelu(Tensor::from_data(data, &device));
+    };
+    let width = bias.len();
+    let rows_per_task = (1 << 14) / width.max(1) + 1;
+    values
+        .par_chunks_mut(rows_per_task * width)
+        .for_each(|rows| gelu_rows(rows, &bias));
+    Tensor::from_data(data, &device)
+}
+
+fn gelu_rows(rows: &mut [f32], bias: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: both target features were detected on this CPU just above.
+        return unsafe { gelu_rows_avx2(rows, bias) };
+    }
+    gelu_rows_portable(rows, bias)
+}
+
+/// The same loop compiled for AVX2: 8 lanes instead of the x86-64 baseline's 4.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_rows_avx2(rows: &mut [f32], bias: &[f32]) {
+    gelu_rows_portable(rows, bias)
+}
+
+#[inline(always)]
+fn gelu_rows_portable(rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        for (x, b) in row.iter_mut().zip(bias) {
+            let v = *x + b;
+            *x = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
+/// erf for f32 as a branch-free rational function, so the loop vectorises: Eigen's
+/// and XLA's `x * P(x^2) / Q(x^2)` on x clamped to [-4, 4] (erf is +-1 in f32 past
+/// that). Within 4e-7 of libm's erff (checked in the tests below).
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10_f32;
+    for a in [
+        2.770_681_4e-8,
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906e-4,
+        -2.954_6e-3,
+        -1.609_603_3e-2,
+    ] {
+        p = p * x2 + a;
+    }
+    let mut q = -1.456_607_2e-5_f32;
+    for b in [-2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_474e-2] {
+        q = q * x2 + b;
+    }
+    // Past 3.92 libm's erff rounds to exactly +-1; so do we, so that GELU of a large
+    // negative input is exactly 0 rather than the fit's 1e-7 residue times x.
+    let e = x * p / q;
+    if x.abs() > 3.92 {
+        1.0f32.copysign(x)
+    } else {
+        e
+    }
+}
+
+/// `x + depthwise3x3(x)` for tokens `[B, h*w, C]` on an `h x w` grid, with the conv's
+/// zero padding of 1, its bias, and `conv`'s `[C, 1, 3, 3]` weights: DaViT's
+/// conditional position encoding, computed in token layout in one pass.
+pub fn add_depthwise3x3(conv: &Conv2d, x: Tensor<3>, h: usize, w: usize) -> Tensor<3> {
+    let [b, n, c] = x.dims();
+    let weight = conv.weight.val();
+    let host = on_host_f32(&x) && weight.dims() == [c, 1, 3, 3] && n == h * w;
+    // Taps as [9][C] so the inner loop runs along contiguous channels.
+    let taps = host
+        .then(|| host_vec(weight.reshape([c, 9]).transpose()))
+        .flatten();
+    let bias = match &conv.bias {
+        Some(bias) => host.then(|| host_vec(bias.val())).flatten(),
+        None => Some(vec![0.0; c]),
+    };
+    let (Some(taps), Some(bias)) = (taps, bias) else {
+        return add_depthwise3x3_nchw(conv, x, h, w);
+    };
+    let device = x.device();
+    let data = x.into_data();
+    let Ok(input) = data.as_slice::<f32>() else {
+        return add_depthwise3x3_nchw(conv, Tensor::from_data(data, &device), h, w);
+    };
+    let mut out = vec![0.0f32; b * n * c];
+    out.par_chunks_mut(w * c)
+        .enumerate()
+        .for_each(|(r, out_row)| {
+            let image = &input[(r / h) * n * c..(r / h + 1) * n * c];
+            depthwise_row(image, out_row, r % h, h, w, c, &taps, &bias);
+        });
+    Tensor::from_data(TensorData::new(out, [b, n, c]), &device)
+}
+
+/// burn's own path: through NCHW and back.
+fn add_depthwise3x3_nchw(conv: &Conv2d, x: Tensor<3>, h: usize, w: usize) -> Tensor<3> {
+    let [b, n, c] = x.dims();
+    let nchw = x.clone().reshape([b, h, w, c]).permute([0, 3, 1, 2]);
+    x + conv.forward(nchw).permute([0, 2, 3, 1]).reshape([b, n, c])
+}
+
+fn host_vec<const D: usize>(t: Tensor<D>) -> Option<Vec<f32>> {
+    (t.dtype() == DType::F32)
+        .then(|| t.into_data().try_into_vec().ok())
+        .flatten()
+}
+
+/// One output row `y` of `x + conv(x)`, for one image in token layout.
+#[allow(clippy::too_many_arguments)]
+fn depthwise_row(
+    image: &[f32],
+    out: &mut [f32],
+    y: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    taps: &[f32],
+    bias: &[f32],
+) {
+    let row = w * c;
+    out.copy_from_slice(&image[y * row..(y + 1) * row]);
+    for px in out.chunks_exact_mut(c) {
+        px.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+    }
+    for dy in 0..3 {
+        let Some(yy) = (y + dy).checked_sub(1).filter(|&yy| yy < h) else {
+            continue;
+        };
+        let src = &image[yy * row..(yy + 1) * row];
+        for dx in 0..3 {
+            let tap = &taps[(dy * 3 + dx) * c..(dy * 3 + dx + 1) * c];
+            // Output column x reads input column x + dx - 1.
+            let (out_from, src_from, len) = match dx {
+                0 => (1, 0, w - 1),
+                1 => (0, 0, w),
+                _ => (0, 1, w - 1),
+            };
+            let outs = out[out_from * c..(out_from + len) * c].chunks_exact_mut(c);
+            let srcs = src[src_from * c..(src_from + len) * c].chunks_exact(c);
+            for (o, s) in outs.zip(srcs) {
+                for ((o, s), t) in o.iter_mut().zip(s).zip(tap) {
+                    *o += s * t;
+                }
+            }
+        }
+    }
+}
+
+/// A dense conv over tokens `[B, h*w, Cin]` on an `h x w` grid, to tokens
+/// `[B, ho*wo, Cout]` and the new grid: DaViT's strided patch embeddings. On the host
+/// it runs as one matmul over patches gathered in token layout (im2col), so neither
+/// side is transposed to NCHW; elsewhere, burn's conv through NCHW.
+pub fn conv2d_tokens(conv: &Conv2d, x: Tensor<3>, h: usize, w: usize) -> (Tensor<3>, usize, usize) {
+    let [b, n, cin] = x.dims();
+    let [cout, wcin, kh, kw] = conv.weight.dims();
+    let pad = match conv.padding {
+        PaddingConfig2d::Explicit(t, l, bt, r) if t == l && l == bt && bt == r => Some(t),
+        PaddingConfig2d::Valid => Some(0),
+        _ => None,
+    };
+    let [s, sw] = conv.stride;
+    let plain = conv.groups == 1 && conv.dilation == [1, 1] && s == sw && kh == kw && wcin == cin;
+    let (Some(p), true, true) = (pad, plain && n == h * w, on_host_f32(&x)) else {
+        let nchw = x.reshape([b, h, w, cin]).permute([0, 3, 1, 2]);
+        let y = conv.forward(nchw);
+        let [_, _, ho, wo] = y.dims();
+        return (y.permute([0, 2, 3, 1]).reshape([b, ho * wo, cout]), ho, wo);
+    };
+    let (k, device) = (kh, x.device());
+    let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+    let data = x.into_data();
+    let input = data.as_slice::<f32>().unwrap_or(&[]);
+    // One row per output position: the k x k patch, row-major, channels innermost.
+    let patch = k * k * cin;
+    let mut cols = vec![0.0f32; b * ho * wo * patch];
+    if input.len() == b * n * cin {
+        cols.par_chunks_mut(wo * patch)
+            .enumerate()
+            .for_each(|(r, out_row)| {
+                let (img, oy) = (r / ho, r % ho);
+                let image = &input[img * n * cin..(img + 1) * n * cin];
+                for (ox, col) in out_row.chunks_exact_mut(patch).enumerate() {
+                    for (ky, dst) in col.chunks_exact_mut(k * cin).enumerate() {
+                        let Some(y) = (oy * s + ky).checked_sub(p).filter(|&y| y < h) else {
+                            continue; // zero padding: the row stays zero
+                        };
+                        for (kx, px) in dst.chunks_exact_mut(cin).enumerate() {
+                            if let Some(x) = (ox * s + kx).checked_sub(p).filter(|&x| x < w) {
+                                px.copy_from_slice(
+                                    &image[(y * w + x) * cin..(y * w + x + 1) * cin],
+                                );
+                            }
+                        }
+                    }
+                }
+            });
+    }
+    let cols = Tensor::<2>::from_data(TensorData::new(cols, [b * ho * wo, patch]), &device);
+    // [Cout, Cin, k, k] -> [k, k, Cin, Cout], the patch order above.
+    let weight = conv
+        .weight
+        .val()
+        .permute([2, 3, 1, 0])
+        .reshape([patch, cout]);
+    let bias = conv.bias.as_ref().map(|b| b.val());
+    let y = burn::tensor::module::linear(cols, weight, bias);
+    (y.reshape([b, ho * wo, cout]), ho, wo)
+}
+
+/// Shape of a windowed attention: an `h x w` grid of tokens in `ws x ws` windows
+/// (zero-padded right and bottom to whole windows), `heads` heads.
+#[derive(Clone, Copy, Debug)]
+pub struct Windows {
+    pub h: usize,
+    pub w: usize,
+    pub ws: usize,
+    pub heads: usize,
+}
+
+/// DaViT's window attention before its output projection: `qkv` projects tokens
+/// `[B, h*w, C]`, and each head of each window attends within the window. The window
+/// partition and the head split are strides here, so no token is copied into a window
+/// layout and back; the projection runs without its bias, which is added on the way
+/// into each window. Tokens of the padding are zero tokens, so theirs is the bias
+/// alone; they attend like upstream's and their outputs are dropped. Scale
+/// `1/sqrt(C/heads)`. Where the host path does not apply (GPU, autodiff, another
+/// dtype), `generic` computes the same from `x`.
+pub fn window_attention(
+    qkv: &Linear,
+    x: Tensor<3>,
+    win: Windows,
+    generic: impl FnOnce(Tensor<3>) -> Tensor<3>,
+) -> Tensor<3> {
+    let [b, n, c] = x.dims();
+    let Windows { h, w, ws, heads } = win;
+    let shapes = qkv.weight.dims() == [c, 3 * c] && n == h * w && ws > 0 && c % heads == 0;
+    let bias = match &qkv.bias {
+        Some(bias) => host_vec(bias.val()),
+        None => Some(vec![0.0; 3 * c]),
+    };
+    let (true, true, Some(bias)) = (shapes, on_host_f32(&x), bias) else {
+        return generic(x);
+    };
+    let device = x.device();
+    let data = burn::tensor::module::linear(x, qkv.weight.val(), None).into_data();
+    let input = data.as_slice::<f32>().unwrap_or(&[]);
+    let mut out = vec![0.0f32; b * n * c];
+    let band = ws * w * c; // one row of windows, all columns: contiguous in the output
+    let images = out.par_chunks_mut(n * c).zip(input.par_chunks(n * 3 * c));
+    images.for_each(|(out_image, tokens)| {
+        // The last band of a padded image is shorter: `run` writes real rows only.
+        let bands = out_image.par_chunks_mut(band).enumerate();
+        bands.for_each(|(i, out_band)| {
+            WindowBand::new(tokens, &bias, win, c, i).run(out_band);
+        });
+    });
+    Tensor::from_data(TensorData::new(out, [b, n, c]), &device)
+}
+
+/// Scratch for the windows of one band (row of windows) of one image.
+struct WindowBand<'a> {
+    tokens: &'a [f32],
+    bias: &'a [f32],
+    win: Windows,
+    c: usize,
+    band: usize,
+    qkv: Vec<f32>,
+    scores: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl<'a> WindowBand<'a> {
+    fn new(tokens: &'a [f32], bias: &'a [f32], win: Windows, c: usize, band: usize) -> Self {
+        let l = win.ws * win.ws;
+        Self {
+            tokens,
+            bias,
+            win,
+            c,
+            band,
+            qkv: vec![0.0; l * 3 * c],
+            scores: vec![0.0; l * l],
+            out: vec![0.0; l * c],
+        }
+    }
+
+    fn run(mut self, out_band: &mut [f32]) {
+        let Windows { h, w, ws, .. } = self.win;
+        let c = self.c;
+        let y0 = self.band * ws;
+        for x0 in (0..w).step_by(ws) {
+            // Gather the window's tokens (padding included) row-major.
+            for (i, row) in self.qkv.chunks_exact_mut(3 * c).enumerate() {
+                let (y, x) = (y0 + i / ws, x0 + i % ws);
+                row.copy_from_slice(self.bias);
+                if y < h && x < w {
+                    let src = &self.tokens[(y * w + x) * 3 * c..(y * w + x + 1) * 3 * c];
+                    row.iter_mut().zip(src).for_each(|(r, s)| *r += s);
+                }
+            }
+            self.attend();
+            for (i, row) in self.out.chunks_exact(c).enumerate() {
+                let (y, x) = (y0 + i / ws, x0 + i % ws);
+                if y < h && x < w {
+                    let at = ((y - y0) * w + x) * c;
+                    out_band[at..at + c].copy_from_slice(row);
+                }
+            }
+        }
+    }
+
+    /// softmax(q kᵀ / sqrt(d)) v for every head of the gathered window.
+    fn attend(&mut self) {
+        let (c, heads) = (self.c, self.win.heads);
+        let l = self.win.ws * self.win.ws;
+        let d = c / heads;
+        let stride = 3 * c as isize;
+        let scale = 1.0 / (d as f32).sqrt();
+        for head in 0..heads {
+            let q = self.qkv[head * d..].as_ptr();
+            let k = self.qkv[c + head * d..].as_ptr();
+            let v = self.qkv[2 * c + head * d..].as_ptr();
+            // SAFETY: every operand lies inside its buffer: q, k, v rows are `3c` apart
+            // with `d` columns starting at most at `3c - d`; scores is `l x l`; the
+            // output block is `l x d` at column `head * d` of the `l x c` buffer.
+            unsafe {
+                gemm::gemm(
+                    l,
+                    l,
+                    d,
+                    self.scores.as_mut_ptr(),
+                    1,
+                    l as isize,
+                    false,
+                    q,
+                    1,
+                    stride,
+                    k,
+                    stride,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for row in self.scores.chunks_exact_mut(l) {
+                softmax_row(row);
+            }
+            unsafe {
+                gemm::gemm(
+                    l,
+                    d,
+                    l,
+                    self.out[head * d..].as_mut_ptr(),
+                    1,
+                    c as isize,
+                    false,
+                    self.scores.as_ptr(),
+                    1,
+                    l as isize,
+                    v,
+                    1,
+                    stride,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    }
+}
+
+fn softmax_row(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: both target features were detected on this CPU just above.
+        return unsafe { softmax_row_avx2(row) };
+    }
+    softmax_row_portable(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32]) {
+    softmax_row_portable(row)
+}
+
+#[inline(always)]
+fn softmax_row_portable(row: &mut [f32]) {
+    let max = reduce8(row, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
+    // Three separate passes: a loop that also accumulated would not vectorise.
+    row.iter_mut().for_each(|s| *s = exp(*s - max));
+    let inv = 1.0 / reduce8(row, 0.0, |a, b| a + b);
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
+/// A reduction over eight interleaved accumulators, so it vectorises without
+/// reordering float arithmetic behind the compiler's back.
+#[inline(always)]
+fn reduce8(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, x);
+        }
+    }
+    let lanes = acc.into_iter().fold(init, &f);
+    rest.iter().fold(lanes, |a, &x| f(a, x))
+}
+
+/// e^x for x <= 0 (softmax after subtracting the max) as a branch-free polynomial, so
+/// the loop vectorises: Cephes' expf (range reduction by ln 2 split in two, degree-5
+/// polynomial on [-ln2/2, ln2/2], 2^n through the exponent bits). Within 2 ulp of
+/// `f32::exp` (checked in the tests below); underflows to 0 below -87.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 0.0);
+    // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (no libm floor).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    for a in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = p * r + a;
+    }
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::LinearConfig;
+    use burn::nn::conv::Conv2dConfig;
+
+    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    #[test]
+    fn linear_gelu_matches_burns_exact_gelu() {
+        let device = Device::flex();
+        device.seed(5);
+        // Pre-activations from -8 to 8 in steps of 1/256 (and both tails), through a
+        // 1 -> 3 linear layer with a bias.
+        let xs: Vec<f32> = (-2048..=2048)
+            .map(|i| i as f32 / 256.0)
+            .chain([-30.0, 30.0])
+            .collect();
+        let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [xs.len(), 1]), &device);
+        let linear = LinearConfig::new(1, 3).init(&device);
+        let ours: Vec<f32> = linear_gelu(&linear, x.clone())
+            .into_data()
+            .try_into_vec()
+            .unwrap();
+        let reference: Vec<f32> = burn::tensor::activation::gelu(linear.forward(x))
+            .into_data()
+            .try_into_vec()
+            .unwrap();
+        // Absolute error near zero, relative beyond 1 (the layer scales up to 30).
+        let worst = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+            .fold(0.0f32, f32::max);
+        assert!(worst < 2e-6, "worst error {worst}");
+        // The erf itself, against the same libm erff burn uses.
+        for &x in &xs {
+            let e = (erf(x) - burn_erf(x)).abs();
+            assert!(e < 4e-7, "erf({x}) off by {e}");
+        }
+    }
+
+    #[test]
+    fn exp_matches_std_for_softmax_inputs() {
+        for i in 0..87_000 {
+            let x = -(i as f32) / 1000.0;
+            let (ours, std) = (exp(x), x.exp());
+            assert!(
+                (ours - std).abs() <= 2.5e-7 * std,
+                "exp({x}) = {ours}, std {std}"
+            );
+        }
+        // Below the clamp: a denormal-free tiny value, never NaN or negative.
+        assert!((0.0..1e-37).contains(&exp(-1000.0)));
+    }
+
+    fn burn_erf(x: f32) -> f32 {
+        let t = Tensor::<1>::from_data(TensorData::new(vec![x], [1]), &Device::flex());
+        t.erf().into_data().try_into_vec::<f32>().unwrap()[0]
+    }
+
+    #[test]
+    fn token_conv_matches_burns_conv() {
+        let device = Device::flex();
+        device.seed(4);
+        // DaViT's two shapes: 7x7 stride 4 pad 3 and 3x3 stride 2 pad 1, odd sizes.
+        for (k, s, p, h, w) in [(7, 4, 3, 13, 10), (3, 2, 1, 7, 6)] {
+            let (b, cin, cout) = (2, 3, 5);
+            let conv = Conv2dConfig::new([cin, cout], [k, k])
+                .with_stride([s, s])
+                .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+                .init(&device);
+            let x = Tensor::<3>::random(
+                [b, h * w, cin],
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let nchw = x.clone().reshape([b, h, w, cin]).permute([0, 3, 1, 2]);
+            let want = conv.forward(nchw);
+            let [_, _, ho, wo] = want.dims();
+            let want = want.permute([0, 2, 3, 1]).reshape([b, ho * wo, cout]);
+            let (got, gh, gw) = conv2d_tokens(&conv, x, h, w);
+            assert_eq!((gh, gw), (ho, wo));
+            let (got, want): (Vec<f32>, Vec<f32>) = (
+                got.into_data().try_into_vec().unwrap(),
+                want.into_data().try_into_vec().unwrap(),
+            );
+            assert!(rel_l2(&got, &want) < 1e-6, "{}", rel_l2(&got, &want));
+        }
+    }
+
+    #[test]
+    fn depthwise_matches_burns_conv_including_edges() {
+        let device = Device::flex();
+        device.seed(3);
+        let (b, h, w, c) = (2, 5, 7, 6);
+        let conv = Conv2dConfig::new([c, c], [3, 3])
+            .with_groups(c)
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(&device);
+        let x = Tensor::<3>::random(
+            [b, h * w, c],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let want = add_depthwise3x3_nchw(&conv, x.clone(), h, w);
+        let got = add_depthwise3x3(&conv, x, h, w);
+        let (got, want): (Vec<f32>, Vec<f32>) = (
+            got.into_data().try_into_vec().unwrap(),
+            want.into_data().try_into_vec().unwrap(),
+        );
+        assert!(rel_l2(&got, &want) < 1e-6, "{}", rel_l2(&got, &want));
+    }
+}
