@@ -1,7 +1,12 @@
 //! `marquee run`: wires the sources, the classifier, MQTT and the status page
-//! together, tells systemd it is ready, pets the watchdog, and shuts down cleanly
-//! on SIGTERM: sources stop, queued posters are finished (their results are on disk
-//! in the outbox), `offline` is published, and the process exits.
+//! together, tells systemd it is ready, and shuts down cleanly on SIGTERM: sources
+//! stop, queued posters are finished (their results are on disk in the outbox),
+//! `offline` is published, and the process exits.
+//!
+//! Supervision: every worker (classifier, MQTT session, sources) beats a heartbeat.
+//! The systemd watchdog is fed only while all of them beat, and a worker that ends
+//! on its own (a panic included) makes `run` return an error, so the process exits
+//! non-zero and systemd restarts it.
 
 use crate::caption::stage::CaptionStage;
 use crate::classify::Classifier;
@@ -17,10 +22,11 @@ use crate::status::server::{StatusServer, StatusSink, StatusState};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Time allowed to get `offline` acknowledged at shutdown.
-const OFFLINE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A worker silent for this long is stalled: the watchdog is no longer fed.
+const STALL: Duration = Duration::from_secs(30);
 
 pub fn run(cfg: Config) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -38,11 +44,12 @@ pub fn run(cfg: Config) -> Result<()> {
     let model_dir = cfg.classify.model.clone().unwrap_or_else(default_model_dir);
     let classifier = Classifier::load(&model_dir, &cache, &device)?;
     let captioner = CaptionStage::start(&cfg.caption, &device)?;
+    let health = Arc::new(Health::default());
     if let Some(c) = &captioner {
         tracing::info!("captioning: {}", c.label);
+        health.set_captioner(true, &format!("ready: {}", c.label));
     }
 
-    let health = Arc::new(Health::default());
     let (queue, rx) = Queue::new(cfg.pipeline.queue);
     let next_overview = queue.next_overview.clone();
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
@@ -51,16 +58,25 @@ pub fn run(cfg: Config) -> Result<()> {
     let mut outbox = None;
     if cfg.mqtt.enabled {
         let dir = cfg.state_dir.join("outbox");
-        let ob = Outbox::open(&dir, cfg.mqtt.outbox_max)
-            .with_context(|| format!("outbox {}", dir.display()))?;
+        let ob = Outbox::open(
+            &dir,
+            &cfg.state_dir.join("dead-letter"),
+            cfg.mqtt.outbox_max,
+        )
+        .with_context(|| format!("outbox {}", dir.display()))?;
         health.set_broker(false, "connecting");
+        health.set_outbox(true, "ok");
         mqtt = Some(Mqtt::start(
             &cfg,
             ob.clone(),
             health.clone(),
             next_overview.clone(),
+            health.heartbeat("mqtt"),
         )?);
-        sinks.push(Box::new(OutboxSink { outbox: ob.clone() }));
+        sinks.push(Box::new(OutboxSink {
+            outbox: ob.clone(),
+            health: health.clone(),
+        }));
         outbox = Some(ob);
     }
     let mut status = None;
@@ -72,24 +88,28 @@ pub fn run(cfg: Config) -> Result<()> {
         status = Some(server);
     }
 
-    let mut threads = Vec::new();
+    let mut threads: Vec<(&str, JoinHandle<()>)> = Vec::new();
     if let Some(fc) = &cfg.sources.folder {
         let f = Folder::new(fc)
             .with_context(|| format!("sources.folder.path {}", fc.path.display()))?;
         let (q, h, s) = (queue.clone(), health.clone(), stop.clone());
-        threads.push(
+        let hb = health.heartbeat("folder");
+        threads.push((
+            "folder",
             std::thread::Builder::new()
                 .name("folder".into())
-                .spawn(move || f.run(q, h, s))?,
-        );
+                .spawn(move || f.run(q, h, hb, s))?,
+        ));
     }
     if let Some(cc) = cfg.sources.camera.clone() {
         let (q, h, s) = (queue.clone(), health.clone(), stop.clone());
-        threads.push(
+        let hb = health.heartbeat("camera");
+        threads.push((
+            "camera",
             std::thread::Builder::new()
                 .name("camera".into())
-                .spawn(move || camera::run(cc, q, h, s))?,
-        );
+                .spawn(move || camera::run(cc, q, h, hb, s))?,
+        ));
     }
     drop(queue);
 
@@ -97,6 +117,7 @@ pub fn run(cfg: Config) -> Result<()> {
     let worker = {
         let stop = stop.clone();
         let health = health.clone();
+        let hb = health.heartbeat("classifier");
         std::thread::Builder::new()
             .name("classify".into())
             .spawn(move || {
@@ -109,22 +130,45 @@ pub fn run(cfg: Config) -> Result<()> {
                     next_overview,
                     &mut sinks,
                     &health,
+                    &hb,
                     &stop,
                 );
             })?
     };
+    threads.push(("classifier", worker));
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut petted = Instant::now();
-    eprintln!(
+    tracing::info!(
         "marquee {} running as {}",
         env!("CARGO_PKG_VERSION"),
         cfg.device_id
     );
+    let mut died = None;
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
-        if let Some(every) = watchdog
+        if stop.load(Ordering::SeqCst) {
+            // Asked to stop: workers ending now are not dying.
+            break;
+        }
+        let dead = threads
+            .iter()
+            .find(|(_, t)| t.is_finished())
+            .map(|(name, _)| *name)
+            .or_else(|| mqtt.as_ref().filter(|m| m.is_finished()).map(|_| "mqtt"));
+        if let Some(name) = dead {
+            tracing::error!(
+                "the {name} worker stopped unexpectedly; exiting so that systemd restarts marquee"
+            );
+            died = Some(name);
+            stop.store(true, Ordering::SeqCst);
+            break;
+        }
+        let stalled = health.stalled(STALL);
+        if !stalled.is_empty() {
+            tracing::warn!("stalled workers: {stalled:?}; not feeding the watchdog");
+        } else if let Some(every) = watchdog
             && petted.elapsed() >= every
         {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -134,15 +178,17 @@ pub fn run(cfg: Config) -> Result<()> {
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down");
-    for t in threads {
+    for (_, t) in threads {
         let _ = t.join();
     }
-    let _ = worker.join();
     if let Some(m) = mqtt {
-        m.shutdown(OFFLINE_TIMEOUT);
+        m.shutdown();
     }
     if let Some(s) = status {
         s.stop();
     }
-    Ok(())
+    match died {
+        Some(name) => anyhow::bail!("the {name} worker stopped unexpectedly"),
+        None => Ok(()),
+    }
 }

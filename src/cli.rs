@@ -65,10 +65,10 @@ pub enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
         /// Most epochs per network (early stopping usually ends sooner).
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = in_range::<1, 1000>)]
         epochs: usize,
         /// Networks in the teacher ensemble.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = in_range::<1, 16>)]
         teacher_members: usize,
         /// Use only the first N training rows (smoke tests); 0 = all.
         #[arg(long, default_value_t = 0)]
@@ -103,7 +103,7 @@ pub enum Command {
         /// Poster only, no text.
         #[arg(long)]
         text_less: bool,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = in_range::<1, 100_000>)]
         runs: usize,
         #[arg(long)]
         json: bool,
@@ -118,10 +118,10 @@ pub enum Command {
         #[arg(long, default_value = "caption")]
         task: String,
         /// Beam width [default: the model's generation_config.json].
-        #[arg(long)]
+        #[arg(long, value_parser = in_range::<1, 8>)]
         beams: Option<usize>,
         /// Most tokens to generate [default: generation_config.json, else 20].
-        #[arg(long)]
+        #[arg(long, value_parser = in_range::<1, 1024>)]
         max_new_tokens: Option<usize>,
         #[arg(long)]
         json: bool,
@@ -136,13 +136,13 @@ pub enum Command {
         #[arg(long, env = "MARQUEE_CAPTION_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// Requests captioned at once.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = in_range::<1, 64>)]
         workers: usize,
         /// Requests that may wait; beyond that, 503.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = in_range::<1, 1024>)]
         queue: usize,
         /// Largest request body in bytes; beyond that, 413.
-        #[arg(long, default_value_t = 16 << 20)]
+        #[arg(long, default_value_t = 16 << 20, value_parser = in_range::<1, { 64 << 20 }>)]
         max_body: usize,
     },
     /// Run the appliance: sources -> classify -> MQTT + status page.
@@ -224,4 +224,18 @@ pub enum ModelsAction {
 pub enum ConfigAction {
     /// Parse and validate a config without running.
     Check { path: PathBuf },
+}
+
+/// A whole number within `LO..=HI`: flags are bounded where they enter, so a
+/// command never starts with a value it cannot live with.
+fn in_range<const LO: usize, const HI: usize>(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    if (LO..=HI).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is outside {LO}..={HI}"))
+    }
 }

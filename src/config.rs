@@ -239,6 +239,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_ranges()?;
         let id_ok = !self.device_id.is_empty()
             && self
                 .device_id
@@ -279,17 +280,8 @@ impl Config {
                 "must be an http:// or https:// URL for mode = \"remote\"",
             ));
         }
-        if c.deadline_ms == 0 || c.remote.timeout_ms == 0 {
-            return Err(err(
-                "caption.deadline_ms",
-                "deadline_ms and remote.timeout_ms must be positive",
-            ));
-        }
         if self.mqtt.port == 0 {
             return Err(err("mqtt.port", "must be 1-65535"));
-        }
-        if self.mqtt.keep_alive_s < 5 {
-            return Err(err("mqtt.keep_alive_s", "must be at least 5"));
         }
         if self.mqtt.password.is_some() && self.mqtt.username.is_none() {
             return Err(err("mqtt.username", "is required when a password is set"));
@@ -303,36 +295,120 @@ impl Config {
                 ),
             ));
         }
-        if self.status.max_upload_bytes == 0 {
-            return Err(err("status.max_upload_bytes", "must be positive"));
-        }
-        if self.pipeline.queue == 0 {
-            return Err(err("pipeline.queue", "must be at least 1"));
-        }
-        if let Some(c) = &self.sources.camera {
-            if !matches!(c.format.as_str(), "mjpeg" | "yuyv") {
-                return Err(err(
-                    "sources.camera.format",
-                    "must be \"mjpeg\" or \"yuyv\"",
-                ));
-            }
-            if c.fps == 0 || c.width == 0 || c.height == 0 {
-                return Err(err(
-                    "sources.camera",
-                    "width, height and fps must be positive",
-                ));
-            }
+        if let Some(c) = &self.sources.camera
+            && !matches!(c.format.as_str(), "mjpeg" | "yuyv")
+        {
+            return Err(err(
+                "sources.camera.format",
+                "must be \"mjpeg\" or \"yuyv\"",
+            ));
         }
         if let Some(f) = &self.sources.folder
-            && f.poll_ms == 0
+            && f.path.as_os_str().is_empty()
         {
-            return Err(err("sources.folder.poll_ms", "must be positive"));
+            return Err(err("sources.folder.path", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Every number and text has a range, so a config that passes `config check`
+    /// is one that `run` can live with (no giant allocation, no overflowing timer).
+    fn check_ranges(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        let c = &self.caption;
+        let mut nums: Vec<(&str, u64, u64, u64)> = vec![
+            ("mqtt.keep_alive_s", m.keep_alive_s, 5, 3600),
+            ("mqtt.stats_interval_s", m.stats_interval_s, 1, 86_400),
+            ("mqtt.outbox_max", m.outbox_max as u64, 1, 1_000_000),
+            (
+                "status.max_upload_bytes",
+                self.status.max_upload_bytes as u64,
+                1,
+                crate::preprocess::image::MAX_BYTES as u64,
+            ),
+            ("status.history", self.status.history as u64, 1, 1000),
+            ("pipeline.queue", self.pipeline.queue as u64, 1, 1024),
+            ("caption.deadline_ms", c.deadline_ms, 1, 10_000),
+            ("caption.beams", c.beams.unwrap_or(1) as u64, 1, 8),
+            (
+                "caption.max_new_tokens",
+                c.max_new_tokens.unwrap_or(1) as u64,
+                1,
+                1024,
+            ),
+            ("caption.remote.timeout_ms", c.remote.timeout_ms, 1, 600_000),
+            ("caption.remote.retries", c.remote.retries.into(), 0, 10),
+            (
+                "caption.remote.breaker_failures",
+                c.remote.breaker_failures.into(),
+                1,
+                1000,
+            ),
+            (
+                "caption.remote.breaker_cooldown_ms",
+                c.remote.breaker_cooldown_ms,
+                0,
+                3_600_000,
+            ),
+        ];
+        if let Some(f) = &self.sources.folder {
+            nums.push(("sources.folder.poll_ms", f.poll_ms, 1, 60_000));
+            nums.push(("sources.folder.settle_ms", f.settle_ms, 0, 600_000));
+        }
+        if let Some(cam) = &self.sources.camera {
+            nums.push(("sources.camera.width", cam.width.into(), 1, 8192));
+            nums.push(("sources.camera.height", cam.height.into(), 1, 8192));
+            nums.push(("sources.camera.fps", cam.fps.into(), 1, 240));
+            nums.push((
+                "sources.camera.steady_frames",
+                cam.steady_frames.into(),
+                1,
+                10_000,
+            ));
+        }
+        for (key, v, lo, hi) in nums {
+            if !(lo..=hi).contains(&v) {
+                return Err(err(key, format!("{v} is outside {lo}..={hi}")));
+            }
+        }
+        let texts = [
+            ("device_id", self.device_id.len(), 64),
+            ("mqtt.host", m.host.len(), 253),
+            ("mqtt.prefix", m.prefix.len(), 128),
+            ("mqtt.discovery_prefix", m.discovery_prefix.len(), 128),
+            (
+                "mqtt.username",
+                m.username.as_ref().map_or(0, String::len),
+                256,
+            ),
+            (
+                "mqtt.password",
+                m.password.as_ref().map_or(0, String::len),
+                256,
+            ),
+            (
+                "status.token",
+                self.status.token.as_ref().map_or(0, String::len),
+                256,
+            ),
+            ("caption.remote.url", c.remote.url.len(), 2048),
+            (
+                "caption.remote.token",
+                c.remote.token.as_ref().map_or(0, String::len),
+                256,
+            ),
+            ("caption.remote.model", c.remote.model.len(), 256),
+        ];
+        for (key, len, max) in texts {
+            if len > max {
+                return Err(err(key, format!("is {len} bytes long; the limit is {max}")));
+            }
         }
         Ok(())
     }
 
     pub fn stats_interval(&self) -> Duration {
-        Duration::from_secs(self.mqtt.stats_interval_s.max(1))
+        Duration::from_secs(self.mqtt.stats_interval_s)
     }
 }
 
@@ -406,6 +482,59 @@ listen = "127.0.0.1:8080"
         );
         let e = Config::parse("[caption]\nmode = \"sometimes\"\n").unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Any number, any size: the edges and the giants are where configs broke.
+        fn num() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                0u64..100,
+                0u64..100_000,
+                Just(i64::MAX as u64),
+                any::<u32>().prop_map(u64::from)
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            /// Whatever `config check` accepts, `run` can build its parts from.
+            #[test]
+            fn every_accepted_config_is_one_run_can_live_with(
+                queue in num(), stats in num(), outbox in num(), keep in num(),
+                upload in num(), history in num(), deadline in num(), poll in num(),
+                settle in num(), fps in num(), width in num(), timeout in num(),
+                path in prop_oneof![Just(String::new()), "[a-z/]{1,20}"],
+                id in "[a-z_/-]{0,80}",
+            ) {
+                let text = format!(
+                    "device_id = \"{id}\"\n[mqtt]\nstats_interval_s = {stats}\noutbox_max = {outbox}\nkeep_alive_s = {keep}\n\
+                     [status]\nmax_upload_bytes = {upload}\nhistory = {history}\n[pipeline]\nqueue = {queue}\n\
+                     [caption]\ndeadline_ms = {deadline}\n[caption.remote]\ntimeout_ms = {timeout}\n\
+                     [sources.folder]\npath = \"{path}\"\npoll_ms = {poll}\nsettle_ms = {settle}\n\
+                     [sources.camera]\nfps = {fps}\nwidth = {width}\n"
+                );
+                let Ok(c) = Config::parse(&text) else { return Ok(()) };
+                if c.validate().is_err() {
+                    return Ok(());
+                }
+                // What `run` does with these values, none of which may panic.
+                let (q, _rx) = crate::pipeline::Queue::new(c.pipeline.queue);
+                drop(q);
+                let now = std::time::Instant::now();
+                let _ = now + c.stats_interval();
+                let _ = now + Duration::from_millis(c.caption.deadline_ms);
+                let _ = now + Duration::from_millis(c.caption.remote.timeout_ms);
+                let f = c.sources.folder.as_ref().unwrap();
+                prop_assert!(!f.path.as_os_str().is_empty());
+                let _ = now + Duration::from_millis(f.poll_ms) + Duration::from_millis(f.settle_ms) * 2;
+                prop_assert!(c.mqtt.outbox_max >= 1);
+                prop_assert!(c.mqtt.keep_alive_s <= u64::from(u16::MAX));
+                prop_assert!(c.status.history <= 1000 && c.pipeline.queue <= 1024);
+            }
+        }
     }
 
     #[test]

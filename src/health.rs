@@ -4,8 +4,9 @@
 
 use serde::Serialize;
 use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 /// One component's health as the page and `/api/status` show it.
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +37,8 @@ pub struct Counters {
     pub failed: u64,
     pub published: u64,
     pub rejected_uploads: u64,
+    /// Results moved to the dead-letter folder (they could never be published).
+    pub dead_letters: u64,
 }
 
 #[derive(Debug)]
@@ -44,6 +47,7 @@ struct Inner {
     camera: Component,
     captioner: Component,
     folder: Component,
+    outbox: Component,
     counters: Counters,
     /// Recent end-to-end latencies (ms), for the page's plot and the metrics.
     latencies: VecDeque<f64>,
@@ -53,6 +57,30 @@ struct Inner {
 pub struct Health {
     inner: Mutex<Inner>,
     started: Instant,
+    beats: Mutex<Vec<Heartbeat>>,
+}
+
+/// A worker's proof of life: it beats at least every few seconds while it runs.
+/// The watchdog is fed only while every registered worker beats.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    name: &'static str,
+    base: Instant,
+    /// Milliseconds after `base` of the last beat.
+    last: Arc<AtomicU64>,
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        self.last
+            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn age(&self) -> Duration {
+        self.base
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,6 +89,7 @@ pub struct HealthView {
     pub camera: Component,
     pub captioner: Component,
     pub folder: Component,
+    pub outbox: Component,
     pub counters: Counters,
     pub uptime_s: u64,
 }
@@ -73,15 +102,18 @@ impl Default for Health {
                 camera: Component::off("not configured"),
                 captioner: Component::off("captioning is off"),
                 folder: Component::off("not configured"),
+                outbox: Component::off("MQTT is off"),
                 counters: Counters {
                     processed: 0,
                     failed: 0,
                     published: 0,
                     rejected_uploads: 0,
+                    dead_letters: 0,
                 },
                 latencies: VecDeque::new(),
             }),
             started: Instant::now(),
+            beats: Mutex::new(Vec::new()),
         }
     }
 }
@@ -111,6 +143,50 @@ impl Health {
 
     pub fn set_folder(&self, ok: bool, detail: &str) {
         self.with(|i| set(&mut i.folder, ok, detail));
+    }
+
+    pub fn set_captioner(&self, ok: bool, detail: &str) {
+        self.with(|i| set(&mut i.captioner, ok, detail));
+    }
+
+    pub fn set_outbox(&self, ok: bool, detail: &str) {
+        self.with(|i| set(&mut i.outbox, ok, detail));
+    }
+
+    pub fn dead_lettered(&self, why: &str) {
+        self.with(|i| {
+            i.counters.dead_letters += 1;
+            set(
+                &mut i.outbox,
+                false,
+                &format!("dead-lettered a result: {why}"),
+            );
+        });
+    }
+
+    /// Registers a worker; it must call `beat` regularly from now on.
+    pub fn heartbeat(&self, name: &'static str) -> Heartbeat {
+        let hb = Heartbeat {
+            name,
+            base: self.started,
+            last: Arc::new(AtomicU64::new(self.started.elapsed().as_millis() as u64)),
+        };
+        self.beats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hb.clone());
+        hb
+    }
+
+    /// The workers that have not beaten for `limit`.
+    pub fn stalled(&self, limit: Duration) -> Vec<&'static str> {
+        self.beats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|b| b.age() > limit)
+            .map(|b| b.name)
+            .collect()
     }
 
     pub fn processed(&self, latency_ms: f64) {
@@ -146,6 +222,7 @@ impl Health {
             camera: i.camera.clone(),
             captioner: i.captioner.clone(),
             folder: i.folder.clone(),
+            outbox: i.outbox.clone(),
             counters: i.counters.clone(),
             uptime_s,
         })
@@ -157,8 +234,25 @@ impl Health {
         serde_json::json!({
             "uptime_s": v.uptime_s, "processed": v.counters.processed, "failed": v.counters.failed,
             "published": v.counters.published, "outbox": outbox,
+            "dead_letters": v.counters.dead_letters,
             "camera_ok": v.camera.ok, "broker_ok": v.broker.ok,
         })
         .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_worker_is_reported_stalled() {
+        let h = Health::default();
+        let a = h.heartbeat("a");
+        let _b = h.heartbeat("b");
+        std::thread::sleep(Duration::from_millis(60));
+        a.beat();
+        assert_eq!(h.stalled(Duration::from_millis(40)), vec!["b"]);
+        assert!(h.stalled(Duration::from_secs(5)).is_empty());
     }
 }

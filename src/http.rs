@@ -1,43 +1,222 @@
-//! Small helpers shared by the two HTTP servers (status page, caption server).
+//! The HTTP core both servers (status page, caption server) stand on: hyper's HTTP/1
+//! server with hard limits, under an axum router.
+//!
+//! One request cannot take the server down:
+//! - the head is bounded in bytes and in header count (431 beyond), and must arrive
+//!   within `HEADER_TIMEOUT`, which also closes idle keep-alive connections;
+//! - a body is read only by the handler that wants it, up to its limit and within
+//!   `BODY_TIMEOUT`; a declared length over the limit is refused (413) unread;
+//! - conflicting `Content-Length` headers are refused by hyper's parser (400), and
+//!   identical repeats folded into one, as RFC 9112 §6.3 allows;
+//! - the acceptor only accepts: every connection is its own task, so a slow client
+//!   holds up nobody else;
+//! - connections are capped, and each holds a semaphore permit that is released when
+//!   its task ends for any reason, a panic included (a guard, not a counter).
 
-use tiny_http::{Header, Request, Response};
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
 
-pub fn header(name: &str, value: &str) -> Header {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header")
+/// Request line plus headers, in bytes.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub const MAX_HEADERS: usize = 64;
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a handler waits for a declared body to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// An over-limit body is read and discarded up to this many bytes (for this long)
+/// before the 413, so an honest client that sends it anyway reads the answer
+/// instead of a reset; past either bound the connection is just closed.
+const DRAIN_MAX: usize = 8 << 20;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Open connections at once; beyond that a new one is closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long `stop` waits for open requests before it drops them.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// A running server: its own small tokio runtime, an acceptor task, and a way to stop.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    stop: Arc<Notify>,
+    runtime: Option<tokio::runtime::Runtime>,
+    acceptor: Option<tokio::task::JoinHandle<()>>,
 }
 
-pub fn text(code: u16, body: &str) -> Response<std::io::Cursor<Vec<u8>>> {
-    Response::from_string(format!("{body}\n"))
-        .with_status_code(code)
-        .with_header(header("Content-Type", "text/plain; charset=utf-8"))
+impl HttpServer {
+    /// Binds `listen` and serves `router` on `threads` runtime threads.
+    pub fn start(listen: &str, router: Router, threads: usize, name: &str) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .context("starting the HTTP runtime")?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(listen))
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(Notify::new());
+        let acceptor = runtime.spawn(accept(listener, router, stop.clone()));
+        Ok(Self {
+            addr,
+            stop,
+            runtime: Some(runtime),
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// Stops accepting, gives open requests `DRAIN` to finish, then drops them.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.notify_one();
+        if let (Some(rt), Some(acceptor)) = (self.runtime.take(), self.acceptor.take()) {
+            let _ = rt.block_on(async { tokio::time::timeout(DRAIN, acceptor).await });
+            rt.shutdown_timeout(Duration::from_millis(200));
+        }
+    }
 }
 
-pub fn json(code: u16, body: String) -> Response<std::io::Cursor<Vec<u8>>> {
-    Response::from_string(body)
-        .with_status_code(code)
-        .with_header(header("Content-Type", "application/json"))
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
 
-pub fn bearer_ok(req: &Request, token: &str) -> bool {
-    let got = req
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .map(|h| h.value.as_str().to_string())
+async fn accept(listener: tokio::net::TcpListener, router: Router, stop: Arc<Notify>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // A client that half-closes after its request still gets the answer.
+        .half_close(true)
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192) * 4);
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.notified() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                // Out of file descriptors and the like: wait, do not spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let svc = TowerToHyperService::new(router.clone());
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// The body, read up to `max` bytes within `BODY_TIMEOUT`; the reply to send
+/// instead when it is too large, too slow or broken. Call it only after the
+/// request is authenticated: the drain is for clients we trust.
+pub async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, Response> {
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body larger than {max} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, axum::body::to_bytes(body, DRAIN_MAX)).await;
+        return Err(too_large());
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(b)) => Ok(b.to_vec()),
+        Ok(Err(e)) if is_length_limit(&e) => Err(too_large()),
+        Ok(Err(e)) => Err(text(
+            StatusCode::BAD_REQUEST,
+            &format!("reading the body: {e}"),
+        )),
+        Err(_) => Err(text(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "the body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
+pub fn text(code: StatusCode, body: &str) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
+pub fn json(code: StatusCode, body: String) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `Retry-After: 1` on a busy answer, so well-behaved clients back off.
+pub fn retry_soon(mut r: Response) -> Response {
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+pub fn bearer_ok(headers: &HeaderMap, token: &str) -> bool {
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
         .unwrap_or_default();
     let want = format!("Bearer {token}");
     // Length-independent comparison: no early exit on the first differing byte.
     got.len() == want.len()
         && got
-            .bytes()
+            .iter()
             .zip(want.bytes())
             .fold(0u8, |a, (x, y)| a | (x ^ y))
             == 0
 }
 
-pub fn header_value(req: &Request, name: &'static str) -> Option<String> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv(name))
-        .map(|h| h.value.as_str().to_string())
+pub fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }

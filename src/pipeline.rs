@@ -6,7 +6,7 @@
 
 use crate::caption::stage::{CaptionStage, Captioned};
 use crate::classify::{Classifier, GenreScore};
-use crate::health::Health;
+use crate::health::{Health, Heartbeat};
 use image::RgbImage;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -21,6 +21,23 @@ pub enum Source {
     Camera,
     Folder,
     Upload,
+}
+
+/// Longest overview kept in a result (characters). The text tower reads 128
+/// wordpieces, so this loses nothing the model would see; it keeps every result
+/// far inside the MQTT payload budget, whichever way the text came in.
+pub const OVERVIEW_MAX_CHARS: usize = 4000;
+/// Longest caption kept in a result (characters).
+pub const CAPTION_MAX_CHARS: usize = 1000;
+/// Longest poster name kept in a result (characters).
+pub const NAME_MAX_CHARS: usize = 255;
+
+/// `s` cut to at most `max` characters.
+pub fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((end, _)) => s[..end].to_string(),
+        None => s.to_string(),
+    }
 }
 
 /// A decoded poster on its way to the classifier.
@@ -95,9 +112,28 @@ impl Queue {
         )
     }
 
-    /// Waits for room (sources that can wait: folder, camera).
-    pub fn send(&self, job: Job) -> Result<(), QueueError> {
-        self.tx.send(job).map_err(|_| QueueError::Closed)
+    /// Waits for room (sources that can wait: folder, camera), beating `heartbeat`
+    /// meanwhile: a source waiting on a busy classifier is alive. Gives up when
+    /// `stop` is set; the job is then dropped (a hot-folder file stays in the inbox).
+    pub fn send(
+        &self,
+        job: Job,
+        heartbeat: &Heartbeat,
+        stop: &AtomicBool,
+    ) -> Result<(), QueueError> {
+        let mut job = job;
+        loop {
+            heartbeat.beat();
+            match self.tx.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Disconnected(_)) => return Err(QueueError::Closed),
+                Err(TrySendError::Full(j)) if !stop.load(Ordering::SeqCst) => {
+                    job = j;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(TrySendError::Full(_)) => return Err(QueueError::Closed),
+            }
+        }
     }
 
     /// Never waits (uploads: the client gets 503 instead).
@@ -142,9 +178,11 @@ pub fn run_classifier(
     next_overview: Arc<Mutex<Option<String>>>,
     sinks: &mut [Box<dyn Sink>],
     health: &Health,
+    heartbeat: &Heartbeat,
     stop: &AtomicBool,
 ) {
     loop {
+        heartbeat.beat();
         let job = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(job) => job,
             Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => match rx.try_recv() {
@@ -159,15 +197,20 @@ pub fn run_classifier(
         let overview = poster
             .overview
             .clone()
-            .or_else(|| next_overview.lock().ok().and_then(|mut o| o.take()));
+            .or_else(|| next_overview.lock().ok().and_then(|mut o| o.take()))
+            .map(|o| clip(&o, OVERVIEW_MAX_CHARS));
         let captioned = captioner
             .map(|c| c.caption(&poster.image))
             .unwrap_or_else(Captioned::off);
-        let outcome = classifier.classify(
-            &poster.image,
-            overview.as_deref(),
-            captioned.caption.as_deref(),
-        );
+        if captioner.is_some() {
+            // "none: ..." is the stage's word for a scan that went out without one.
+            health.set_captioner(captioned.caption.is_some(), &captioned.status);
+        }
+        let caption = captioned
+            .caption
+            .as_deref()
+            .map(|c| clip(c, CAPTION_MAX_CHARS));
+        let outcome = classifier.classify(&poster.image, overview.as_deref(), caption.as_deref());
         let result = match outcome {
             Ok(p) => {
                 let mut timings: BTreeMap<String, f64> = p.timings_ms.into_iter().collect();
@@ -179,8 +222,8 @@ pub fn run_classifier(
                     id: new_id(device_id),
                     timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                     source: poster.source,
-                    name: poster.name.clone(),
-                    caption: captioned.caption.clone(),
+                    name: clip(&poster.name, NAME_MAX_CHARS),
+                    caption,
                     caption_status: captioned.status.clone(),
                     overview,
                     genres: p.genres,
@@ -210,5 +253,17 @@ pub fn run_classifier(
         if let Some(done) = done {
             done(delivered);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn clip_cuts_on_character_boundaries() {
+        assert_eq!(clip("héllo", 2), "hé");
+        assert_eq!(clip("abc", 10), "abc");
+        assert_eq!(clip("", 0), "");
     }
 }

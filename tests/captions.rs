@@ -276,3 +276,58 @@ fn appliance_stage_publishes_on_deadline_and_with_caption() {
     let c = stage.caption(&img);
     assert!(c.status.starts_with("ok: local tiny"), "{}", c.status);
 }
+
+#[test]
+fn a_stalled_body_does_not_freeze_the_caption_server() {
+    use std::io::{Read, Write};
+    let server = CaptionServer::start(
+        captioner(),
+        ServerConfig {
+            listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let addr = server.addr();
+    // Declares a body and stops sending after three bytes.
+    let mut stalled = std::net::TcpStream::connect(addr).unwrap();
+    stalled
+        .write_all(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let health = ureq::get(format!("http://{addr}/healthz")).call().unwrap();
+    assert_eq!(health.status(), 200);
+    let out = client(format!("http://{addr}"), Protocol::Marquee, None)
+        .caption(&astronaut(), Task::Caption)
+        .unwrap();
+    assert_eq!(out.ids, beam3_astronaut());
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    // A huge or doubled Content-Length gets an answer, not an abort.
+    for req in [
+        "POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000000\r\nConnection: close\r\n\r\n",
+        "POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551615\r\nConnection: close\r\n\r\n",
+        "POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd",
+    ] {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        let code: u16 = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        assert!((400..500).contains(&code), "{req:?}: {resp}");
+    }
+    assert_eq!(
+        ureq::get(format!("http://{addr}/healthz"))
+            .call()
+            .unwrap()
+            .status(),
+        200
+    );
+    drop(stalled);
+    server.shutdown();
+}

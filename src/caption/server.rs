@@ -6,24 +6,32 @@
 //!   URL, a task token such as `<CAPTION>` in the text), answered in that format.
 //! - `GET /healthz`: `{status, model, busy, queued}`, no token needed.
 //!
-//! One acceptor thread checks the token and the body size, then hands work to a fixed
-//! pool through a bounded queue; when the queue is full the client gets 503 at once
-//! rather than waiting. Shutdown stops accepting, finishes what is queued, and returns.
+//! The HTTP side (limits, timeouts, connection cap) is `crate::http`'s: every request
+//! is its own task, so a client that stalls mid-body holds up nobody. A handler checks
+//! the token and reads the body within its limit, then hands the work to a fixed pool
+//! of captioning threads through a bounded queue; when the queue is full the client
+//! gets 503 at once rather than waiting. Shutdown stops accepting, finishes what is
+//! queued, and returns.
 
 use super::local::FlorenceCaptioner;
 use super::{CaptionOptions, Task};
-use crate::http::{bearer_ok, header, header_value, json};
+use crate::http::{HttpServer, bearer_ok, json, read_body, retry_soon};
 use crate::preprocess::image::decode;
-use anyhow::{Context, Result};
+use anyhow::Result;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
 use base64::Engine;
-use std::io::Read;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
-use tiny_http::{Method, Request, Server};
+use tokio::sync::oneshot;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -52,13 +60,14 @@ impl Default for ServerConfig {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Api {
     Marquee,
     Openai,
 }
 
 struct Work {
-    req: Request,
+    reply: oneshot::Sender<Response>,
     api: Api,
     image: Vec<u8>,
     task: Task,
@@ -66,9 +75,8 @@ struct Work {
 }
 
 pub struct CaptionServer {
-    addr: SocketAddr,
-    server: Arc<Server>,
-    stop: Arc<AtomicBool>,
+    http: HttpServer,
+    tx: Arc<Mutex<Option<SyncSender<Work>>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -77,26 +85,20 @@ struct Shared {
     cfg: ServerConfig,
     busy: AtomicUsize,
     queued: AtomicUsize,
+    tx: Arc<Mutex<Option<SyncSender<Work>>>>,
 }
 
 impl CaptionServer {
     pub fn start(captioner: Arc<FlorenceCaptioner>, cfg: ServerConfig) -> Result<Self> {
-        let server = Arc::new(
-            Server::http(&cfg.listen)
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?,
-        );
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .context("caption server bound to a non-IP address")?;
-        let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::sync_channel::<Work>(cfg.queue.max(1));
+        let tx = Arc::new(Mutex::new(Some(tx)));
         let rx = Arc::new(Mutex::new(rx));
         let shared = Arc::new(Shared {
             captioner,
             cfg: cfg.clone(),
             busy: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            tx: tx.clone(),
         });
         let mut threads = Vec::new();
         for i in 0..cfg.workers.max(1) {
@@ -107,146 +109,139 @@ impl CaptionServer {
                     .spawn(move || worker(&rx, &shared))?,
             );
         }
-        let (srv, st) = (server.clone(), stop.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("caption-accept".into())
-                .spawn(move || accept(&srv, tx, &shared, &st))?,
-        );
-        Ok(Self {
-            addr,
-            server,
-            stop,
-            threads,
-        })
+        let router = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/v1/caption", post(caption))
+            .route("/v1/chat/completions", post(chat))
+            .fallback(|| async {
+                error(
+                    StatusCode::NOT_FOUND,
+                    "not found: use POST /v1/caption or /v1/chat/completions",
+                )
+            })
+            .with_state(shared);
+        let http = HttpServer::start(&cfg.listen, router, 2, "caption-http")?;
+        Ok(Self { http, tx, threads })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.http.addr
     }
 
     /// Stops accepting, lets the workers finish the queue, and waits for them.
     pub fn shutdown(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.server.unblock();
+        // Closing the queue first: a request arriving now gets 503, and the workers
+        // exit once the queue is empty.
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         for t in self.threads {
             let _ = t.join();
         }
+        self.http.stop();
     }
 }
 
-fn error(req: Request, code: u16, msg: &str) {
+fn error(code: StatusCode, msg: &str) -> Response {
     let body = serde_json::json!({ "error": msg }).to_string();
-    let mut resp = json(code, body);
-    if code == 503 {
-        resp = resp.with_header(header("Retry-After", "1"));
+    let resp = json(code, body);
+    if code == StatusCode::SERVICE_UNAVAILABLE {
+        retry_soon(resp)
+    } else {
+        resp
     }
-    let _ = req.respond(resp);
 }
 
-fn accept(server: &Server, tx: SyncSender<Work>, shared: &Shared, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        let req = match server.recv_timeout(Duration::from_millis(200)) {
-            Ok(Some(req)) => req,
-            Ok(None) => continue,
-            Err(_) => break,
-        };
-        let path = req.url().split('?').next().unwrap_or("").to_string();
-        match (req.method(), path.as_str()) {
-            (Method::Get, "/healthz") => {
-                let body = serde_json::json!({
-                    "status": "ok",
-                    "model": shared.captioner.name,
-                    "busy": shared.busy.load(Ordering::SeqCst),
-                    "queued": shared.queued.load(Ordering::SeqCst),
-                });
-                let _ = req.respond(json(200, body.to_string()));
-            }
-            (Method::Post, "/v1/caption") => admit(req, Api::Marquee, &tx, shared),
-            (Method::Post, "/v1/chat/completions") => admit(req, Api::Openai, &tx, shared),
-            _ => error(
-                req,
-                404,
-                "not found: use POST /v1/caption or /v1/chat/completions",
-            ),
-        }
-    }
-    // Dropping `tx` lets the workers drain the queue and exit.
+type St = State<Arc<Shared>>;
+
+async fn healthz(State(shared): St) -> Response {
+    let body = serde_json::json!({
+        "status": "ok",
+        "model": shared.captioner.name,
+        "busy": shared.busy.load(Ordering::SeqCst),
+        "queued": shared.queued.load(Ordering::SeqCst),
+    });
+    json(StatusCode::OK, body.to_string())
 }
 
-fn admit(mut req: Request, api: Api, tx: &SyncSender<Work>, shared: &Shared) {
+async fn caption(
+    State(shared): St,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    admit(&shared, Api::Marquee, &q, &headers, body).await
+}
+
+async fn chat(State(shared): St, headers: HeaderMap, body: Body) -> Response {
+    admit(&shared, Api::Openai, &HashMap::new(), &headers, body).await
+}
+
+async fn admit(
+    shared: &Shared,
+    api: Api,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
     let cfg = &shared.cfg;
     if let Some(token) = &cfg.token
-        && !bearer_ok(&req, token)
+        && !bearer_ok(headers, token)
     {
-        return error(req, 401, "missing or wrong bearer token");
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
-    let declared =
-        header_value(&req, "Content-Length").and_then(|v| v.trim().parse::<usize>().ok());
-    if declared.is_some_and(|n| n > cfg.max_body) {
-        return error(
-            req,
-            413,
-            &format!("body over the {} byte limit", cfg.max_body),
-        );
-    }
-    let mut body = Vec::new();
-    if let Err(e) = req
-        .as_reader()
-        .take(cfg.max_body as u64 + 1)
-        .read_to_end(&mut body)
-    {
-        return error(req, 400, &format!("reading the body: {e}"));
-    }
-    if body.len() > cfg.max_body {
-        return error(
-            req,
-            413,
-            &format!("body over the {} byte limit", cfg.max_body),
-        );
-    }
+    let body = match read_body(body, headers, cfg.max_body).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
     let parsed = match api {
-        Api::Marquee => marquee_request(req.url(), body, cfg.max_new_tokens),
+        Api::Marquee => marquee_request(query, body, cfg.max_new_tokens),
         Api::Openai => openai_request(&body, cfg.max_new_tokens),
     };
     let (image, task, opts) = match parsed {
         Ok(p) => p,
-        Err(e) => return error(req, 400, &e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
+    let (reply, answer) = oneshot::channel();
     let work = Work {
-        req,
+        reply,
         api,
         image,
         task,
         opts,
     };
     shared.queued.fetch_add(1, Ordering::SeqCst);
-    match tx.try_send(work) {
-        Ok(()) => {}
-        Err(TrySendError::Full(w)) | Err(TrySendError::Disconnected(w)) => {
-            shared.queued.fetch_sub(1, Ordering::SeqCst);
-            error(w.req, 503, "caption server busy: queue full, retry shortly");
-        }
+    let sent = match shared.tx.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        Some(tx) => tx.try_send(work).map_err(|e| match e {
+            TrySendError::Full(_) => "caption server busy: queue full, retry shortly",
+            TrySendError::Disconnected(_) => "caption server shutting down",
+        }),
+        None => Err("caption server shutting down"),
+    };
+    if let Err(msg) = sent {
+        shared.queued.fetch_sub(1, Ordering::SeqCst);
+        return error(StatusCode::SERVICE_UNAVAILABLE, msg);
     }
-}
-
-fn query(url: &str, key: &str) -> Option<String> {
-    let q = url.split_once('?')?.1;
-    q.split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.to_string())
+    answer.await.unwrap_or_else(|_| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the captioning worker stopped",
+        )
+    })
 }
 
 type Parsed = (Vec<u8>, Task, CaptionOptions);
 
-fn marquee_request(url: &str, body: Vec<u8>, cap: usize) -> Result<Parsed, String> {
-    let task = match query(url, "task") {
+fn marquee_request(
+    query: &HashMap<String, String>,
+    body: Vec<u8>,
+    cap: usize,
+) -> Result<Parsed, String> {
+    let task = match query.get("task") {
         Some(t) => t.parse()?,
         None => Task::Caption,
     };
     let num = |k: &str| -> Result<Option<usize>, String> {
-        query(url, k)
+        query
+            .get(k)
             .map(|v| {
                 v.parse::<usize>()
                     .map_err(|_| format!("{k} must be a whole number"))
@@ -313,13 +308,23 @@ fn worker(rx: &Mutex<Receiver<Work>>, shared: &Shared) {
 }
 
 fn serve(w: Work, captioner: &FlorenceCaptioner) {
+    let resp = answer(&w, captioner);
+    let _ = w.reply.send(resp);
+}
+
+fn answer(w: &Work, captioner: &FlorenceCaptioner) -> Response {
     let image = match decode(&w.image) {
         Ok(img) => img,
-        Err(e) => return error(w.req, 422, &e.to_string()),
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
     };
     let out = match captioner.caption(&image, w.task, &w.opts) {
         Ok(o) => o,
-        Err(e) => return error(w.req, 500, &format!("captioning failed: {e:#}")),
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("captioning failed: {e:#}"),
+            );
+        }
     };
     let body = match w.api {
         Api::Marquee => serde_json::to_value(&out).unwrap_or_default(),
@@ -335,5 +340,5 @@ fn serve(w: Work, captioner: &FlorenceCaptioner) {
             "usage": {"completion_tokens": out.tokens},
         }),
     };
-    let _ = w.req.respond(json(200, body.to_string()));
+    json(StatusCode::OK, body.to_string())
 }

@@ -1,6 +1,8 @@
 //! A disk outbox: every result is written (and fsynced) here before it is published,
 //! and removed only once the broker has acknowledged it. Files are named by a
 //! zero-padded sequence number, so the oldest is first and order survives restarts.
+//! A record that can never be published moves to the dead-letter folder beside it,
+//! with a `SEQ.reason.txt`, so it never blocks the records behind it.
 
 use std::fs;
 use std::io::Write;
@@ -9,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 pub struct Outbox {
     dir: PathBuf,
+    dead: PathBuf,
     max: usize,
     state: Mutex<u64>,
     wake: Condvar,
@@ -21,8 +24,10 @@ pub struct Entry {
 }
 
 impl Outbox {
-    pub fn open(dir: &Path, max: usize) -> std::io::Result<Arc<Self>> {
+    /// `max` is at least 1 (the config check enforces it; 0 would drop every result).
+    pub fn open(dir: &Path, dead: &Path, max: usize) -> std::io::Result<Arc<Self>> {
         fs::create_dir_all(dir)?;
+        fs::create_dir_all(dead)?;
         // Remove half-written leftovers of a crash.
         for e in fs::read_dir(dir)?.flatten() {
             if e.path().extension().is_some_and(|x| x == "tmp") {
@@ -32,7 +37,8 @@ impl Outbox {
         let next = Self::seqs(dir)?.last().map_or(0, |s| s + 1);
         Ok(Arc::new(Self {
             dir: dir.to_path_buf(),
-            max,
+            dead: dead.to_path_buf(),
+            max: max.max(1),
             state: Mutex::new(next),
             wake: Condvar::new(),
         }))
@@ -89,6 +95,25 @@ impl Outbox {
         let _ = fs::remove_file(self.path(seq));
     }
 
+    /// Moves a record that cannot be published to the dead-letter folder, with its
+    /// reason beside it. If even that fails, the record is removed: a stuck head
+    /// would stop every later result.
+    pub fn dead_letter(&self, seq: u64, why: &str) {
+        let name = format!("{seq:016}");
+        let _ = fs::write(
+            self.dead.join(format!("{name}.reason.txt")),
+            format!("{why}\n"),
+        );
+        if fs::rename(self.path(seq), self.dead.join(format!("{name}.json"))).is_err() {
+            let _ = fs::remove_file(self.path(seq));
+        }
+    }
+
+    /// Records in the dead-letter folder.
+    pub fn dead_letters(&self) -> usize {
+        Self::seqs(&self.dead).map_or(0, |s| s.len())
+    }
+
     pub fn len(&self) -> usize {
         Self::seqs(&self.dir).map_or(0, |s| s.len())
     }
@@ -112,13 +137,14 @@ mod tests {
     fn keeps_order_across_reopen_and_bounds_its_size() {
         let dir = std::env::temp_dir().join(format!("marquee-outbox-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let ob = Outbox::open(&dir, 3).unwrap();
+        let dead = dir.join("dead");
+        let ob = Outbox::open(&dir, &dead, 3).unwrap();
         for i in 0..4 {
             ob.push(format!("{i}").as_bytes()).unwrap();
         }
         assert_eq!(ob.len(), 3, "the oldest was dropped");
         drop(ob);
-        let ob = Outbox::open(&dir, 3).unwrap();
+        let ob = Outbox::open(&dir, &dead, 3).unwrap();
         let first = ob.oldest().unwrap();
         assert_eq!(first.payload, b"1");
         ob.remove(first.seq);
@@ -127,6 +153,18 @@ mod tests {
             ob.push(b"x").unwrap(),
             4,
             "numbering continues after a restart"
+        );
+        let head = ob.oldest().unwrap().seq;
+        ob.dead_letter(head, "too big");
+        assert_eq!(ob.dead_letters(), 1);
+        assert_ne!(
+            ob.oldest().unwrap().seq,
+            head,
+            "the next record is the head now"
+        );
+        assert_eq!(
+            fs::read_to_string(dead.join(format!("{head:016}.reason.txt"))).unwrap(),
+            "too big\n"
         );
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -9,7 +9,7 @@
 use super::frame::{Frame, PixelFormat, decode_frame};
 use super::trigger::SteadyTrigger;
 use crate::config::CameraConfig;
-use crate::health::Health;
+use crate::health::{Health, Heartbeat};
 use crate::pipeline::{Job, Poster, Queue, Source};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -161,7 +161,13 @@ mod v4l_capture {
 
 /// Captures until `stop`: re-opens a vanished camera with back-off, and sends each
 /// new steady poster to the queue.
-pub fn run(c: CameraConfig, queue: Queue, health: Arc<Health>, stop: Arc<AtomicBool>) {
+pub fn run(
+    c: CameraConfig,
+    queue: Queue,
+    health: Arc<Health>,
+    heartbeat: Heartbeat,
+    stop: Arc<AtomicBool>,
+) {
     let name = c.device.display().to_string();
     let replay = name.starts_with("replay:");
     let mut backoff = Duration::from_millis(500);
@@ -171,7 +177,7 @@ pub fn run(c: CameraConfig, queue: Queue, health: Arc<Health>, stop: Arc<AtomicB
             Ok(s) => s,
             Err(e) => {
                 health.set_camera(false, &format!("{name}: {e}; retrying in {backoff:?}"));
-                sleep_unless_stopped(backoff, &stop);
+                sleep_unless_stopped(backoff, &heartbeat, &stop);
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
@@ -179,11 +185,12 @@ pub fn run(c: CameraConfig, queue: Queue, health: Arc<Health>, stop: Arc<AtomicB
         health.set_camera(true, &format!("{name}: streaming"));
         backoff = Duration::from_millis(500);
         while !stop.load(Ordering::SeqCst) {
+            heartbeat.beat();
             let frame = match src.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => {
                     health.set_camera(true, &format!("{name}: replay finished"));
-                    return;
+                    return idle(&heartbeat, &stop);
                 }
                 Err(e) => {
                     health.set_camera(false, &format!("{name}: {e}"));
@@ -207,20 +214,29 @@ pub fn run(c: CameraConfig, queue: Queue, health: Arc<Health>, stop: Arc<AtomicB
                     },
                     done: None,
                 };
-                if queue.send(job).is_err() {
+                if queue.send(job, &heartbeat, &stop).is_err() {
                     return;
                 }
             }
         }
         if replay {
-            return;
+            return idle(&heartbeat, &stop);
         }
     }
 }
 
-fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
+/// A finished replay stays alive (and beating) until shutdown.
+fn idle(heartbeat: &Heartbeat, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        heartbeat.beat();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn sleep_unless_stopped(d: Duration, heartbeat: &Heartbeat, stop: &AtomicBool) {
     let end = Instant::now() + d;
     while Instant::now() < end && !stop.load(Ordering::SeqCst) {
+        heartbeat.beat();
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -2,10 +2,12 @@
 //! `done/` or to `failed/` (with `NAME.reason.txt` saying why). An optional sidecar
 //! `NAME.txt` (plain overview) or `NAME.json` (`{"overview": "..."}`) travels with it.
 //! A file is read only after its size and mtime have held still for `settle_ms`, so a
-//! poster still being copied in is never read half-written.
+//! poster still being copied in is never read half-written. A file that fails to
+//! decode while it is still changing (a slow writer with long pauses) is left in
+//! place and tried again once it settles.
 
 use crate::config::FolderConfig;
-use crate::health::Health;
+use crate::health::{Health, Heartbeat};
 use crate::pipeline::{Job, Poster, Queue, Source};
 use crate::preprocess::image::{MAX_BYTES, decode};
 use std::collections::{HashMap, HashSet};
@@ -18,6 +20,8 @@ use std::time::{Duration, SystemTime};
 
 const SIDECARS: [&str; 2] = ["txt", "json"];
 const TEMP_SUFFIXES: [&str; 4] = [".tmp", ".part", ".partial", ".crdownload"];
+/// Largest sidecar read (bytes); the pipeline clips the overview further.
+const SIDECAR_MAX: usize = 4 << 20;
 
 pub struct Folder {
     dir: PathBuf,
@@ -49,12 +53,19 @@ impl Folder {
     }
 
     /// Scans until `stop`; blocks on a full queue (back-pressure).
-    pub fn run(self, queue: Queue, health: Arc<Health>, stop: Arc<AtomicBool>) {
+    pub fn run(
+        self,
+        queue: Queue,
+        health: Arc<Health>,
+        heartbeat: Heartbeat,
+        stop: Arc<AtomicBool>,
+    ) {
         let this = Arc::new(self);
         let mut seen: HashMap<PathBuf, Seen> = HashMap::new();
         let in_flight: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
         health.set_folder(true, &format!("watching {}", this.dir.display()));
         while !stop.load(Ordering::SeqCst) {
+            heartbeat.beat();
             match this.candidates() {
                 Ok(files) => {
                     let now = SystemTime::now();
@@ -79,7 +90,7 @@ impl Folder {
                         if still {
                             seen.remove(&path);
                             in_flight.lock().expect("folder lock").insert(path.clone());
-                            this.submit(&path, &queue, &in_flight);
+                            this.submit(&path, cur, &queue, &in_flight, &heartbeat, &stop);
                         }
                     }
                 }
@@ -107,14 +118,35 @@ impl Folder {
         Ok(out)
     }
 
+    /// Whether a file that failed to decode changes within a few more seconds:
+    /// then it was read too early (a writer pausing longer than `settle_ms`), not
+    /// broken. Only failures pay this wait.
+    fn still_growing(&self, path: &Path, seen: Seen) -> bool {
+        let changed = || {
+            fs::metadata(path)
+                .is_ok_and(|m| m.len() != seen.len || m.modified().is_ok_and(|t| t != seen.mtime))
+        };
+        let end = std::time::Instant::now() + (self.settle * 2).max(Duration::from_secs(3));
+        loop {
+            if changed() {
+                return true;
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn overview(&self, image: &Path) -> (Option<String>, Vec<PathBuf>) {
         let mut found = Vec::new();
         let mut overview = None;
         for ext in SIDECARS {
             let p = image.with_extension(ext);
-            let Ok(text) = fs::read_to_string(&p) else {
+            let Ok(bytes) = read_limited(&p, SIDECAR_MAX) else {
                 continue;
             };
+            let text = String::from_utf8_lossy(&bytes).into_owned();
             found.push(p);
             let o = if ext == "json" {
                 serde_json::from_str::<serde_json::Value>(&text)
@@ -131,15 +163,24 @@ impl Folder {
     fn submit(
         self: &Arc<Self>,
         path: &Path,
+        seen: Seen,
         queue: &Queue,
         in_flight: &Arc<Mutex<HashSet<PathBuf>>>,
+        heartbeat: &Heartbeat,
+        stop: &AtomicBool,
     ) {
         let (overview, sidecars) = self.overview(path);
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let image = read_limited(path).and_then(|b| decode(&b).map_err(|e| e.to_string()));
+        let image =
+            read_limited(path, MAX_BYTES).and_then(|b| decode(&b).map_err(|e| e.to_string()));
+        if image.is_err() && self.still_growing(path, seen) {
+            tracing::info!(file = %path.display(), "unreadable while still being written; retrying once it settles");
+            in_flight.lock().expect("folder lock").remove(path);
+            return;
+        }
         let finish = {
             let (this, path, in_flight) = (self.clone(), path.to_path_buf(), in_flight.clone());
             move |outcome: Result<(), String>| {
@@ -171,7 +212,7 @@ impl Folder {
                     },
                     done: Some(Box::new(move |o| finish(o.map(|_| ())))),
                 };
-                if let Err(e) = queue.send(job) {
+                if let Err(e) = queue.send(job, heartbeat, stop) {
                     tracing::warn!("{e}");
                 }
             }
@@ -179,14 +220,14 @@ impl Folder {
     }
 }
 
-fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
+fn read_limited(path: &Path, max: usize) -> Result<Vec<u8>, String> {
     let f = fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
     let mut bytes = Vec::new();
-    f.take(MAX_BYTES as u64 + 1)
+    f.take(max as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.len() > MAX_BYTES {
-        return Err(format!("file larger than the {MAX_BYTES}-byte image limit"));
+    if bytes.len() > max {
+        return Err(format!("file larger than the {max}-byte limit"));
     }
     Ok(bytes)
 }

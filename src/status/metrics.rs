@@ -49,6 +49,12 @@ pub fn render(h: &HealthView, latencies: &[f64], outbox: usize, queue_capacity: 
         c.rejected_uploads.to_string(),
     );
     metric(
+        "dead_letters_total",
+        "counter",
+        "Results moved to the dead-letter folder because they could never be published.",
+        c.dead_letters.to_string(),
+    );
+    metric(
         "outbox_pending",
         "gauge",
         "Results waiting in the disk outbox.",

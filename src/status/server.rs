@@ -1,31 +1,39 @@
-//! The status server (tiny_http): the live page, JSON endpoints, SSE, metrics and
-//! the authenticated upload endpoint. One thread accepts; each request gets a short
-//! thread of its own, since SSE clients hold theirs open.
+//! The status server: the live page, JSON endpoints, SSE, metrics and the
+//! authenticated upload endpoint, on the hardened HTTP core in `crate::http`.
+//! SSE clients have a budget of their own (`MAX_SSE`), below the connection cap, so
+//! however many open the page, `/healthz` and the API still answer.
 
 use super::metrics;
 use crate::config::Config;
 use crate::health::Health;
-use crate::http::{bearer_ok, header, header_value, json, text};
+use crate::http::{HttpServer, bearer_ok, header_text, json, read_body, retry_soon, text};
 use crate::pipeline::{Job, Poster, Queue, QueueError, ScanResult, Sink, Source};
 use crate::preprocess::image::decode;
 use crate::publish::outbox::Outbox;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use std::collections::VecDeque;
-use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tiny_http::{Method, Request, Response, Server};
+use tokio::sync::{Semaphore, mpsc};
 
 const PAGE: &str = include_str!("page.html");
-const MAX_CLIENTS: usize = 64;
+/// Live-page clients at once; more get 503 (the page retries).
+pub const MAX_SSE: usize = 32;
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct StatusState {
     pub device_id: String,
     history: Mutex<VecDeque<ScanResult>>,
     capacity: usize,
-    subscribers: Mutex<Vec<SyncSender<String>>>,
+    subscribers: Mutex<Vec<mpsc::Sender<String>>>,
     pub health: Arc<Health>,
     outbox: Option<Arc<Outbox>>,
     queue_capacity: usize,
@@ -46,13 +54,13 @@ impl StatusState {
 
     /// Sends one SSE event to every client; slow or gone clients are dropped.
     pub fn broadcast(&self, event: &str, data: &str) {
-        let msg = format!("event: {event}\ndata: {data}\n\n");
+        let msg = format!("{event}\n{data}");
         let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         subs.retain(|tx| tx.try_send(msg.clone()).is_ok());
     }
 
-    fn subscribe(&self) -> Receiver<String> {
-        let (tx, rx) = sync_channel(64);
+    fn subscribe(&self) -> mpsc::Receiver<String> {
+        let (tx, rx) = mpsc::channel(64);
         self.subscribers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -108,8 +116,8 @@ impl Sink for StatusSink {
 }
 
 pub struct StatusServer {
-    server: Arc<Server>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    http: HttpServer,
+    state: Arc<StatusState>,
     pub addr: std::net::SocketAddr,
 }
 
@@ -120,61 +128,53 @@ impl StatusServer {
         queue: Queue,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<Self> {
-        let server = Arc::new(
-            Server::http(&c.status.listen)
-                .map_err(|e| anyhow::anyhow!("status.listen {}: {e}", c.status.listen))?,
-        );
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| anyhow::anyhow!("status server has no IP address"))?;
         let ctx = Arc::new(Ctx {
             state: state.clone(),
             queue,
             token: c.status.token.clone(),
             max_upload: c.status.max_upload_bytes,
-            active: AtomicUsize::new(0),
-            stop,
+            sse: Arc::new(Semaphore::new(MAX_SSE)),
         });
+        let router = Router::new()
+            .route("/", get(page))
+            .route("/healthz", get(|| async { text(StatusCode::OK, "ok") }))
+            .route("/api/status", get(status))
+            .route("/api/history", get(history))
+            .route("/metrics", get(metrics_text))
+            .route("/api/events", get(events))
+            .route("/api/thumbnail/{id}", get(thumbnail))
+            .route("/api/classify", post(upload))
+            .fallback(|| async { text(StatusCode::NOT_FOUND, "not found") })
+            .with_state(ctx);
+        let http = HttpServer::start(&c.status.listen, router, 2, "status-http")
+            .map_err(|e| anyhow::anyhow!("status.listen {}: {e:#}", c.status.listen))?;
         // Health over SSE, so the page needs no polling.
         {
-            let (state, ctx) = (state.clone(), ctx.clone());
-            std::thread::spawn(move || {
-                while !ctx.stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_secs(2));
-                    state.broadcast("status", &state.status_json());
-                }
-            });
-        }
-        let srv = server.clone();
-        let thread = std::thread::Builder::new()
-            .name("status".into())
-            .spawn(move || {
-                for req in srv.incoming_requests() {
-                    if ctx.active.load(Ordering::SeqCst) >= MAX_CLIENTS {
-                        let _ = req.respond(text(503, "too many clients"));
-                        continue;
+            let state = state.clone();
+            std::thread::Builder::new()
+                .name("status-tick".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_secs(2));
+                        state.broadcast("status", &state.status_json());
                     }
-                    let ctx = ctx.clone();
-                    ctx.active.fetch_add(1, Ordering::SeqCst);
-                    std::thread::spawn(move || {
-                        handle(&ctx, req);
-                        ctx.active.fetch_sub(1, Ordering::SeqCst);
-                    });
-                }
-            })?;
+                })?;
+        }
         Ok(Self {
-            server,
-            thread: Some(thread),
-            addr,
+            addr: http.addr,
+            http,
+            state,
         })
     }
 
-    pub fn stop(mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn stop(self) {
+        // Dropping the senders ends every SSE stream, so the drain is quick.
+        self.state
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.http.stop();
     }
 }
 
@@ -183,135 +183,112 @@ struct Ctx {
     queue: Queue,
     token: Option<String>,
     max_upload: usize,
-    active: AtomicUsize,
-    stop: Arc<AtomicBool>,
+    sse: Arc<Semaphore>,
 }
 
-fn handle(ctx: &Ctx, req: Request) {
-    let url = req.url().split('?').next().unwrap_or("/").to_string();
+type Shared = State<Arc<Ctx>>;
+
+async fn page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+}
+
+async fn status(State(ctx): Shared) -> Response {
+    json(StatusCode::OK, ctx.state.status_json())
+}
+
+async fn history(State(ctx): Shared) -> Response {
+    json(StatusCode::OK, ctx.state.history_json())
+}
+
+async fn metrics_text(State(ctx): Shared) -> Response {
     let st = &ctx.state;
-    let resp = match (req.method(), url.as_str()) {
-        (Method::Get, "/") => Response::from_string(PAGE)
-            .with_header(header("Content-Type", "text/html; charset=utf-8")),
-        (Method::Get, "/healthz") => text(200, "ok"),
-        (Method::Get, "/api/status") => json(200, st.status_json()),
-        (Method::Get, "/api/history") => json(200, st.history_json()),
-        (Method::Get, "/metrics") => {
-            let outbox = st.outbox.as_ref().map_or(0, |o| o.len());
-            let body = metrics::render(
-                &st.health.view(),
-                &st.health.latencies(),
-                outbox,
-                st.queue_capacity,
-            );
-            Response::from_string(body)
-                .with_header(header("Content-Type", "text/plain; version=0.0.4"))
-        }
-        (Method::Get, "/api/events") => return sse(ctx, req),
-        (Method::Get, p) if p.starts_with("/api/thumbnail/") => {
-            let id = p
-                .trim_start_matches("/api/thumbnail/")
-                .trim_end_matches(".jpg");
-            match st.thumbnail(id) {
-                Some(jpg) if !jpg.is_empty() => {
-                    Response::from_data(jpg).with_header(header("Content-Type", "image/jpeg"))
-                }
-                _ => text(404, "no such thumbnail"),
-            }
-        }
-        (Method::Post, "/api/classify") => return upload(ctx, req),
-        (_, "/api/classify") => text(405, "use POST"),
-        _ => text(404, "not found"),
-    };
-    let _ = req.respond(resp);
-}
-
-fn sse(ctx: &Ctx, req: Request) {
-    let rx = ctx.state.subscribe();
-    let mut w = req.into_writer();
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-                Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n";
-    let chunk = |w: &mut Box<dyn Write + Send>, s: &str| -> std::io::Result<()> {
-        write!(w, "{:x}\r\n{s}\r\n", s.len())?;
-        w.flush()
-    };
-    if w.write_all(head.as_bytes()).is_err() || chunk(&mut w, "retry: 2000\n\n").is_err() {
-        return;
-    }
-    let _ = chunk(
-        &mut w,
-        &format!("event: status\ndata: {}\n\n", ctx.state.status_json()),
+    let outbox = st.outbox.as_ref().map_or(0, |o| o.len());
+    let body = metrics::render(
+        &st.health.view(),
+        &st.health.latencies(),
+        outbox,
+        st.queue_capacity,
     );
-    while !ctx.stop.load(Ordering::SeqCst) {
-        match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(msg) => {
-                if chunk(&mut w, &msg).is_err() {
-                    return;
-                }
-            }
-            // A comment line keeps proxies and the browser from timing out.
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if chunk(&mut w, ": keep-alive\n\n").is_err() {
-                    return;
-                }
-            }
-            Err(_) => return,
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn thumbnail(State(ctx): Shared, Path(id): Path<String>) -> Response {
+    match ctx.state.thumbnail(id.trim_end_matches(".jpg")) {
+        Some(jpg) if !jpg.is_empty() => {
+            ([(header::CONTENT_TYPE, "image/jpeg")], jpg).into_response()
         }
+        _ => text(StatusCode::NOT_FOUND, "no such thumbnail"),
     }
 }
 
-fn upload(ctx: &Ctx, mut req: Request) {
-    let health = &ctx.state.health;
-    let reject = |req: Request, code: u16, msg: &str| {
+async fn events(State(ctx): Shared) -> Response {
+    let Ok(permit) = ctx.sse.clone().try_acquire_owned() else {
+        return retry_soon(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("too many live clients (limit {MAX_SSE})"),
+        ));
+    };
+    let rx = ctx.state.subscribe();
+    let first = ctx.state.status_json();
+    // The permit lives in the stream: it is returned when the client goes away.
+    let stream = futures_util::stream::unfold(
+        (Some(first), rx, permit),
+        |(first, mut rx, permit)| async move {
+            let msg = match first {
+                Some(f) => format!("status\n{f}"),
+                None => rx.recv().await?,
+            };
+            let (event, data) = msg.split_once('\n').unwrap_or(("message", ""));
+            let ev = Event::default().event(event).data(data);
+            Some((Ok::<_, Infallible>(ev), (None, rx, permit)))
+        },
+    );
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+async fn upload(State(ctx): Shared, headers: HeaderMap, body: Body) -> Response {
+    let health = ctx.state.health.clone();
+    let reject = |code: StatusCode, msg: &str| {
         health.rejected_upload();
-        let _ = req.respond(text(code, msg));
+        let r = text(code, msg);
+        if code == StatusCode::SERVICE_UNAVAILABLE {
+            retry_soon(r)
+        } else {
+            r
+        }
     };
     let Some(token) = &ctx.token else {
         return reject(
-            req,
-            403,
+            StatusCode::FORBIDDEN,
             "uploads are disabled: set status.token (or MARQUEE_HTTP_TOKEN)",
         );
     };
-    if !bearer_ok(&req, token) {
-        return reject(req, 401, "missing or wrong bearer token");
+    if !bearer_ok(&headers, token) {
+        return reject(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
-    if req.body_length().is_some_and(|n| n > ctx.max_upload) {
-        return reject(
-            req,
-            413,
-            &format!("body larger than {} bytes", ctx.max_upload),
-        );
-    }
-    let mut body = Vec::new();
-    if req
-        .as_reader()
-        .take(ctx.max_upload as u64 + 1)
-        .read_to_end(&mut body)
-        .is_err()
-    {
-        return reject(req, 400, "could not read the body");
-    }
-    if body.len() > ctx.max_upload {
-        return reject(
-            req,
-            413,
-            &format!("body larger than {} bytes", ctx.max_upload),
-        );
-    }
-    let content_type = header_value(&req, "Content-Type").unwrap_or_default();
-    let (image, mut overview) = match parse_body(&content_type, body) {
-        Ok(parts) => parts,
-        Err(e) => return reject(req, 400, &e),
+    let body = match read_body(body, &headers, ctx.max_upload).await {
+        Ok(b) => b,
+        Err(resp) => {
+            health.rejected_upload();
+            return resp;
+        }
     };
-    if let Some(o) = header_value(&req, "X-Marquee-Overview") {
+    let content_type = header_text(&headers, "content-type").unwrap_or_default();
+    let (image, mut overview) = match parse_body(&content_type, body).await {
+        Ok(parts) => parts,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, &e),
+    };
+    if let Some(o) = header_text(&headers, "x-marquee-overview") {
         overview = Some(o);
     }
-    let img = match decode(&image) {
-        Ok(i) => i,
-        Err(e) => return reject(req, 422, &e.to_string()),
+    let img = match tokio::task::spawn_blocking(move || decode(&image)).await {
+        Ok(Ok(i)) => i,
+        Ok(Err(e)) => return reject(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+        Err(_) => return reject(StatusCode::INTERNAL_SERVER_ERROR, "decoding failed"),
     };
-    let (tx, rx) = sync_channel::<Result<String, String>>(1);
+    let (tx, rx) = tokio::sync::oneshot::channel::<Result<String, String>>();
     let job = Job {
         poster: Poster {
             source: Source::Upload,
@@ -325,43 +302,45 @@ fn upload(ctx: &Ctx, mut req: Request) {
     };
     match ctx.queue.try_send(job) {
         Ok(()) => {}
-        Err((QueueError::Full, _)) => return reject(req, 503, "the classifier is busy: try again"),
-        Err((QueueError::Closed, _)) => return reject(req, 503, "shutting down"),
+        Err((QueueError::Full, _)) => {
+            return reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the classifier is busy: try again",
+            );
+        }
+        Err((QueueError::Closed, _)) => {
+            return reject(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+        }
     }
-    let resp = match rx.recv_timeout(UPLOAD_TIMEOUT) {
-        Ok(Ok(body)) => json(200, body),
-        Ok(Err(e)) => text(500, &e),
-        Err(_) => text(504, "classification timed out"),
-    };
-    let _ = req.respond(resp);
+    match tokio::time::timeout(UPLOAD_TIMEOUT, rx).await {
+        Ok(Ok(Ok(body))) => json(StatusCode::OK, body),
+        Ok(Ok(Err(e))) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Ok(Err(_)) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+        Err(_) => text(StatusCode::GATEWAY_TIMEOUT, "classification timed out"),
+    }
 }
 
 /// The image (and overview) of a multipart/form-data body, or the raw body.
-fn parse_body(content_type: &str, body: Vec<u8>) -> Result<(Vec<u8>, Option<String>), String> {
-    let Some(boundary) = content_type
-        .strip_prefix("multipart/form-data")
-        .and_then(|rest| {
-            rest.split(';')
-                .find_map(|p| p.trim().strip_prefix("boundary="))
-        })
-    else {
+async fn parse_body(
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<(Vec<u8>, Option<String>), String> {
+    let Ok(boundary) = multer::parse_boundary(content_type) else {
         return Ok((body, None));
     };
-    let boundary = boundary.trim_matches('"');
-    let mut mp = multipart::server::Multipart::with_body(std::io::Cursor::new(body), boundary);
+    let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(body) });
+    let mut mp = multer::Multipart::new(stream, boundary);
     let (mut image, mut overview) = (None, None);
     loop {
-        match mp.read_entry() {
-            Ok(Some(mut field)) => {
-                let mut data = Vec::new();
-                field
-                    .data
-                    .read_to_end(&mut data)
-                    .map_err(|e| format!("multipart: {e}"))?;
-                match &*field.headers.name {
-                    "overview" => overview = Some(String::from_utf8_lossy(&data).into_owned()),
-                    _ if image.is_none() => image = Some(data),
-                    _ => {}
+        match mp.next_field().await {
+            Ok(Some(field)) => {
+                let is_overview = field.name() == Some("overview");
+                let data = field.bytes().await.map_err(|e| format!("multipart: {e}"))?;
+                // The body limit bounds the overview; the pipeline clips it.
+                if is_overview {
+                    overview = Some(String::from_utf8_lossy(&data).into_owned());
+                } else if image.is_none() {
+                    image = Some(data.to_vec());
                 }
             }
             Ok(None) => break,
@@ -371,4 +350,106 @@ fn parse_body(content_type: &str, body: Vec<u8>) -> Result<(Vec<u8>, Option<Stri
     image
         .map(|i| (i, overview))
         .ok_or_else(|| "multipart body has no image field".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    /// A status server on a free loopback port, with a token, and no classifier
+    /// behind its queue (uploads that get that far wait, then time out).
+    fn server() -> (StatusServer, crate::pipeline::Queue) {
+        let mut c = Config::default();
+        c.status.listen = "127.0.0.1:0".into();
+        c.status.token = Some("t0ken".into());
+        c.status.max_upload_bytes = 4096;
+        let state = StatusState::new(&c, Arc::new(Health::default()), None);
+        let (queue, rx) = crate::pipeline::Queue::new(1);
+        std::mem::forget(rx);
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = StatusServer::start(&c, state, queue.clone(), stop).unwrap();
+        (s, queue)
+    }
+
+    fn exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Random request heads (methods, paths with percent-escapes and queries,
+        /// headers, Content-Length values, bodies) over a real socket: each gets an
+        /// HTTP answer or a closed connection, and the server keeps serving.
+        #[test]
+        fn random_requests_never_take_the_server_down(
+            method in prop_oneof![Just("GET".to_string()), Just("POST".to_string()), Just("PUT".to_string()), "[A-Z]{1,8}"],
+            path in prop_oneof![Just("/api/classify".to_string()), Just("/api/thumbnail/x%2F..%00.jpg".to_string()), "/[a-z%0-9?=&/.]{0,40}"],
+            headers in proptest::collection::vec(("[A-Za-z-]{1,20}", "[ -~]{0,60}"), 0..8),
+            length in prop_oneof![Just(None), (0u64..10_000).prop_map(Some), Just(Some(u64::MAX)), Just(Some(100_000_000_000))],
+            auth in any::<bool>(),
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let srv = SERVER.with(|s| *s);
+            let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+            for (k, v) in &headers {
+                req.push_str(&format!("{k}: {v}\r\n"));
+            }
+            if let Some(n) = length {
+                req.push_str(&format!("Content-Length: {n}\r\n"));
+            }
+            if auth {
+                req.push_str("Authorization: Bearer t0ken\r\n");
+            }
+            req.push_str("\r\n");
+            let mut bytes = req.into_bytes();
+            bytes.extend(&body);
+            let out = exchange(srv, &bytes);
+            prop_assert!(out.is_empty() || out.starts_with(b"HTTP/1.1 "), "{}", String::from_utf8_lossy(&out));
+            let ok = exchange(srv, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            prop_assert!(ok.starts_with(b"HTTP/1.1 200"), "healthz after {:?}: {:?} / first answer {:?}", String::from_utf8_lossy(&bytes[..bytes.len().min(300)]), String::from_utf8_lossy(&ok), String::from_utf8_lossy(&out[..out.len().min(300)]));
+        }
+    }
+
+    thread_local! {
+        /// One server for every case, alive for the whole test run.
+        static SERVER: std::net::SocketAddr = {
+            let (s, q) = server();
+            let addr = s.addr;
+            std::mem::forget(s);
+            std::mem::forget(q);
+            addr
+        };
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        /// The upload path's body parsing takes any content type and body without a
+        /// panic: a multipart body (well-formed or damaged) or a raw image.
+        #[test]
+        fn any_upload_body_parses_or_is_refused(
+            ct in prop_oneof![Just("image/jpeg".to_string()), "multipart/form-data; boundary=[a-zA-Z0-9\"]{0,12}", ".{0,60}"],
+            body in proptest::collection::vec(any::<u8>(), 0..600),
+            wrap in any::<bool>(),
+        ) {
+            let body = if wrap {
+                let mut b = b"--B\r\nContent-Disposition: form-data; name=\"overview\"\r\n\r\n".to_vec();
+                b.extend(&body);
+                b.extend(b"\r\n--B--\r\n");
+                b
+            } else {
+                body
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let _ = rt.block_on(parse_body(&ct, body));
+        }
+    }
 }

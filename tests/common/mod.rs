@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths, tensors, error measures.
 #![allow(dead_code)]
 
+pub mod appliance;
+
 use marquee::model::cache::CacheDir;
 use safetensors::SafeTensors;
 use std::path::PathBuf;

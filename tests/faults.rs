@@ -1,0 +1,472 @@
+//! Fault tests: a real Mosquitto killed at the worst moment, poison results, hostile
+//! HTTP clients, and a slow writer, all against `marquee run` as a real process on
+//! loopback. Each scenario is one that lost data or took the appliance down before.
+
+mod common;
+
+use common::appliance::*;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// A TCP proxy between Marquee and the broker that can cut the link at the worst
+/// moment: when armed, it swallows the broker's PUBACK of the next result (a QoS 1
+/// PUBLISH on `.../events`): the broker has the message, Marquee never hears so. It
+/// then cuts the connection and refuses new ones until `resume`.
+struct Proxy {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    tripped: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+}
+
+fn read_packet(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut p = vec![0u8; 1];
+    s.read_exact(&mut p)?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        p.push(b[0]);
+        len |= usize::from(b[0] & 0x7f) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let start = p.len();
+    p.resize(start + len, 0);
+    s.read_exact(&mut p[start..])?;
+    Ok(p)
+}
+
+/// The packet id of a QoS 1 PUBLISH on a `.../events` topic.
+fn result_publish_id(pkt: &[u8]) -> Option<u16> {
+    if pkt[0] & 0xF0 != 0x30 || (pkt[0] >> 1) & 3 != 1 {
+        return None;
+    }
+    let mut i = 1;
+    while pkt[i] & 0x80 != 0 {
+        i += 1;
+    }
+    i += 1;
+    let tlen = usize::from(u16::from_be_bytes([pkt[i], pkt[i + 1]]));
+    let topic = &pkt[i + 2..i + 2 + tlen];
+    let id = &pkt[i + 2 + tlen..i + 4 + tlen];
+    topic
+        .ends_with(b"/events")
+        .then(|| u16::from_be_bytes([id[0], id[1]]))
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let tripped = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let (a, t, p) = (armed.clone(), tripped.clone(), paused.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if p.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees a refused session
+                }
+                let Ok(broker) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (mut c_in, mut b_out) =
+                    (client.try_clone().unwrap(), broker.try_clone().unwrap());
+                // Packet ids of result publishes on this connection.
+                let results = Arc::new(std::sync::Mutex::new(HashSet::new()));
+                let r = results.clone();
+                std::thread::spawn(move || {
+                    while let Ok(pkt) = read_packet(&mut c_in) {
+                        if let Some(id) = result_publish_id(&pkt) {
+                            r.lock().unwrap().insert(id);
+                        }
+                        if b_out.write_all(&pkt).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = b_out.shutdown(Shutdown::Both);
+                });
+                let (a, t, p) = (a.clone(), t.clone(), p.clone());
+                std::thread::spawn(move || {
+                    let (mut b_in, mut c_out) = (broker, client);
+                    while let Ok(pkt) = read_packet(&mut b_in) {
+                        let of_result = pkt[0] & 0xF0 == 0x40
+                            && pkt.len() >= 4
+                            && results
+                                .lock()
+                                .unwrap()
+                                .remove(&u16::from_be_bytes([pkt[2], pkt[3]]));
+                        if of_result && a.swap(false, Ordering::SeqCst) {
+                            p.store(true, Ordering::SeqCst);
+                            t.store(true, Ordering::SeqCst);
+                            break;
+                        }
+                        if c_out.write_all(&pkt).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = b_in.shutdown(Shutdown::Both);
+                    let _ = c_out.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Self {
+            port,
+            armed,
+            tripped,
+            paused,
+        }
+    }
+
+    fn arm(&self) {
+        self.tripped.store(false, Ordering::SeqCst);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Unique result ids in arrival order; panics if a first arrival is out of order.
+fn delivered_in_order(sub: &Subscriber) -> Vec<String> {
+    let mut seen = HashSet::new();
+    let mut order = Vec::new();
+    for e in events(sub) {
+        let id = e["id"].as_str().unwrap().to_string();
+        if seen.insert(id.clone()) {
+            order.push(id);
+        }
+    }
+    for w in order.windows(2) {
+        assert!(
+            seq_of(&w[0]) < seq_of(&w[1]),
+            "out of order: {} before {}",
+            w[0],
+            w[1]
+        );
+    }
+    order
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.contains("classified")).collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn broker_killed_between_publish_and_puback_ten_times_loses_nothing() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-broker-kills");
+    let mut broker = Broker::start(&dir);
+    let proxy = Proxy::start(broker.port);
+    let sub = Subscriber::start(broker.port, &["marquee/kiosk-test/events"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let m = start_marquee(&dir, proxy.port, "");
+    let all = posters(300);
+    for (i, p) in all.iter().enumerate() {
+        drop_file(
+            &m.inbox,
+            &format!("p{i:03}.jpg"),
+            &std::fs::read(p).unwrap(),
+        );
+    }
+    for kill in 0..10 {
+        // Let some results through between kills, so every kill lands mid-burst.
+        let target = (kill + 1) * 20;
+        let end = Instant::now() + Duration::from_secs(120);
+        while delivered_in_order(&sub).len() < target {
+            assert!(
+                Instant::now() < end,
+                "kill {kill}: {} of {target} delivered (seqs {:?}); marquee said:\n{}",
+                delivered_in_order(&sub).len(),
+                delivered_in_order(&sub)
+                    .iter()
+                    .map(|i| seq_of(i))
+                    .collect::<Vec<_>>(),
+                tail(&m.stderr.lock().unwrap())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        proxy.arm();
+        wait_for(
+            "a PUBLISH whose PUBACK we swallow",
+            Duration::from_secs(60),
+            || proxy.tripped.load(Ordering::SeqCst),
+        );
+        // SIGKILL and SIGTERM in turn.
+        if kill % 2 == 0 {
+            broker.kill();
+        } else if let Some(p) = broker.proc.take() {
+            signal(&p, "-TERM");
+            let mut p = p;
+            let _ = p.0.wait();
+        }
+        broker.restart();
+        proxy.resume();
+    }
+    wait_for("all 300 results", Duration::from_secs(240), || {
+        delivered_in_order(&sub).len() >= 300
+    });
+    let order = delivered_in_order(&sub);
+    assert_eq!(order.len(), 300, "0 lost, none extra");
+    let failed = std::fs::read_dir(m.inbox.join("failed")).unwrap().count();
+    assert_eq!(failed, 0, "{}", m.stderr.lock().unwrap());
+    // Health says connected again, and the outbox is empty.
+    wait_for("an empty outbox", Duration::from_secs(30), || {
+        let s: Value = ureq::get(&format!("{}/api/status", m.status))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+        s["outbox"] == 0 && s["health"]["broker"]["ok"] == true
+    });
+}
+
+#[test]
+fn oversized_overviews_on_every_input_never_block_the_queue() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-oversized");
+    let broker = Broker::start(&dir);
+    let sub = Subscriber::start(broker.port, &["marquee/kiosk-test/events"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let m = start_marquee(&dir, broker.port, "");
+    let ps = posters(4);
+    let poster = |i: usize| std::fs::read(&ps[i]).unwrap();
+    // 1. A 1.1 MB sidecar overview.
+    std::fs::write(m.inbox.join("big.txt"), "plot ".repeat(220_000)).unwrap();
+    drop_file(&m.inbox, "big.jpg", &poster(0));
+    wait_for("the sidecar poster", Duration::from_secs(60), || {
+        !events(&sub).is_empty()
+    });
+    // 2. An upload with a 1 MB overview (multipart field).
+    let boundary = "xXxBOUNDARYxXx";
+    let mut body = Vec::new();
+    write!(
+        body,
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"overview\"\r\n\r\n"
+    )
+    .unwrap();
+    body.extend(std::iter::repeat_n(b'o', 1_000_000));
+    write!(body, "\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"poster\"; filename=\"p.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").unwrap();
+    body.extend(poster(1));
+    write!(body, "\r\n--{boundary}--\r\n").unwrap();
+    let resp = ureq::post(&format!("{}/api/classify", m.status))
+        .header("Authorization", &format!("Bearer {TOKEN}"))
+        .header(
+            "Content-Type",
+            &format!("multipart/form-data; boundary={boundary}"),
+        )
+        .send(&body[..])
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // 3. 600 KB of `"` on cmd/overview (JSON escaping doubles it), then a poster.
+    let quotes = dir.join("quotes.txt");
+    std::fs::write(&quotes, "\"".repeat(600_000)).unwrap();
+    let st = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1"])
+        .args(["-t", "marquee/kiosk-test/cmd/overview", "-f"])
+        .arg(&quotes)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::thread::sleep(Duration::from_secs(1));
+    drop_file(&m.inbox, "after-cmd.jpg", &poster(2));
+    // And an ordinary poster behind all of them.
+    drop_file(&m.inbox, "plain.jpg", &poster(3));
+    wait_for("all four results", Duration::from_secs(60), || {
+        events(&sub).len() >= 4
+    });
+    let evs = events(&sub);
+    let names: Vec<&str> = evs.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["big.jpg", "upload", "after-cmd.jpg", "plain.jpg"]);
+    for e in &evs[..3] {
+        let o = e["overview"].as_str().expect("overview kept, clipped");
+        assert_eq!(o.chars().count(), 4000, "clipped to the documented length");
+    }
+    assert!(evs[3]["overview"].is_null());
+}
+
+/// Sends raw bytes and returns what the server answers (status line first), or ""
+/// when it closes without an answer.
+fn raw(addr: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_code(resp: &str) -> u16 {
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn hostile_http_requests_get_an_answer_and_the_appliance_stays_up() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-http");
+    let broker = Broker::start(&dir);
+    let mut m = start_marquee(&dir, broker.port, "");
+    let addr = m.status.trim_start_matches("http://").to_string();
+    let healthz = || {
+        ureq::get(&format!("{}/healthz", m.status))
+            .call()
+            .map(|r| r.status().as_u16())
+    };
+    for url in ["/healthz", "/api/classify", "/nowhere"] {
+        for len in ["100000000000", "18446744073709551615"] {
+            // No token, a huge declared body, nothing sent: never an allocation of it.
+            for _ in 0..70 {
+                let r = raw(&addr, format!("POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n").as_bytes());
+                assert!(status_code(&r) >= 400, "{url} {len}: {r}");
+            }
+        }
+    }
+    // With the token: too large, refused unread.
+    let r = raw(&addr, format!("POST /api/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100000000000\r\n\r\n").as_bytes());
+    assert_eq!(status_code(&r), 413, "{r}");
+    // Two conflicting Content-Length headers: 400 (identical repeats are folded into
+    // one, which RFC 9112 §6.3 allows: the length is not ambiguous then).
+    for (a, b) in [("5", "6"), ("6", "5"), ("5", "100000000000")] {
+        let r = raw(&addr, format!("POST /api/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {a}\r\nContent-Length: {b}\r\n\r\nhello!").as_bytes());
+        assert_eq!(status_code(&r), 400, "{a}/{b}: {r}");
+    }
+    // A 64 KB header line, and 200 headers.
+    let r = raw(
+        &addr,
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(64 << 10)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status_code(&r), 431, "{}", &r[..r.len().min(200)]);
+    let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let r = raw(
+        &addr,
+        format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+    );
+    assert_eq!(status_code(&r), 431, "{r}");
+    // 70 live-page clients: the SSE budget is 32, and /healthz still answers.
+    let mut clients = Vec::new();
+    let mut refused = 0;
+    for _ in 0..70 {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).unwrap();
+        if &buf == b"HTTP/1.1 503" {
+            refused += 1;
+        }
+        clients.push(s);
+    }
+    assert_eq!(refused, 70 - 32);
+    assert_eq!(healthz().unwrap(), 200);
+    drop(clients);
+    // A client that declares a body and stalls does not block anyone else.
+    let mut stalled = TcpStream::connect(&addr).unwrap();
+    stalled
+        .write_all(format!("POST /api/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\nabc").as_bytes())
+        .unwrap();
+    let t = Instant::now();
+    assert_eq!(healthz().unwrap(), 200);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(
+        m.proc.0.try_wait().unwrap().is_none(),
+        "marquee is still running"
+    );
+}
+
+#[test]
+fn a_slow_writer_is_waited_for_not_failed() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-slow-writer");
+    let broker = Broker::start(&dir);
+    let m = start_marquee(&dir, broker.port, "");
+    let bytes = std::fs::read(&posters(1)[0]).unwrap();
+    // Written in place (no rename), in four pieces with 1.6 s pauses: longer than
+    // settle_ms (300 ms in this config), so each pause looks like a finished file.
+    let path = m.inbox.join("slow.jpg");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for chunk in bytes.chunks(bytes.len().div_ceil(4)) {
+        f.write_all(chunk).unwrap();
+        f.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(1600));
+    }
+    drop(f);
+    let done = m.inbox.join("done/slow.jpg");
+    wait_for("slow.jpg in done/", Duration::from_secs(30), || {
+        done.is_file()
+    });
+    assert_eq!(
+        std::fs::read(&done).unwrap(),
+        bytes,
+        "the whole file, nothing written into a moved one"
+    );
+    assert!(!Path::new(&m.inbox.join("failed/slow.jpg")).exists());
+}
+
+#[test]
+fn configs_and_flags_that_run_could_not_live_with_are_refused_at_the_door() {
+    let dir = common::tmpdir("faults-config");
+    for (key, toml) in [
+        (
+            "pipeline.queue",
+            "[pipeline]\nqueue = 9223372036854775807\n",
+        ),
+        (
+            "mqtt.stats_interval_s",
+            "[mqtt]\nstats_interval_s = 9223372036854775807\n",
+        ),
+        ("mqtt.outbox_max", "[mqtt]\noutbox_max = 0\n"),
+        ("sources.folder.path", "[sources.folder]\npath = \"\"\n"),
+        (
+            "caption.deadline_ms",
+            "[caption]\ndeadline_ms = 9223372036854775807\n",
+        ),
+    ] {
+        let p = dir.join("c.toml");
+        std::fs::write(&p, toml).unwrap();
+        let o = Command::new(marquee_bin())
+            .args(["config", "check", p.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{key}: {err}");
+        assert!(
+            err.contains(key) && err.trim().lines().count() == 1,
+            "{key}: {err}"
+        );
+    }
+    for args in [
+        &["train", "--manifest", "x.jsonl", "--epochs", "0"][..],
+        &["train", "--manifest", "x.jsonl", "--teacher-members", "0"],
+        &["bench", "--runs", "0"],
+        &["serve-captions", "--model", "x", "--queue", "0"],
+    ] {
+        let o = Command::new(marquee_bin()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("outside") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
