@@ -148,7 +148,7 @@ pub async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Ve
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, axum::body::to_bytes(body, DRAIN_MAX)).await;
+        drain(body, headers).await;
         return Err(too_large());
     }
     match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, max)).await {
@@ -165,6 +165,20 @@ pub async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Ve
                 BODY_TIMEOUT.as_secs()
             ),
         )),
+    }
+}
+
+/// Reads and discards a body the handler refuses (wrong token, too large), so a
+/// client still sending it reads the answer instead of a reset. Only a body that
+/// declares at most `DRAIN_MAX` bytes, and only for `DRAIN_TIMEOUT`: anything
+/// bigger just has its connection closed.
+pub async fn drain(body: Body, headers: &HeaderMap) {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n <= DRAIN_MAX as u64) {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, axum::body::to_bytes(body, DRAIN_MAX)).await;
     }
 }
 

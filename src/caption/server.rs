@@ -15,7 +15,7 @@
 
 use super::local::FlorenceCaptioner;
 use super::{CaptionOptions, Task};
-use crate::http::{HttpServer, bearer_ok, json, read_body, retry_soon};
+use crate::http::{HttpServer, bearer_ok, drain, json, read_body, retry_soon};
 use crate::preprocess::image::decode;
 use anyhow::Result;
 use axum::Router;
@@ -186,6 +186,7 @@ async fn admit(
     if let Some(token) = &cfg.token
         && !bearer_ok(headers, token)
     {
+        drain(body, headers).await;
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
     let body = match read_body(body, headers, cfg.max_body).await {

@@ -6,7 +6,7 @@
 use super::metrics;
 use crate::config::Config;
 use crate::health::Health;
-use crate::http::{HttpServer, bearer_ok, header_text, json, read_body, retry_soon, text};
+use crate::http::{HttpServer, bearer_ok, drain, header_text, json, read_body, retry_soon, text};
 use crate::pipeline::{Job, Poster, Queue, QueueError, ScanResult, Sink, Source};
 use crate::preprocess::image::decode;
 use crate::publish::outbox::Outbox;
@@ -266,6 +266,7 @@ async fn upload(State(ctx): Shared, headers: HeaderMap, body: Body) -> Response 
         );
     };
     if !bearer_ok(&headers, token) {
+        drain(body, &headers).await;
         return reject(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
     let body = match read_body(body, &headers, ctx.max_upload).await {
