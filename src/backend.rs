@@ -8,6 +8,8 @@ use burn::prelude::Device;
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
+    /// wgpu where this build has it and a GPU adapter answers, else flex (one warning).
+    Auto,
     /// burn-flex: pure-Rust CPU backend (default).
     Flex,
     /// burn-ndarray: the older CPU backend.
@@ -17,17 +19,31 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn device(self) -> Result<Device> {
+    /// The concrete backend and its device. `auto` settles here, once per call site
+    /// that asks, so callers name what actually runs.
+    pub fn select(self) -> Result<(Backend, Device)> {
         match self {
-            Backend::Flex => Ok(Device::flex()),
+            Backend::Flex => Ok((self, Device::flex())),
             #[allow(deprecated)]
-            Backend::Ndarray => Ok(Device::ndarray()),
-            Backend::Wgpu => wgpu_device(),
+            Backend::Ndarray => Ok((self, Device::ndarray())),
+            Backend::Wgpu => Ok((self, wgpu_device()?)),
+            Backend::Auto => match wgpu_device() {
+                Ok(d) => Ok((Backend::Wgpu, d)),
+                Err(e) => {
+                    tracing::warn!("backend auto: {e:#}; running on the CPU (flex)");
+                    Ok((Backend::Flex, Device::flex()))
+                }
+            },
         }
+    }
+
+    pub fn device(self) -> Result<Device> {
+        Ok(self.select()?.1)
     }
 
     pub fn name(self) -> &'static str {
         match self {
+            Backend::Auto => "auto",
             Backend::Flex => "flex",
             Backend::Ndarray => "ndarray",
             Backend::Wgpu => "wgpu",
@@ -35,9 +51,17 @@ impl Backend {
     }
 }
 
+/// The GPU device, initialised once: burn's wgpu runtime cannot be set up twice, and
+/// initialising it here turns "no adapter" into an error instead of a panic at the
+/// first tensor.
 #[cfg(feature = "wgpu")]
 fn wgpu_device() -> Result<Device> {
-    Ok(Device::wgpu(Default::default()))
+    use std::sync::OnceLock;
+    static GPU: OnceLock<Result<Device, String>> = OnceLock::new();
+    match GPU.get_or_init(|| Device::wgpu_options().init().map_err(|e| e.to_string())) {
+        Ok(d) => Ok(d.clone()),
+        Err(e) => bail!("no GPU adapter for wgpu: {e}"),
+    }
 }
 
 #[cfg(not(feature = "wgpu"))]

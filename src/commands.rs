@@ -139,17 +139,12 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
             ..
         } => {
-            let device = cli.backend.device()?;
+            let (backend, device) = cli.backend.select()?;
             let reference = reference
                 .unwrap_or_else(|| "../shared/reference/florence2/bench_base_cpu.json".into());
             let runs = if runs == 20 { 3 } else { runs };
-            let r = crate::caption::bench::run(
-                &size,
-                &device,
-                cli.backend.name(),
-                runs,
-                Some(&reference),
-            )?;
+            let r =
+                crate::caption::bench::run(&size, &device, backend.name(), runs, Some(&reference))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -179,7 +174,7 @@ pub fn run(cli: Cli) -> Result<()> {
             runs,
             json,
         } => {
-            let device = cli.backend.device()?;
+            let (backend, device) = cli.backend.select()?;
             let model_dir = model.unwrap_or_else(default_model_dir);
             let poster = poster.unwrap_or_else(example_poster);
             let img =
@@ -190,7 +185,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 &model_dir,
                 &cache,
                 &device,
-                cli.backend.name(),
+                backend.name(),
                 &img,
                 overview,
                 runs,

@@ -488,7 +488,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         // verify checks that ExecStart exists: point it at the binary under test.
         let text = std::fs::read_to_string(root.join(unit))
             .unwrap()
-            .replace("/usr/local/bin/marquee", env!("CARGO_BIN_EXE_marquee"));
+            .replace("/usr/bin/marquee", env!("CARGO_BIN_EXE_marquee"));
         let path = dir.join(unit);
         std::fs::write(&path, text).unwrap();
         let o = Command::new("systemd-analyze")

@@ -121,15 +121,19 @@ impl ModelDir {
     }
 }
 
-/// The models/ folder of this checkout, found beside the binary's source tree, else
-/// `./models`. `MARQUEE_MODEL` overrides.
+/// Where the .deb installs the bundled model.
+pub const INSTALLED_MODEL_DIR: &str = "/usr/share/marquee/models";
+
+/// `MARQUEE_MODEL`, else `./models`, else the installed package's, else the models/
+/// folder of the source tree the binary was built from.
 pub fn default_model_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("MARQUEE_MODEL") {
         return p.into();
     }
-    let here = PathBuf::from("models");
-    if here.join(SPEC_FILE).is_file() {
-        return here;
+    for dir in ["models", INSTALLED_MODEL_DIR] {
+        if Path::new(dir).join(SPEC_FILE).is_file() {
+            return dir.into();
+        }
     }
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")
 }
