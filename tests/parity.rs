@@ -11,7 +11,11 @@ use marquee::nn::bert::mean_pool_normalize;
 use marquee::preprocess::image::{center_crop_resize, decode, to_chw};
 use marquee::preprocess::text::pad_batch;
 
+#[cfg(not(feature = "wgpu"))]
 const BACKENDS: [Backend; 2] = [Backend::Flex, Backend::Ndarray];
+/// With the feature, the GPU too (lavapipe on a CPU-only machine: `cross/README.md`).
+#[cfg(feature = "wgpu")]
+const BACKENDS: [Backend; 3] = [Backend::Flex, Backend::Ndarray, Backend::Wgpu];
 
 fn host(t: Tensor<4>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
