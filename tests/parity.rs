@@ -13,7 +13,7 @@ use marquee::preprocess::text::pad_batch;
 
 #[cfg(not(feature = "wgpu"))]
 const BACKENDS: [Backend; 2] = [Backend::Flex, Backend::Ndarray];
-/// With the feature, the GPU too (lavapipe on a CPU-only machine: `cross/README.md`).
+/// With the feature, the GPU too (lavapipe on a CPU-only machine: README, "The GPU backend").
 #[cfg(feature = "wgpu")]
 const BACKENDS: [Backend; 3] = [Backend::Flex, Backend::Ndarray, Backend::Wgpu];
 
