@@ -9,9 +9,9 @@
 //! non-zero and systemd restarts it.
 
 use crate::caption::stage::CaptionStage;
-use crate::classify::Classifier;
 use crate::config::Config;
 use crate::health::Health;
+use crate::infer::Classifier;
 use crate::model::cache::CacheDir;
 use crate::model::dir::default_model_dir;
 use crate::pipeline::{Queue, Sink, run_classifier};
@@ -19,20 +19,19 @@ use crate::publish::mqtt::{Mqtt, OutboxSink};
 use crate::publish::outbox::Outbox;
 use crate::source::{camera, folder::Folder};
 use crate::status::server::{StatusServer, StatusSink, StatusState};
+use crate::util::service::{Service, Tick};
 use anyhow::{Context, Result};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A worker silent for this long is stalled: the watchdog is no longer fed.
 const STALL: Duration = Duration::from_secs(30);
 
 pub fn run(cfg: Config) -> Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
-    }
+    let service = Service::new()?;
+    let stop = service.stop_flag();
 
     let device = cfg.classify.backend.device()?;
     let cache = cfg
@@ -67,7 +66,8 @@ pub fn run(cfg: Config) -> Result<()> {
         health.set_broker(false, "connecting");
         health.set_outbox(true, "ok");
         mqtt = Some(Mqtt::start(
-            &cfg,
+            &cfg.mqtt,
+            &cfg.device_id,
             ob.clone(),
             health.clone(),
             next_overview.clone(),
@@ -81,8 +81,14 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     let mut status = None;
     if cfg.status.enabled {
-        let state = StatusState::new(&cfg, health.clone(), outbox.clone());
-        let server = StatusServer::start(&cfg, state.clone(), queue.clone(), stop.clone())?;
+        let state = StatusState::new(
+            &cfg.device_id,
+            &cfg.status,
+            cfg.pipeline.queue,
+            health.clone(),
+            outbox.clone(),
+        );
+        let server = StatusServer::start(&cfg.status, state.clone(), queue.clone(), stop.clone())?;
         tracing::info!("status page on http://{}", server.addr);
         sinks.push(Box::new(StatusSink(state)));
         status = Some(server);
@@ -113,7 +119,7 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     drop(queue);
 
-    let device_id = cfg.device_id.clone();
+    let device_id = cfg.device_id.to_string();
     let worker = {
         let stop = stop.clone();
         let health = health.clone();
@@ -137,21 +143,12 @@ pub fn run(cfg: Config) -> Result<()> {
     };
     threads.push(("classifier", worker));
 
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
-    let mut petted = Instant::now();
     tracing::info!(
         "marquee {} running as {}",
         env!("CARGO_PKG_VERSION"),
         cfg.device_id
     );
-    let mut died = None;
-    while !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(100));
-        if stop.load(Ordering::SeqCst) {
-            // Asked to stop: workers ending now are not dying.
-            break;
-        }
+    let outcome = service.run(|| {
         let dead = threads
             .iter()
             .find(|(_, t)| t.is_finished())
@@ -161,22 +158,16 @@ pub fn run(cfg: Config) -> Result<()> {
             tracing::error!(
                 "the {name} worker stopped unexpectedly; exiting so that systemd restarts marquee"
             );
-            died = Some(name);
-            stop.store(true, Ordering::SeqCst);
-            break;
+            return Tick::Fail(anyhow::anyhow!("the {name} worker stopped unexpectedly"));
         }
         let stalled = health.stalled(STALL);
-        if !stalled.is_empty() {
+        if stalled.is_empty() {
+            Tick::Healthy
+        } else {
             tracing::warn!("stalled workers: {stalled:?}; not feeding the watchdog");
-        } else if let Some(every) = watchdog
-            && petted.elapsed() >= every
-        {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            petted = Instant::now();
+            Tick::Unhealthy
         }
-    }
-
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    });
     tracing::info!("shutting down");
     for (_, t) in threads {
         let _ = t.join();
@@ -187,8 +178,5 @@ pub fn run(cfg: Config) -> Result<()> {
     if let Some(s) = status {
         s.stop();
     }
-    match died {
-        Some(name) => anyhow::bail!("the {name} worker stopped unexpectedly"),
-        None => Ok(()),
-    }
+    outcome
 }

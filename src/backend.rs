@@ -3,9 +3,7 @@
 use anyhow::{Result, bail};
 use burn::prelude::Device;
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// wgpu where this build has it and a GPU adapter answers, else flex (one warning).

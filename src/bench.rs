@@ -1,8 +1,9 @@
 //! `marquee bench`: per-poster latency of a model, batch 1, as the appliance runs it.
 //! Percentiles per stage over repeated runs after a warm-up, load time, and peak RSS.
 
-use crate::classify::Classifier;
+use crate::infer::Classifier;
 use crate::model::cache::CacheDir;
+use crate::util::stats::{Percentiles, peak_rss_mb, threads};
 use anyhow::Result;
 use burn::prelude::*;
 use image::RgbImage;
@@ -10,12 +11,6 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
-
-#[derive(Debug, Serialize)]
-pub struct Percentiles {
-    pub p50: f64,
-    pub p90: f64,
-}
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
@@ -27,34 +22,6 @@ pub struct BenchReport {
     pub total_ms: Percentiles,
     pub stages: BTreeMap<String, Percentiles>,
     pub peak_rss_mb: f64,
-}
-
-pub fn percentiles(mut v: Vec<f64>) -> Percentiles {
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    Percentiles {
-        p50: at(0.5),
-        p90: at(0.9),
-    }
-}
-
-/// Threads the CPU backends use: rayon's pool, which `RAYON_NUM_THREADS` sets.
-pub fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// Peak resident set of this process (Linux `VmHWM`), in MB; 0 where unknown.
-pub fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -89,10 +56,10 @@ pub fn run(
         model: format!("{}@{}", spec.id, spec.version),
         runs: runs.max(1),
         load_ms,
-        total_ms: percentiles(total),
+        total_ms: Percentiles::of(total),
         stages: stages
             .into_iter()
-            .map(|(k, v)| (k, percentiles(v)))
+            .map(|(k, v)| (k, Percentiles::of(v)))
             .collect(),
         peak_rss_mb: peak_rss_mb(),
     })

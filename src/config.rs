@@ -21,7 +21,7 @@ pub struct ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Names this appliance in MQTT topics and Home Assistant.
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub mqtt: MqttConfig,
     pub sources: SourcesConfig,
     pub status: StatusConfig,
@@ -36,7 +36,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            device_id: "marquee".into(),
+            device_id: DeviceId("marquee".into()),
             mqtt: MqttConfig::default(),
             sources: SourcesConfig::default(),
             status: StatusConfig::default(),
@@ -45,6 +45,40 @@ impl Default for Config {
             pipeline: PipelineConfig::default(),
             state_dir: PathBuf::from("/var/lib/marquee"),
         }
+    }
+}
+
+/// An appliance's name: 1-64 letters, digits, '-' or '_', checked when the config is
+/// read, so topics and client ids built from it are always valid.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct DeviceId(String);
+
+impl TryFrom<String> for DeviceId {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if ok {
+            Ok(DeviceId(s))
+        } else {
+            Err("must be 1-64 letters, digits, '-' or '_'".into())
+        }
+    }
+}
+
+impl DeviceId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -119,8 +153,7 @@ pub struct CameraConfig {
     pub width: u32,
     pub height: u32,
     pub fps: u32,
-    /// `mjpeg` or `yuyv`.
-    pub format: String,
+    pub format: CameraFormat,
     /// Frames a new poster must stay still before it is classified.
     pub steady_frames: u32,
 }
@@ -132,17 +165,25 @@ impl Default for CameraConfig {
             width: 640,
             height: 480,
             fps: 10,
-            format: "mjpeg".into(),
+            format: CameraFormat::Mjpeg,
             steady_frames: 8,
         }
     }
+}
+
+/// The pixel format asked of a V4L2 camera.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CameraFormat {
+    Mjpeg,
+    Yuyv,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StatusConfig {
     pub enabled: bool,
-    pub listen: String,
+    pub listen: SocketAddr,
     /// Bearer token for the mutating endpoints (POST /api/classify).
     pub token: Option<String>,
     /// Largest upload accepted (bytes); larger gets HTTP 413.
@@ -155,7 +196,7 @@ impl Default for StatusConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            listen: "127.0.0.1:8080".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             token: None,
             max_upload_bytes: 16 * 1024 * 1024,
             history: 50,
@@ -214,15 +255,25 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Parses TOML into the typed sections. A bad value is named by its key path
+    /// (`status.listen`), a syntax error by its line.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e: toml::de::Error| {
-            let msg = e.message().replace('\n', " ");
-            // toml reports the span; name the key by the line it is on.
+        let at_line = |e: &toml::de::Error| {
             let line = e
                 .span()
                 .map(|s| text[..s.start].lines().count().max(1))
                 .unwrap_or(0);
-            err(&format!("line {line}"), msg)
+            err(&format!("line {line}"), e.message().replace('\n', " "))
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| at_line(&e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path.is_empty() || path == "." {
+                at_line(&inner)
+            } else {
+                err(&path, inner.message().replace('\n', " "))
+            }
         })
     }
 
@@ -240,17 +291,6 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_ranges()?;
-        let id_ok = !self.device_id.is_empty()
-            && self
-                .device_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !id_ok {
-            return Err(err(
-                "device_id",
-                "must be non-empty letters, digits, '-' or '_'",
-            ));
-        }
         for (key, v) in [
             ("mqtt.prefix", &self.mqtt.prefix),
             ("mqtt.discovery_prefix", &self.mqtt.discovery_prefix),
@@ -285,23 +325,6 @@ impl Config {
         }
         if self.mqtt.password.is_some() && self.mqtt.username.is_none() {
             return Err(err("mqtt.username", "is required when a password is set"));
-        }
-        if self.status.listen.parse::<SocketAddr>().is_err() {
-            return Err(err(
-                "status.listen",
-                format!(
-                    "{:?} is not an address like 127.0.0.1:8080",
-                    self.status.listen
-                ),
-            ));
-        }
-        if let Some(c) = &self.sources.camera
-            && !matches!(c.format.as_str(), "mjpeg" | "yuyv")
-        {
-            return Err(err(
-                "sources.camera.format",
-                "must be \"mjpeg\" or \"yuyv\"",
-            ));
         }
         if let Some(f) = &self.sources.folder
             && f.path.as_os_str().is_empty()
@@ -372,7 +395,6 @@ impl Config {
             }
         }
         let texts = [
-            ("device_id", self.device_id.len(), 64),
             ("mqtt.host", m.host.len(), 253),
             ("mqtt.prefix", m.prefix.len(), 128),
             ("mqtt.discovery_prefix", m.discovery_prefix.len(), 128),
@@ -433,7 +455,7 @@ listen = "127.0.0.1:8080"
     fn the_contract_keys_parse() {
         let c = Config::parse(CONTRACT).unwrap();
         c.validate().unwrap();
-        assert_eq!(c.device_id, "kiosk-test");
+        assert_eq!(c.device_id.as_str(), "kiosk-test");
         assert_eq!(c.sources.folder.unwrap().path, PathBuf::from("/tmp/inbox"));
         assert!(c.sources.camera.is_none());
     }
@@ -441,20 +463,17 @@ listen = "127.0.0.1:8080"
     #[test]
     fn bad_values_name_their_key() {
         let e = Config::parse("[mqtt]\nport = \"x\"\n").unwrap_err();
-        assert!(e.to_string().contains("line 2"), "{e}");
+        assert!(e.to_string().contains("mqtt.port"), "{e}");
+        let e = Config::parse("[mqtt\nport = 1\n").unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
         let e = Config::parse("[mqtt]\nhots = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("hots"), "{e}");
-        let mut c = Config::parse(CONTRACT).unwrap();
-        c.status.listen = "nowhere".into();
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("status.listen")
-        );
-        c = Config::parse(CONTRACT).unwrap();
-        c.device_id = "a/b".into();
-        assert!(c.validate().unwrap_err().to_string().contains("device_id"));
+        let e = Config::parse(&CONTRACT.replace("127.0.0.1:8080", "nowhere")).unwrap_err();
+        assert!(e.to_string().contains("config status.listen:"), "{e}");
+        let e = Config::parse(&CONTRACT.replace("kiosk-test", "a/b")).unwrap_err();
+        assert!(e.to_string().contains("config device_id:"), "{e}");
+        let e = Config::parse("[sources.camera]\nformat = \"h264\"\n").unwrap_err();
+        assert!(e.to_string().contains("sources.camera.format"), "{e}");
     }
 
     #[test]
@@ -481,7 +500,7 @@ listen = "127.0.0.1:8080"
                 .contains("caption.remote.url")
         );
         let e = Config::parse("[caption]\nmode = \"sometimes\"\n").unwrap_err();
-        assert!(e.to_string().contains("line 2"), "{e}");
+        assert!(e.to_string().contains("caption.mode"), "{e}");
     }
 
     mod props {
@@ -521,8 +540,6 @@ listen = "127.0.0.1:8080"
                     return Ok(());
                 }
                 // What `run` does with these values, none of which may panic.
-                let (q, _rx) = crate::pipeline::Queue::new(c.pipeline.queue);
-                drop(q);
                 let now = std::time::Instant::now();
                 let _ = now + c.stats_interval();
                 let _ = now + Duration::from_millis(c.caption.deadline_ms);
@@ -532,7 +549,7 @@ listen = "127.0.0.1:8080"
                 let _ = now + Duration::from_millis(f.poll_ms) + Duration::from_millis(f.settle_ms) * 2;
                 prop_assert!(c.mqtt.outbox_max >= 1);
                 prop_assert!(c.mqtt.keep_alive_s <= u64::from(u16::MAX));
-                prop_assert!(c.status.history <= 1000 && c.pipeline.queue <= 1024);
+                prop_assert!(c.status.history <= 1000 && (1..=1024).contains(&c.pipeline.queue));
             }
         }
     }

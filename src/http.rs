@@ -51,7 +51,7 @@ pub struct HttpServer {
 
 impl HttpServer {
     /// Binds `listen` and serves `router` on `threads` runtime threads.
-    pub fn start(listen: &str, router: Router, threads: usize, name: &str) -> Result<Self> {
+    pub fn start(listen: SocketAddr, router: Router, threads: usize, name: &str) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name(name)

@@ -1,9 +1,24 @@
+//! The `marquee` binary: parse the command line, run one mode, print its report.
+//! The library does the work and never prints; this is where output happens.
+
+mod cli;
+
 use clap::Parser;
-use marquee::cli::Cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match cli::args::Cli::try_parse() {
+        Ok(a) => a,
+        // --help and --version.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{}", one_line(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MARQUEE_LOG")
@@ -11,7 +26,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match marquee::commands::run(cli) {
+    marquee::util::progress::install(Box::new(cli::progress::Bars::default()));
+    let json = args.json;
+    let outcome = cli::run(args).and_then(|report| cli::report::print(report.as_ref(), json));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the whole context chain, joined.
@@ -24,4 +42,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A clap error as one line: what was wrong and what is allowed, without the usage
+/// block, like every other error of the binary.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }

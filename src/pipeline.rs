@@ -5,8 +5,8 @@
 //! result is safe on disk.
 
 use crate::caption::stage::{CaptionStage, Captioned};
-use crate::classify::{Classifier, GenreScore};
 use crate::health::{Health, Heartbeat};
+use crate::infer::{Classifier, GenreScore};
 use image::RgbImage;
 use serde::Serialize;
 use std::collections::BTreeMap;

@@ -5,13 +5,13 @@
 //! and steps 1-31 with the KV cache (lm_head and argmax included). The ratios are
 //! against the kit's `bench_base_cpu.json` (PyTorch 2.15, 2 threads, sdpa).
 
-use crate::bench::{Percentiles, peak_rss_mb, percentiles, threads};
 use crate::caption::local::sync;
 use crate::nn::florence::Florence2;
 use crate::nn::florence::config::FlorenceConfig;
+use crate::util::progress::Stage;
+use crate::util::stats::{Percentiles, peak_rss_mb, threads};
 use anyhow::{Result, bail};
 use burn::prelude::*;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -74,11 +74,8 @@ pub fn run(
         other => bail!("unknown Florence-2 size {other:?}: use base or large"),
     };
     let runs = runs.max(1);
-    let bar = ProgressBar::new((3 + 4 * runs) as u64).with_style(
-        ProgressStyle::with_template("{msg:<24} [{bar:30}] {pos}/{len} {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message("random init");
+    let bar = Stage::start("florence bench", (3 + 4 * runs) as u64);
+    bar.message("random init");
     let t = Instant::now();
     device.seed(7);
     let model = Florence2::new(&config, device);
@@ -106,20 +103,20 @@ pub fn run(
     let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut time = |name: &str, secs: f64| stages.entry(name.into()).or_default().push(secs);
     for _ in 0..runs {
-        bar.set_message("vision");
+        bar.message("vision");
         let t = Instant::now();
         let image = sync(model.encode_image(pixels.clone()));
         time("vision", t.elapsed().as_secs_f64());
         bar.inc(1);
         let _ = image;
 
-        bar.set_message("text encoder");
+        bar.message("text encoder");
         let t = Instant::now();
         let encoded = sync(model.encode(embeds.clone(), enc_mask.clone()));
         time("text_encoder", t.elapsed().as_secs_f64());
         bar.inc(1);
 
-        bar.set_message("decoder");
+        bar.message("decoder");
         let mut token = 2i64;
         let t = Instant::now();
         let mut cache = model.start(encoded, enc_mask.clone());
@@ -145,7 +142,7 @@ pub fn run(
         }
         bar.inc(1);
     }
-    bar.finish_and_clear();
+    drop(bar);
 
     let pytorch = match reference {
         Some(p) if p.is_file() => pytorch_anchors(p)?,
@@ -153,7 +150,7 @@ pub fn run(
     };
     let stages_s: BTreeMap<String, Percentiles> = stages
         .into_iter()
-        .map(|(k, v)| (k, percentiles(v)))
+        .map(|(k, v)| (k, Percentiles::of(v)))
         .collect();
     let ratio_vs_pytorch = if size == "base" {
         stages_s

@@ -3,8 +3,8 @@
 //! image -> caption with per-stage timings.
 
 use super::processor::{ImageSize, normalize, resize};
-use super::task::{Task, clean};
-use super::{CaptionOptions, CaptionOutput, StageTimings};
+use crate::infer::captioner::{CaptionOptions, CaptionOutput, Captioner, StageTimings};
+use crate::infer::task::{Task, clean};
 use crate::model::florence::load_weights;
 use crate::nn::florence::Florence2;
 use crate::nn::florence::config::FlorenceConfig;
@@ -27,6 +27,8 @@ pub struct FlorenceCaptioner {
     pub config: FlorenceConfig,
     /// The directory's name, reported with every caption.
     pub name: String,
+    /// What the `Captioner` trait generates with (the appliance's beams and length).
+    pub options: CaptionOptions,
     device: Device,
 }
 
@@ -88,6 +90,7 @@ impl FlorenceCaptioner {
             image_size,
             config,
             name,
+            options: CaptionOptions::default(),
             device: device.clone(),
         })
     }
@@ -192,6 +195,16 @@ impl FlorenceCaptioner {
                 total: ms(t0, Instant::now()),
             },
         })
+    }
+}
+
+impl Captioner for FlorenceCaptioner {
+    fn describe(&self) -> String {
+        format!("local {}", self.name)
+    }
+
+    fn caption(&self, image: &RgbImage, task: Task) -> Result<CaptionOutput> {
+        FlorenceCaptioner::caption(self, image, task, &self.options)
     }
 }
 

@@ -3,13 +3,15 @@
 //! Ollama, vLLM). Timeouts on every request, a bounded number of retries, and a circuit
 //! breaker so a dead server costs one fast "circuit open" instead of a timeout per scan.
 
-use super::{CaptionOutput, StageTimings, Task};
+use crate::infer::captioner::{CaptionOutput, Captioner, StageTimings};
+use crate::infer::task::Task;
+use crate::util::backoff::Backoff;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// `marquee serve-captions`.
@@ -94,6 +96,10 @@ pub struct RemoteCaptioner {
     breaker: Mutex<Breaker>,
 }
 
+/// Waits between retries: 100 ms, 200 ms, 400 ms, ...
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// Longest response body we read from a caption server.
 const MAX_RESPONSE: u64 = 1 << 20;
 
@@ -119,9 +125,10 @@ impl RemoteCaptioner {
     pub fn caption(&self, image: &[u8], task: Task) -> Result<CaptionOutput, RemoteError> {
         self.admit()?;
         let mut last = RemoteError::Unreachable("no attempt".into());
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         for attempt in 0..=self.cfg.retries {
             if attempt > 0 {
-                std::thread::sleep(Duration::from_millis(100 * attempt as u64));
+                std::thread::sleep(backoff.advance());
             }
             match self.once(image, task) {
                 Ok(out) => {
@@ -215,7 +222,7 @@ impl RemoteCaptioner {
                         RemoteError::BadResponse("no choices[0].message.content".into())
                     })?;
                 Ok(CaptionOutput {
-                    caption: super::task::clean(text),
+                    caption: crate::infer::task::clean(text),
                     task,
                     model: v["model"].as_str().unwrap_or(&self.cfg.model).to_string(),
                     tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
@@ -237,6 +244,26 @@ impl RemoteCaptioner {
             }
             e => RemoteError::Unreachable(first_line(&e.to_string())),
         }
+    }
+}
+
+impl Captioner for RemoteCaptioner {
+    fn describe(&self) -> String {
+        format!("remote {} ({:?})", self.cfg.url, self.cfg.protocol)
+    }
+
+    /// The poster travels as a JPEG.
+    fn caption(&self, image: &image::RgbImage, task: Task) -> anyhow::Result<CaptionOutput> {
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        image
+            .write_to(&mut jpeg, image::ImageFormat::Jpeg)
+            .map_err(|e| anyhow::anyhow!("encoding the poster: {e}"))?;
+        Ok(RemoteCaptioner::caption(self, jpeg.get_ref(), task)?)
+    }
+
+    /// The file's bytes go as they are: no decode, no re-encode.
+    fn caption_encoded(&self, bytes: &[u8], task: Task) -> anyhow::Result<CaptionOutput> {
+        Ok(RemoteCaptioner::caption(self, bytes, task)?)
     }
 }
 

@@ -14,8 +14,9 @@
 //! queued, and returns.
 
 use super::local::FlorenceCaptioner;
-use super::{CaptionOptions, Task};
 use crate::http::{HttpServer, bearer_ok, drain, json, read_body, retry_soon};
+use crate::infer::captioner::CaptionOptions;
+use crate::infer::task::Task;
 use crate::preprocess::image::decode;
 use anyhow::Result;
 use axum::Router;
@@ -35,7 +36,7 @@ use tokio::sync::oneshot;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    pub listen: String,
+    pub listen: SocketAddr,
     pub token: Option<String>,
     /// Requests captioned at once (each runs the whole model).
     pub workers: usize,
@@ -50,7 +51,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:8788".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
             token: None,
             workers: 1,
             queue: 4,
@@ -120,7 +121,7 @@ impl CaptionServer {
                 )
             })
             .with_state(shared);
-        let http = HttpServer::start(&cfg.listen, router, 2, "caption-http")?;
+        let http = HttpServer::start(cfg.listen, router, 2, "caption-http")?;
         Ok(Self { http, tx, threads })
     }
 

@@ -6,7 +6,8 @@
 
 use super::local::FlorenceCaptioner;
 use super::remote::{RemoteCaptioner, RemoteConfig};
-use super::{CaptionOptions, CaptionOutput, Task};
+use crate::infer::captioner::{CaptionOptions, CaptionOutput, Captioner};
+use crate::infer::task::Task;
 use anyhow::{Context, Result};
 use burn::prelude::Device;
 use image::RgbImage;
@@ -56,26 +57,6 @@ impl Default for CaptionConfig {
     }
 }
 
-enum Engine {
-    Local(Box<FlorenceCaptioner>, CaptionOptions),
-    Remote(RemoteCaptioner),
-}
-
-impl Engine {
-    fn run(&self, image: &RgbImage, task: Task) -> Result<CaptionOutput, String> {
-        match self {
-            Engine::Local(c, opts) => c.caption(image, task, opts).map_err(|e| format!("{e:#}")),
-            Engine::Remote(r) => {
-                let mut jpeg = std::io::Cursor::new(Vec::new());
-                image
-                    .write_to(&mut jpeg, image::ImageFormat::Jpeg)
-                    .map_err(|e| format!("encoding the poster: {e}"))?;
-                r.caption(jpeg.get_ref(), task).map_err(|e| e.to_string())
-            }
-        }
-    }
-}
-
 type Reply = Result<CaptionOutput, String>;
 
 struct Ask {
@@ -115,27 +96,10 @@ impl CaptionStage {
     /// `None` when captioning is off. A local model is loaded here, so a bad model
     /// directory stops the appliance at start-up with a clear error.
     pub fn start(cfg: &CaptionConfig, device: &Device) -> Result<Option<Self>> {
-        let (engine, label) = match cfg.mode {
-            Mode::Off => return Ok(None),
-            Mode::Local => {
-                let dir = cfg
-                    .model
-                    .clone()
-                    .context("caption.model is needed for mode = local")?;
-                let c = FlorenceCaptioner::load(&dir, device)
-                    .with_context(|| format!("caption.model {}", dir.display()))?;
-                let label = format!("local {}", c.name);
-                let opts = CaptionOptions {
-                    beams: cfg.beams,
-                    max_new_tokens: cfg.max_new_tokens,
-                };
-                (Engine::Local(Box::new(c), opts), label)
-            }
-            Mode::Remote => (
-                Engine::Remote(RemoteCaptioner::new(cfg.remote.clone())),
-                format!("remote {}", cfg.remote.url),
-            ),
+        let Some(engine) = open(cfg, device)? else {
+            return Ok(None);
         };
+        let label = engine.describe();
         // One poster in flight and none waiting: a caption that would start late is
         // worth less than starting the next one on time.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Ask>(1);
@@ -144,7 +108,7 @@ impl CaptionStage {
         let flag = busy.clone();
         std::thread::Builder::new()
             .name("captioner".into())
-            .spawn(move || worker(&engine, task, rx, &flag))?;
+            .spawn(move || worker(engine.as_ref(), task, rx, &flag))?;
         Ok(Some(Self {
             tx,
             busy,
@@ -199,9 +163,33 @@ impl CaptionStage {
     }
 }
 
-fn worker(engine: &Engine, task: Task, rx: Receiver<Ask>, busy: &AtomicBool) {
+/// The captioner `cfg` asks for; `None` when captioning is off. A local model is
+/// loaded here, so a bad model directory is an error at start-up.
+pub fn open(cfg: &CaptionConfig, device: &Device) -> Result<Option<Box<dyn Captioner>>> {
+    Ok(match cfg.mode {
+        Mode::Off => None,
+        Mode::Local => {
+            let dir = cfg
+                .model
+                .clone()
+                .context("caption.model is needed for mode = local")?;
+            let mut c = FlorenceCaptioner::load(&dir, device)
+                .with_context(|| format!("caption.model {}", dir.display()))?;
+            c.options = CaptionOptions {
+                beams: cfg.beams,
+                max_new_tokens: cfg.max_new_tokens,
+            };
+            Some(Box::new(c))
+        }
+        Mode::Remote => Some(Box::new(RemoteCaptioner::new(cfg.remote.clone()))),
+    })
+}
+
+fn worker(engine: &dyn Captioner, task: Task, rx: Receiver<Ask>, busy: &AtomicBool) {
     while let Ok(ask) = rx.recv() {
-        let out = engine.run(&ask.image, task);
+        let out = engine
+            .caption(&ask.image, task)
+            .map_err(|e| format!("{e:#}"));
         // The scan may have stopped waiting; then the late caption is dropped.
         let _ = ask.reply.send(out);
         busy.store(false, Ordering::SeqCst);

@@ -438,8 +438,8 @@ fn download(agent: &ureq::Agent, url: &str, to: &Path) -> Result<String> {
         .call()
         .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     let total = resp.body().content_length().unwrap_or(0);
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_message(url.rsplit('/').next().unwrap_or("").to_string());
+    let bar =
+        crate::util::progress::Stage::start(url.rsplit('/').next().unwrap_or("download"), total);
     let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
     let mut file = std::io::BufWriter::new(std::fs::File::create(to)?);
     let mut hash = Sha256::new();
@@ -454,6 +454,6 @@ fn download(agent: &ureq::Agent, url: &str, to: &Path) -> Result<String> {
         bar.inc(n as u64);
     }
     file.flush()?;
-    bar.finish_and_clear();
-    Ok(crate::model::towers::hex(&hash.finalize()))
+    drop(bar);
+    Ok(crate::util::hex(&hash.finalize()))
 }

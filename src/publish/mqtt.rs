@@ -22,9 +22,10 @@
 
 use super::outbox::Outbox;
 use super::topics::{Topics, discovery_payload, state_payload};
-use crate::config::Config;
+use crate::config::{DeviceId, MqttConfig};
 use crate::health::{Health, Heartbeat};
 use crate::pipeline::{ScanResult, Sink, clip};
+use crate::util::backoff::Backoff;
 use anyhow::{Context, Result};
 use rumqttc::{
     Client, Connection, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS,
@@ -79,13 +80,9 @@ impl Sink for OutboxSink {
     }
 }
 
-fn options(c: &Config, t: &Topics) -> Result<MqttOptions> {
-    let mut o = MqttOptions::new(
-        format!("marquee-{}", c.device_id),
-        &c.mqtt.host,
-        c.mqtt.port,
-    );
-    o.set_keep_alive(Duration::from_secs(c.mqtt.keep_alive_s));
+fn options(m: &MqttConfig, id: &DeviceId, t: &Topics) -> Result<MqttOptions> {
+    let mut o = MqttOptions::new(format!("marquee-{id}"), &m.host, m.port);
+    o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
     o.set_clean_session(true);
     o.set_last_will(LastWill::new(
         &t.availability,
@@ -94,10 +91,10 @@ fn options(c: &Config, t: &Topics) -> Result<MqttOptions> {
         true,
     ));
     o.set_max_packet_size(PACKET_MAX, PACKET_MAX);
-    if let Some(user) = &c.mqtt.username {
-        o.set_credentials(user, c.mqtt.password.clone().unwrap_or_default());
+    if let Some(user) = &m.username {
+        o.set_credentials(user, m.password.clone().unwrap_or_default());
     }
-    if let Some(ca) = &c.mqtt.tls_ca {
+    if let Some(ca) = &m.tls_ca {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca = std::fs::read(ca).with_context(|| format!("mqtt.tls_ca {}", ca.display()))?;
         o.set_transport(Transport::tls(ca, None, None));
@@ -107,24 +104,25 @@ fn options(c: &Config, t: &Topics) -> Result<MqttOptions> {
 
 impl Mqtt {
     pub fn start(
-        c: &Config,
+        m: &MqttConfig,
+        id: &DeviceId,
         outbox: Arc<Outbox>,
         health: Arc<Health>,
         next_overview: Arc<Mutex<Option<String>>>,
         heartbeat: Heartbeat,
     ) -> Result<Self> {
-        let topics = Topics::new(c);
-        let (client, connection) = Client::new(options(c, &topics)?, 64);
+        let topics = Topics::new(m, id);
+        let (client, connection) = Client::new(options(m, id, &topics)?, 64);
         let stop = Arc::new(AtomicBool::new(false));
         let session = Session {
             client,
-            discovery: discovery_payload(c, &topics),
+            discovery: discovery_payload(id, &topics),
             topics,
             outbox,
             health,
             next_overview,
             heartbeat,
-            stats_every: c.stats_interval(),
+            stats_every: Duration::from_secs(m.stats_interval_s),
             connected: false,
             requested: VecDeque::new(),
             by_pkid: HashMap::new(),
@@ -212,7 +210,7 @@ enum Step {
 
 impl Session {
     fn run(mut self, mut connection: Connection, stop: &AtomicBool) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut next_stats = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             self.heartbeat.beat();
@@ -246,13 +244,13 @@ impl Session {
                 }
             };
             match self.handle(event) {
-                Step::Continue => backoff = BACKOFF_MIN,
+                Step::Continue => backoff.reset(),
                 Step::Closed => break,
                 Step::Lost(why) => {
                     self.lost(&why);
-                    tracing::warn!("mqtt: {why}; retrying in {backoff:?}");
-                    sleep_unless(stop, backoff, &self.heartbeat);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    let wait = backoff.advance();
+                    tracing::warn!("mqtt: {why}; retrying in {wait:?}");
+                    sleep_unless(stop, wait, &self.heartbeat);
                 }
             }
         }

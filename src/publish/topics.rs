@@ -1,6 +1,6 @@
 //! Topic names and payloads: the MQTT contract (docs/mqtt.md documents it).
 
-use crate::config::Config;
+use crate::config::{DeviceId, MqttConfig};
 use serde_json::json;
 
 /// Home Assistant limits a state to 255 characters.
@@ -20,8 +20,8 @@ pub struct Topics {
 }
 
 impl Topics {
-    pub fn new(c: &Config) -> Self {
-        let base = format!("{}/{}", c.mqtt.prefix, c.device_id);
+    pub fn new(m: &MqttConfig, id: &DeviceId) -> Self {
+        let base = format!("{}/{id}", m.prefix);
         Self {
             availability: format!("{base}/availability"),
             state: format!("{base}/genres/state"),
@@ -29,8 +29,8 @@ impl Topics {
             events: format!("{base}/events"),
             stats: format!("{base}/stats"),
             cmd_overview: format!("{base}/cmd/overview"),
-            discovery: format!("{}/device/{}/config", c.mqtt.discovery_prefix, c.device_id),
-            ha_status: format!("{}/status", c.mqtt.discovery_prefix),
+            discovery: format!("{}/device/{id}/config", m.discovery_prefix),
+            ha_status: format!("{}/status", m.discovery_prefix),
             base,
         }
     }
@@ -55,8 +55,7 @@ pub fn state_payload(predicted: &[String]) -> String {
 
 /// Home Assistant device discovery: one device, a genres sensor (with the full
 /// result as attributes), a last-scan timestamp and a text entity for the overview.
-pub fn discovery_payload(c: &Config, t: &Topics) -> String {
-    let id = &c.device_id;
+pub fn discovery_payload(id: &DeviceId, t: &Topics) -> String {
     let version = env!("CARGO_PKG_VERSION");
     json!({
         "dev": {"ids": [format!("marquee_{id}")], "name": format!("Marquee {id}"),

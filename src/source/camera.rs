@@ -8,14 +8,16 @@
 
 use super::frame::{Frame, PixelFormat, decode_frame};
 use super::trigger::SteadyTrigger;
-use crate::config::CameraConfig;
+use crate::config::{CameraConfig, CameraFormat};
 use crate::health::{Health, Heartbeat};
 use crate::pipeline::{Job, Poster, Queue, Source};
+use crate::util::backoff::Backoff;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Yields raw frames; `Ok(None)` means the stream ended (a replay ran out).
@@ -44,7 +46,7 @@ impl Replay {
             })
             .collect();
         files.sort();
-        let format = PixelFormat::parse(&c.format).unwrap_or(PixelFormat::Mjpeg);
+        let format = pixel_format(c.format);
         Ok(Self {
             files,
             next: 0,
@@ -124,7 +126,7 @@ mod v4l_capture {
             let mut fmt = dev.format()?;
             fmt.width = c.width;
             fmt.height = c.height;
-            let format = PixelFormat::parse(&c.format).unwrap_or(PixelFormat::Mjpeg);
+            let format = pixel_format(c.format);
             fmt.fourcc = FourCC::new(if format == PixelFormat::Mjpeg {
                 b"MJPG"
             } else {
@@ -170,20 +172,20 @@ pub fn run(
 ) {
     let name = c.device.display().to_string();
     let replay = name.starts_with("replay:");
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut trigger = SteadyTrigger::new(c.steady_frames);
     while !stop.load(Ordering::SeqCst) {
         let mut src = match open(&c) {
             Ok(s) => s,
             Err(e) => {
-                health.set_camera(false, &format!("{name}: {e}; retrying in {backoff:?}"));
-                sleep_unless_stopped(backoff, &heartbeat, &stop);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                let wait = backoff.advance();
+                health.set_camera(false, &format!("{name}: {e}; retrying in {wait:?}"));
+                sleep_unless_stopped(wait, &heartbeat, &stop);
                 continue;
             }
         };
         health.set_camera(true, &format!("{name}: streaming"));
-        backoff = Duration::from_millis(500);
+        backoff.reset();
         while !stop.load(Ordering::SeqCst) {
             heartbeat.beat();
             let frame = match src.next_frame() {
@@ -238,5 +240,12 @@ fn sleep_unless_stopped(d: Duration, heartbeat: &Heartbeat, stop: &AtomicBool) {
     while Instant::now() < end && !stop.load(Ordering::SeqCst) {
         heartbeat.beat();
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pixel_format(f: CameraFormat) -> PixelFormat {
+    match f {
+        CameraFormat::Mjpeg => PixelFormat::Mjpeg,
+        CameraFormat::Yuyv => PixelFormat::Yuyv,
     }
 }

@@ -10,9 +10,9 @@ use crate::config::FolderConfig;
 use crate::health::{Health, Heartbeat};
 use crate::pipeline::{Job, Poster, Queue, Source};
 use crate::preprocess::image::{MAX_BYTES, decode};
+use crate::util::limited::read_file;
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -143,7 +143,7 @@ impl Folder {
         let mut overview = None;
         for ext in SIDECARS {
             let p = image.with_extension(ext);
-            let Ok(bytes) = read_limited(&p, SIDECAR_MAX) else {
+            let Ok(bytes) = read_file(&p, SIDECAR_MAX) else {
                 continue;
             };
             let text = String::from_utf8_lossy(&bytes).into_owned();
@@ -174,8 +174,9 @@ impl Folder {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let image =
-            read_limited(path, MAX_BYTES).and_then(|b| decode(&b).map_err(|e| e.to_string()));
+        let image = read_file(path, MAX_BYTES)
+            .map_err(|e| e.to_string())
+            .and_then(|b| decode(&b).map_err(|e| e.to_string()));
         if image.is_err() && self.still_growing(path, seen) {
             tracing::info!(file = %path.display(), "unreadable while still being written; retrying once it settles");
             in_flight.lock().expect("folder lock").remove(path);
@@ -218,18 +219,6 @@ impl Folder {
             }
         }
     }
-}
-
-fn read_limited(path: &Path, max: usize) -> Result<Vec<u8>, String> {
-    let f = fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
-    let mut bytes = Vec::new();
-    f.take(max as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.len() > max {
-        return Err(format!("file larger than the {max}-byte limit"));
-    }
-    Ok(bytes)
 }
 
 fn reason_path(target: &Path) -> PathBuf {

@@ -9,16 +9,6 @@ pub enum PixelFormat {
     Yuyv,
 }
 
-impl PixelFormat {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "mjpeg" => Some(Self::Mjpeg),
-            "yuyv" => Some(Self::Yuyv),
-            _ => None,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct Frame {
     pub format: PixelFormat,

@@ -1,104 +1,105 @@
-//! `/metrics` in the Prometheus text exposition format.
+//! `/metrics` in the Prometheus text format, through prometheus-client: counters and
+//! gauges read from the health record at each scrape, and the latency histogram that
+//! the health record observes on every poster.
 
-use crate::health::HealthView;
-use std::fmt::Write;
+use crate::health::Health;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i]
+fn up(ok: Option<bool>) -> i64 {
+    i64::from(ok == Some(true))
 }
 
-fn up(ok: Option<bool>) -> u8 {
-    u8::from(ok == Some(true))
-}
-
-pub fn render(h: &HealthView, latencies: &[f64], outbox: usize, queue_capacity: usize) -> String {
-    let mut s = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(
-            s,
-            "# HELP marquee_{name} {help}\n# TYPE marquee_{name} {kind}\nmarquee_{name} {value}"
-        );
-    };
+pub fn render(health: &Health, outbox: usize, queue_capacity: usize) -> String {
+    let h = health.view();
     let c = &h.counters;
-    metric(
-        "processed_total",
-        "counter",
-        "Posters classified.",
-        c.processed.to_string(),
-    );
-    metric(
-        "failed_total",
-        "counter",
-        "Posters that could not be classified.",
-        c.failed.to_string(),
-    );
-    metric(
-        "published_total",
-        "counter",
-        "Results acknowledged by the MQTT broker.",
-        c.published.to_string(),
-    );
-    metric(
-        "uploads_rejected_total",
-        "counter",
-        "Uploads refused (auth, size, bad image, queue full).",
-        c.rejected_uploads.to_string(),
-    );
-    metric(
-        "dead_letters_total",
-        "counter",
-        "Results moved to the dead-letter folder because they could never be published.",
-        c.dead_letters.to_string(),
-    );
-    metric(
-        "outbox_pending",
-        "gauge",
-        "Results waiting in the disk outbox.",
-        outbox.to_string(),
-    );
-    metric(
-        "queue_capacity",
-        "gauge",
-        "Capacity of the classifier queue.",
-        queue_capacity.to_string(),
-    );
-    metric(
-        "broker_up",
-        "gauge",
-        "1 while connected to the MQTT broker.",
-        up(h.broker.ok).to_string(),
-    );
-    metric(
-        "camera_up",
-        "gauge",
-        "1 while the camera delivers frames.",
-        up(h.camera.ok).to_string(),
-    );
-    metric(
-        "uptime_seconds",
-        "gauge",
-        "Seconds since start.",
-        h.uptime_s.to_string(),
-    );
-    let mut sorted = latencies.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let _ = writeln!(
-        s,
-        "# HELP marquee_latency_ms End-to-end classification latency over recent posters."
-    );
-    let _ = writeln!(s, "# TYPE marquee_latency_ms summary");
-    for q in [0.5, 0.9, 0.99] {
-        let _ = writeln!(
-            s,
-            "marquee_latency_ms{{quantile=\"{q}\"}} {}",
-            quantile(&sorted, q)
-        );
+    let mut r = Registry::with_prefix("marquee");
+    let counters = [
+        ("processed", "Posters classified.", c.processed),
+        ("failed", "Posters that could not be classified.", c.failed),
+        (
+            "published",
+            "Results acknowledged by the MQTT broker.",
+            c.published,
+        ),
+        (
+            "uploads_rejected",
+            "Uploads refused (auth, size, bad image, queue full).",
+            c.rejected_uploads,
+        ),
+        (
+            "dead_letters",
+            "Results moved to the dead-letter folder because they could never be published.",
+            c.dead_letters,
+        ),
+    ];
+    for (name, help, value) in counters {
+        r.register(name, help, ConstCounter::new(value));
     }
-    let _ = writeln!(s, "marquee_latency_ms_sum {}", sorted.iter().sum::<f64>());
-    let _ = writeln!(s, "marquee_latency_ms_count {}", sorted.len());
+    let gauges = [
+        (
+            "outbox_pending",
+            "Results waiting in the disk outbox.",
+            outbox as i64,
+        ),
+        (
+            "queue_capacity",
+            "Capacity of the classifier queue.",
+            queue_capacity as i64,
+        ),
+        (
+            "broker_up",
+            "1 while connected to the MQTT broker.",
+            up(h.broker.ok),
+        ),
+        (
+            "camera_up",
+            "1 while the camera delivers frames.",
+            up(h.camera.ok),
+        ),
+        ("uptime_seconds", "Seconds since start.", h.uptime_s as i64),
+    ];
+    for (name, help, value) in gauges {
+        r.register(name, help, ConstGauge::new(value));
+    }
+    r.register(
+        "latency_ms",
+        "End-to-end classification latency (ms).",
+        health.latency_histogram(),
+    );
+    let mut s = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut s, &r);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_a_histogram_whose_sum_and_count_only_grow() {
+        let h = Health::default();
+        for ms in [15.0, 30.0, 5000.0] {
+            h.processed(ms);
+        }
+        let text = render(&h, 2, 8);
+        assert!(text.contains("marquee_processed_total 3"), "{text}");
+        assert!(text.contains("marquee_outbox_pending 2"), "{text}");
+        assert!(
+            text.contains("# TYPE marquee_latency_ms histogram"),
+            "{text}"
+        );
+        assert!(text.contains("marquee_latency_ms_count 3"), "{text}");
+        assert!(text.contains("marquee_latency_ms_sum 5045.0"), "{text}");
+        // Far more posters than the page's recent window: the count keeps them all.
+        for _ in 0..500 {
+            h.processed(20.0);
+        }
+        let text = render(&h, 0, 8);
+        assert!(text.contains("marquee_latency_ms_count 503"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
 }

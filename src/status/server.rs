@@ -4,7 +4,7 @@
 //! however many open the page, `/healthz` and the API still answer.
 
 use super::metrics;
-use crate::config::Config;
+use crate::config::{DeviceId, StatusConfig};
 use crate::health::Health;
 use crate::http::{HttpServer, bearer_ok, drain, header_text, json, read_body, retry_soon, text};
 use crate::pipeline::{Job, Poster, Queue, QueueError, ScanResult, Sink, Source};
@@ -40,15 +40,21 @@ pub struct StatusState {
 }
 
 impl StatusState {
-    pub fn new(c: &Config, health: Arc<Health>, outbox: Option<Arc<Outbox>>) -> Arc<Self> {
+    pub fn new(
+        id: &DeviceId,
+        s: &StatusConfig,
+        queue_capacity: usize,
+        health: Arc<Health>,
+        outbox: Option<Arc<Outbox>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            device_id: c.device_id.clone(),
+            device_id: id.to_string(),
             history: Mutex::new(VecDeque::new()),
-            capacity: c.status.history.max(1),
+            capacity: s.history.max(1),
             subscribers: Mutex::new(Vec::new()),
             health,
             outbox,
-            queue_capacity: c.pipeline.queue,
+            queue_capacity,
         })
     }
 
@@ -123,7 +129,7 @@ pub struct StatusServer {
 
 impl StatusServer {
     pub fn start(
-        c: &Config,
+        s: &StatusConfig,
         state: Arc<StatusState>,
         queue: Queue,
         stop: Arc<AtomicBool>,
@@ -131,8 +137,8 @@ impl StatusServer {
         let ctx = Arc::new(Ctx {
             state: state.clone(),
             queue,
-            token: c.status.token.clone(),
-            max_upload: c.status.max_upload_bytes,
+            token: s.token.clone(),
+            max_upload: s.max_upload_bytes,
             sse: Arc::new(Semaphore::new(MAX_SSE)),
         });
         let router = Router::new()
@@ -146,8 +152,8 @@ impl StatusServer {
             .route("/api/classify", post(upload))
             .fallback(|| async { text(StatusCode::NOT_FOUND, "not found") })
             .with_state(ctx);
-        let http = HttpServer::start(&c.status.listen, router, 2, "status-http")
-            .map_err(|e| anyhow::anyhow!("status.listen {}: {e:#}", c.status.listen))?;
+        let http = HttpServer::start(s.listen, router, 2, "status-http")
+            .map_err(|e| anyhow::anyhow!("status.listen {}: {e:#}", s.listen))?;
         // Health over SSE, so the page needs no polling.
         {
             let state = state.clone();
@@ -203,13 +209,15 @@ async fn history(State(ctx): Shared) -> Response {
 async fn metrics_text(State(ctx): Shared) -> Response {
     let st = &ctx.state;
     let outbox = st.outbox.as_ref().map_or(0, |o| o.len());
-    let body = metrics::render(
-        &st.health.view(),
-        &st.health.latencies(),
-        outbox,
-        st.queue_capacity,
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    let body = metrics::render(&st.health, outbox, st.queue_capacity);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn thumbnail(State(ctx): Shared, Path(id): Path<String>) -> Response {
@@ -356,6 +364,7 @@ async fn parse_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use proptest::prelude::*;
     use std::io::{Read, Write};
     use std::net::TcpStream;
@@ -363,11 +372,14 @@ mod tests {
     /// A status server on a free loopback port, with a token, and no classifier
     /// behind its queue (uploads that get that far wait, then time out).
     fn server() -> (StatusServer, crate::pipeline::Queue) {
-        let mut c = Config::default();
-        c.status.listen = "127.0.0.1:0".into();
-        c.status.token = Some("t0ken".into());
-        c.status.max_upload_bytes = 4096;
-        let state = StatusState::new(&c, Arc::new(Health::default()), None);
+        let c = StatusConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: Some("t0ken".into()),
+            max_upload_bytes: 4096,
+            ..Default::default()
+        };
+        let id = Config::default().device_id;
+        let state = StatusState::new(&id, &c, 1, Arc::new(Health::default()), None);
         let (queue, rx) = crate::pipeline::Queue::new(1);
         std::mem::forget(rx);
         let stop = Arc::new(AtomicBool::new(false));

@@ -3,50 +3,17 @@
 //! of the manifest that carries them, which the rest of training reads like any other.
 
 use super::manifest::{Manifest, Row};
-use crate::caption::Task;
-use crate::caption::local::FlorenceCaptioner;
-use crate::caption::remote::RemoteCaptioner;
-use crate::preprocess::image::decode;
+use crate::infer::Captioner;
+use crate::infer::task::Task;
+use crate::preprocess::image::MAX_BYTES;
+use crate::util::limited::read_file;
+use crate::util::progress::Stage;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-pub enum Captioner {
-    Local(Box<FlorenceCaptioner>),
-    Remote(RemoteCaptioner),
-}
-
-impl Captioner {
-    /// Names the caption source in cache keys and the model card.
-    pub fn describe(&self) -> String {
-        match self {
-            Captioner::Local(c) => format!("local {}", c.name),
-            Captioner::Remote(r) => {
-                format!("remote {} ({:?})", r.config().url, r.config().protocol)
-            }
-        }
-    }
-
-    fn caption(&self, path: &Path, task: Task) -> Result<String, String> {
-        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-        match self {
-            Captioner::Local(c) => {
-                let img = decode(&bytes).map_err(|e| e.to_string())?;
-                c.caption(&img, task, &Default::default())
-                    .map(|o| o.caption)
-                    .map_err(|e| format!("{e:#}"))
-            }
-            Captioner::Remote(r) => r
-                .caption(&bytes, task)
-                .map(|o| o.caption)
-                .map_err(|e| e.to_string()),
-        }
-    }
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Cached {
@@ -70,15 +37,14 @@ pub struct CaptionReport {
 /// with a `caption` on each row that has one, poster paths made absolute.
 pub fn caption_manifest(
     manifest_path: &Path,
-    captioner: &Captioner,
+    captioner: &dyn Captioner,
     task: Task,
     cache_dir: &Path,
     out_dir: &Path,
 ) -> Result<CaptionReport> {
     let manifest = Manifest::load(manifest_path)?;
     let source = captioner.describe();
-    let key =
-        crate::model::towers::hex(&Sha256::digest(format!("{source}|{task}").as_bytes())[..8]);
+    let key = crate::util::hex(&Sha256::digest(format!("{source}|{task}").as_bytes())[..8]);
     std::fs::create_dir_all(cache_dir)?;
     let cache_path = cache_dir.join(format!("{key}.jsonl"));
     let mut known: HashMap<String, Cached> = HashMap::new();
@@ -101,13 +67,13 @@ pub fn caption_manifest(
         .iter()
         .filter(|r| !known.contains_key(&r.id))
         .collect();
-    let bar = ProgressBar::new(todo.len() as u64).with_style(
-        ProgressStyle::with_template("captioning [{bar:30}] {pos}/{len} {elapsed} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = Stage::start("captioning", todo.len() as u64);
     let from_cache = manifest.rows.len() - todo.len();
     for row in todo {
-        let c = match captioner.caption(&manifest.poster_path(row), task) {
+        let caption = read_file(&manifest.poster_path(row), MAX_BYTES)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| captioner.caption_encoded(&bytes, task));
+        let c = match caption.map(|o| o.caption) {
             Ok(text) => Cached {
                 id: row.id.clone(),
                 caption: Some(text).filter(|t| !t.is_empty()),
@@ -116,14 +82,14 @@ pub fn caption_manifest(
             Err(e) => Cached {
                 id: row.id.clone(),
                 caption: None,
-                error: Some(e),
+                error: Some(format!("{e:#}")),
             },
         };
         writeln!(log, "{}", serde_json::to_string(&c)?)?;
         known.insert(c.id.clone(), c);
         bar.inc(1);
     }
-    bar.finish_and_clear();
+    drop(bar);
     std::fs::create_dir_all(out_dir)?;
     let out = out_dir.join("manifest.jsonl");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&out)?);

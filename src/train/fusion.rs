@@ -4,14 +4,15 @@
 
 use super::metrics::{decide_all, report, tune_thresholds};
 use super::tokens::{STUDENT_INPUT, TEACHER_INPUT, TokenSet, grid, grid_tokens};
-use crate::classify::TEXT_DIM;
+use crate::infer::batch::{FusionRow, TEXT_DIM, batch};
 use crate::nn::efficientnet::FEATURE_DIM;
 use crate::nn::fusion::{EarlyFusion, FusionConfig, FusionInput};
+use crate::util::progress::{Stage, note};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid};
-use indicatif::{ProgressBar, ProgressStyle};
+use half::f16;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -100,38 +101,22 @@ fn build(set: &TokenSet, role: Role, view: View, b: &BatchSpec, device: &Device)
         (Role::Teacher, View::Flipped) => (&set.flip_map, grid_tokens(TEACHER_INPUT), &set.text_l6),
         (Role::Student, _) => (&set.student_map, grid_tokens(STUDENT_INPUT), &set.text_l3),
     };
-    let n = b.idx.len();
-    let row = cells * FEATURE_DIM;
-    let mut image = Vec::with_capacity(n * row);
-    for &i in b.idx {
-        image.extend(map[i * row..(i + 1) * row].iter().map(|x| x.to_f32()));
-    }
-    // At least one (masked) text slot, so every batch has the same structure.
-    let len = b
+    let cell_len = cells * FEATURE_DIM;
+    let rows: Vec<FusionRow<'_, f16>> = b
         .idx
         .iter()
-        .map(|&i| set.text_len(i))
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let mut txt = vec![0f32; n * len * TEXT_DIM];
-    let mut text_mask = vec![true; n * len];
-    for (k, &i) in b.idx.iter().enumerate() {
-        if b.hide_text[k] {
-            continue;
-        }
-        let (s, l) = (set.text_off[i], set.text_len(i));
-        for (j, v) in text[s * TEXT_DIM..(s + l) * TEXT_DIM].iter().enumerate() {
-            txt[k * len * TEXT_DIM + j] = v.to_f32();
-        }
-        text_mask[k * len..k * len + l].fill(false);
-    }
-    FusionInput {
-        image: Tensor::from_data(TensorData::new(image, [n, cells, FEATURE_DIM]), device),
-        image_hidden: Tensor::from_data(TensorData::new(b.hide_image.clone(), [n, 1]), device),
-        text: Tensor::from_data(TensorData::new(txt, [n, len, TEXT_DIM]), device),
-        text_mask: Tensor::from_data(TensorData::new(text_mask, [n, len]), device),
-    }
+        .enumerate()
+        .map(|(k, &i)| FusionRow {
+            image: &map[i * cell_len..(i + 1) * cell_len],
+            hide_image: b.hide_image[k],
+            text: if b.hide_text[k] {
+                &[]
+            } else {
+                &text[set.text_off[i] * TEXT_DIM..set.text_off[i + 1] * TEXT_DIM]
+            },
+        })
+        .collect();
+    batch(&rows, cells, device)
 }
 
 /// Binary cross-entropy on logits against soft targets in [0, 1], mean over all.
@@ -211,13 +196,7 @@ pub fn train(
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut order: Vec<usize> = (0..fit.len()).collect();
     let steps = fit.len().div_ceil(opts.batch);
-    let pb = ProgressBar::new((opts.epochs * steps) as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} steps, eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(name.to_string());
+    let pb = Stage::start(name, (opts.epochs * steps) as u64);
     let mut best: Option<Trained> = None;
     let mut since_best = 0;
     for epoch in 1..=opts.epochs {
@@ -263,7 +242,7 @@ pub fn train(
         let scores = score(&valid, c, tune.0, tune.1, role, View::Plain, false, device);
         let thresholds = tune_thresholds(&scores, tune.2, k);
         let macro_f1 = report(&decide_all(&scores, &thresholds), tune.2, labels).macro_f1;
-        pb.println(format!(
+        note(&format!(
             "{name}: epoch {epoch}, tune macro-F1 {macro_f1:.4}"
         ));
         if best.as_ref().is_none_or(|b| macro_f1 > b.tune_macro_f1) {
@@ -282,12 +261,72 @@ pub fn train(
             }
         }
     }
-    pb.finish_and_clear();
+    drop(pb);
     let mut best = best.expect("at least one epoch");
     best.seconds = start.elapsed().as_secs_f64();
-    eprintln!(
+    note(&format!(
         "{name}: best epoch {} of {}, tune macro-F1 {:.4}, {:.0} s",
         best.best_epoch, opts.epochs, best.tune_macro_f1, best.seconds
-    );
+    ));
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::batch::{FusionRow, batch};
+
+    fn data(t: Tensor<3>) -> Vec<f32> {
+        t.into_data().try_to_vec().unwrap()
+    }
+
+    /// A row as training reads it from the feature cache, and the same row as the
+    /// classifier serves it, give identical tensors.
+    #[test]
+    fn a_training_row_is_the_row_that_is_served() {
+        let dev = Device::flex();
+        let cells = grid_tokens(STUDENT_INPUT);
+        let value = |i: usize| f16::from_f32(((i * 37) % 101) as f32 / 50.0 - 1.0);
+        // Two rows: 3 and 5 text tokens; the second is the one compared.
+        let n_text = [3, 5];
+        let set = TokenSet {
+            n: 2,
+            student_map: (0..2 * cells * FEATURE_DIM).map(value).collect(),
+            text_off: vec![0, 3, 8],
+            text_l3: (0..8 * TEXT_DIM).map(|i| value(i + 7)).collect(),
+            ..Default::default()
+        };
+        let served_image: Vec<f32> = set.student_map[cells * FEATURE_DIM..]
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let served_text: Vec<f32> = set.text_l3[3 * TEXT_DIM..]
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        assert_eq!(served_text.len(), n_text[1] * TEXT_DIM);
+        for hide_text in [false, true] {
+            let spec = BatchSpec {
+                idx: &[1],
+                hide_text: vec![hide_text],
+                hide_image: vec![false],
+            };
+            let trained = build(&set, Role::Student, View::Plain, &spec, &dev);
+            let text: &[f32] = if hide_text { &[] } else { &served_text };
+            let served = batch(
+                &[FusionRow {
+                    image: &served_image[..],
+                    hide_image: false,
+                    text,
+                }],
+                cells,
+                &dev,
+            );
+            assert_eq!(data(trained.image), data(served.image));
+            assert_eq!(data(trained.text), data(served.text));
+            let mask = |t: Tensor<2, Bool>| t.into_data().try_to_vec::<bool>().unwrap();
+            assert_eq!(mask(trained.text_mask), mask(served.text_mask));
+            assert_eq!(mask(trained.image_hidden), mask(served.image_hidden));
+        }
+    }
 }

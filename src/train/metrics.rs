@@ -1,11 +1,12 @@
 //! Multi-label metrics as scikit-learn defines them (zero_division = 0), and the
 //! per-genre threshold search.
 
+use crate::infer::labels::decide;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct GenreScore {
+pub struct GenreF1 {
     pub precision: f64,
     pub recall: f64,
     pub f1: f64,
@@ -19,7 +20,7 @@ pub struct Report {
     pub macro_f1: f64,
     pub weighted_f1: f64,
     pub samples_f1: f64,
-    pub per_genre: BTreeMap<String, GenreScore>,
+    pub per_genre: BTreeMap<String, GenreF1>,
 }
 
 fn f1(tp: usize, fp: usize, fn_: usize) -> f64 {
@@ -58,7 +59,7 @@ pub fn report(pred: &[u8], truth: &[u8], labels: &[String]) -> Report {
     let (mut macro_sum, mut weighted_sum, mut support_sum) = (0.0, 0.0, 0usize);
     for j in 0..k {
         let support = tp[j] + fn_[j];
-        let g = GenreScore {
+        let g = GenreF1 {
             precision: ratio(tp[j], tp[j] + fp[j]),
             recall: ratio(tp[j], support),
             f1: f1(tp[j], fp[j], fn_[j]),
@@ -84,28 +85,7 @@ pub fn report(pred: &[u8], truth: &[u8], labels: &[String]) -> Report {
     }
 }
 
-/// The predicted set of one row: every genre at or over its threshold, or, if none is,
-/// the one closest to its threshold (a poster always has some genre).
-pub fn decide(scores: &[f32], thresholds: &[f32]) -> Vec<u8> {
-    let mut out: Vec<u8> = scores
-        .iter()
-        .zip(thresholds)
-        .map(|(s, t)| u8::from(s >= t))
-        .collect();
-    if !out.contains(&1) {
-        let best = scores
-            .iter()
-            .zip(thresholds)
-            .enumerate()
-            .max_by(|a, b| (a.1.0 / a.1.1).total_cmp(&(b.1.0 / b.1.1)))
-            .map(|(j, _)| j);
-        if let Some(j) = best {
-            out[j] = 1;
-        }
-    }
-    out
-}
-
+/// `decide` on each row of a row-major `[n, k]` score matrix.
 pub fn decide_all(scores: &[f32], thresholds: &[f32]) -> Vec<u8> {
     scores
         .chunks(thresholds.len())
@@ -163,12 +143,6 @@ mod tests {
         assert!((r.samples_f1 - 2.0 / 3.0).abs() < 1e-9);
         assert_eq!(r.per_genre["g1"].support, 2);
         assert_eq!(r.per_genre["g2"].precision, 0.0);
-    }
-
-    #[test]
-    fn decide_never_returns_an_empty_set() {
-        assert_eq!(decide(&[0.1, 0.3, 0.2], &[0.5, 0.5, 0.25]), vec![0, 0, 1]);
-        assert_eq!(decide(&[0.9, 0.3], &[0.5, 0.5]), vec![1, 0]);
     }
 
     #[test]

@@ -9,10 +9,11 @@ pub mod metrics;
 pub mod recipe;
 pub mod tokens;
 
-use crate::classify::Classifier;
+use crate::infer::Classifier;
 use crate::model::cache::CacheDir;
 use crate::model::towers::Towers;
 use crate::preprocess::image::decode;
+use crate::util::progress::{Stage, note};
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use manifest::{Manifest, Row, multi_hot, stable_hash};
@@ -21,34 +22,8 @@ use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
 
-/// The 18 genres, in the order every model output uses (posters-v1 `genres.txt`).
-pub const GENRES: [&str; 18] = [
-    "Action",
-    "Adventure",
-    "Animation",
-    "Comedy",
-    "Crime",
-    "Documentary",
-    "Drama",
-    "Family",
-    "Fantasy",
-    "History",
-    "Horror",
-    "Music",
-    "Mystery",
-    "Romance",
-    "Science Fiction",
-    "Thriller",
-    "War",
-    "Western",
-];
-
 /// One training film in this many is held out to pick the epoch and tune thresholds.
 const TUNE_EVERY: u64 = 10;
-
-pub fn labels() -> Vec<String> {
-    GENRES.iter().map(|s| s.to_string()).collect()
-}
 
 /// Splits training rows by film into (fit, tune): val is never used for any choice.
 pub fn fit_tune_split(rows: &[Row]) -> (Vec<Row>, Vec<Row>) {
@@ -65,12 +40,12 @@ pub fn extract_all(manifest_path: &Path, cache: &CacheDir, device: &Device) -> R
     let (fit, tune) = fit_tune_split(&manifest.split(Some("train")));
     let val = manifest.split(Some("val"));
     let dir = cache.tokens();
-    eprintln!(
+    note(&format!(
         "token features: {} fit, {} tune, {} val rows",
         fit.len(),
         tune.len(),
         val.len()
-    );
+    ));
     tokens::extract_tokens(&towers, device, &manifest, &val, &dir, true)?;
     tokens::extract_tokens(&towers, device, &manifest, &tune, &dir, true)?;
     tokens::extract_tokens(&towers, device, &manifest, &fit, &dir, false)?;
@@ -109,15 +84,7 @@ pub fn run_eval(
     let classifier = Classifier::load(model_dir, cache, device)?;
     let labels = classifier.labels().to_vec();
     let k = labels.len();
-    let pb = indicatif::ProgressBar::new(rows.len() as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    pb.set_message("eval");
+    let pb = Stage::start("eval", rows.len() as u64);
     let mut pred = Vec::with_capacity(rows.len() * k);
     let mut total_ms = 0.0;
     for row in &rows {
@@ -131,7 +98,7 @@ pub fn run_eval(
         pred.extend(labels.iter().map(|l| p.predicted.contains(l) as u8));
         pb.inc(1);
     }
-    pb.finish_and_clear();
+    drop(pb);
     let report = report(&pred, &multi_hot(&rows, &labels), &labels);
     let spec = &classifier.model.spec;
     Ok(EvalOutput {

@@ -3,16 +3,18 @@
 //! teacher's soft labels. Everything is scored on val, which nothing here tunes on:
 //! epochs and thresholds are chosen on held-out training films ("tune").
 
+use super::fit_tune_split;
 use super::fusion::{self, FusionOptions, Role, Trained, View};
 use super::manifest::{Manifest, Row, multi_hot};
 use super::metrics::{Report, decide_all, report, tune_thresholds};
 use super::tokens::{STUDENT_INPUT, STUDENT_TEXT_LAYERS, TEACHER_INPUT, TEACHER_TEXT_LAYERS};
 use super::tokens::{TokenSet, extract_tokens};
-use super::{fit_tune_split, labels};
+use crate::infer::labels::labels;
 use crate::model::cache::CacheDir;
 use crate::model::dir::{ModelDir, ModelSpec, TowerSource};
 use crate::model::towers::Towers;
 use crate::nn::fusion::{EarlyFusion, FusionConfig};
+use crate::util::progress::note;
 use anyhow::{Result, bail};
 use burn::prelude::*;
 use serde::Serialize;
@@ -163,13 +165,13 @@ pub fn run(
     }
     let towers = Towers::load(cache, device)?;
     let dir = cache.tokens();
-    eprintln!(
+    note(&format!(
         "token features: {} fit, {} tune, {} val rows (cached in {})",
         fit_rows.len(),
         tune_rows.len(),
         val_rows.len(),
         dir.display()
-    );
+    ));
     let val = Part::new(
         extract_tokens(&towers, device, &manifest, &val_rows, &dir, true)?,
         &val_rows,
@@ -321,7 +323,7 @@ pub fn run(
     });
 
     // The student, on the teacher's soft labels for every training poster.
-    eprintln!("scoring the fit rows with the teacher for distillation");
+    note("scoring the fit rows with the teacher for distillation");
     let soft = ensemble_scores(
         &refs,
         &c_teacher,

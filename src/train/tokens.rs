@@ -8,16 +8,16 @@
 //! maps, for the teacher's test-time augmentation on the rows it is scored on.
 
 use super::manifest::{Manifest, Row};
-use crate::classify::{TEXT_DIM, compose_text, image_tokens};
+use crate::infer::{TEXT_DIM, compose_text, image_tokens};
 use crate::model::dir::ImageInput;
 use crate::model::towers::Towers;
 use crate::nn::efficientnet::FEATURE_DIM;
 use crate::preprocess::image::decode;
+use crate::util::progress::Stage;
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use half::f16;
 use image::RgbImage;
-use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -76,17 +76,6 @@ impl TokenSet {
     }
 }
 
-fn progress(n: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(n as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
-
 /// Token features for `rows`, from the cache where present, computed otherwise.
 /// With `flip`, also the flipped teacher maps.
 pub fn extract_tokens(
@@ -98,7 +87,10 @@ pub fn extract_tokens(
     flip: bool,
 ) -> Result<TokenSet> {
     std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
-    let pb = progress(rows.len(), if flip { "tokens+flip" } else { "tokens" });
+    let pb = Stage::start(
+        if flip { "tokens+flip" } else { "tokens" },
+        rows.len() as u64,
+    );
     let mut all = TokenSet {
         text_off: vec![0],
         ..Default::default()
@@ -106,7 +98,10 @@ pub fn extract_tokens(
     for chunk in rows.chunks(CHUNK) {
         let path = chunk_path(cache, manifest, chunk, RECIPE);
         let set = match read_chunk(&path, chunk.len()) {
-            Some(s) => s,
+            Some(s) => {
+                pb.inc(chunk.len() as u64);
+                s
+            }
             None => {
                 let s = compute(towers, device, manifest, chunk, &pb)?;
                 write_chunk(&path, &s)?;
@@ -130,10 +125,9 @@ pub fn extract_tokens(
                 }
             };
         }
-        pb.set_position((all.n + chunk.len()) as u64);
         append(&mut all, set);
     }
-    pb.finish_and_clear();
+    drop(pb);
     Ok(all)
 }
 
@@ -175,7 +169,7 @@ fn compute(
     device: &Device,
     manifest: &Manifest,
     rows: &[Row],
-    pb: &ProgressBar,
+    pb: &Stage,
 ) -> Result<TokenSet> {
     let mut s = TokenSet {
         n: rows.len(),
@@ -246,7 +240,7 @@ fn chunk_path(cache: &Path, manifest: &Manifest, rows: &[Row], recipe: &str) -> 
             h.update(part);
         }
     }
-    let key = crate::model::towers::hex(&h.finalize()[..16]);
+    let key = crate::util::hex(&h.finalize()[..16]);
     cache.join(format!("{key}.safetensors"))
 }
 

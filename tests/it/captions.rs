@@ -3,15 +3,15 @@
 //! the queue is full, a hung server (timeout), the circuit breaker, the appliance's
 //! deadline, and graceful shutdown.
 
-mod common;
+use crate::common;
 
 use common::shared;
 use marquee::backend::Backend;
-use marquee::caption::Task;
 use marquee::caption::local::FlorenceCaptioner;
 use marquee::caption::remote::{Protocol, RemoteCaptioner, RemoteConfig, RemoteError};
 use marquee::caption::server::{CaptionServer, ServerConfig};
 use marquee::caption::stage::{CaptionConfig, CaptionStage, Mode};
+use marquee::infer::task::Task;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +25,15 @@ fn captioner() -> Arc<FlorenceCaptioner> {
     Arc::new(
         FlorenceCaptioner::load(&kit().join("tiny"), &Backend::Flex.device().unwrap()).unwrap(),
     )
+}
+
+/// The tiny model's caption server on a free loopback port.
+fn serve(cfg: ServerConfig) -> CaptionServer {
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..cfg
+    };
+    CaptionServer::start(captioner(), cfg).unwrap()
 }
 
 fn astronaut() -> Vec<u8> {
@@ -51,16 +60,11 @@ fn beam3_astronaut() -> Vec<u32> {
 
 #[test]
 fn round_trip_both_protocols_token_and_limits() {
-    let server = CaptionServer::start(
-        captioner(),
-        ServerConfig {
-            listen: "127.0.0.1:0".into(),
-            token: Some("s3cret".into()),
-            max_body: 2 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let server = serve(ServerConfig {
+        token: Some("s3cret".into()),
+        max_body: 2 << 20,
+        ..Default::default()
+    });
     let url = format!("http://{}", server.addr());
 
     // Marquee's protocol: the model's generation_config (beam 3) gives the reference ids.
@@ -109,16 +113,11 @@ fn round_trip_both_protocols_token_and_limits() {
 
 #[test]
 fn full_queue_answers_503() {
-    let server = CaptionServer::start(
-        captioner(),
-        ServerConfig {
-            listen: "127.0.0.1:0".into(),
-            workers: 1,
-            queue: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let server = serve(ServerConfig {
+        workers: 1,
+        queue: 1,
+        ..Default::default()
+    });
     let url = format!(
         "http://{}/v1/caption?beams=3&max_new_tokens=120",
         server.addr()
@@ -236,14 +235,7 @@ fn appliance_stage_publishes_on_deadline_and_with_caption() {
     assert!(c.status.contains("busy"), "{}", c.status);
 
     // A live server: the caption arrives in time.
-    let server = CaptionServer::start(
-        captioner(),
-        ServerConfig {
-            listen: "127.0.0.1:0".into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let server = serve(ServerConfig::default());
     let mut cfg = CaptionConfig {
         mode: Mode::Remote,
         deadline_ms: 20_000,
@@ -280,14 +272,7 @@ fn appliance_stage_publishes_on_deadline_and_with_caption() {
 #[test]
 fn a_stalled_body_does_not_freeze_the_caption_server() {
     use std::io::{Read, Write};
-    let server = CaptionServer::start(
-        captioner(),
-        ServerConfig {
-            listen: "127.0.0.1:0".into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let server = serve(ServerConfig::default());
     let addr = server.addr();
     // Declares a body and stops sending after three bytes.
     let mut stalled = std::net::TcpStream::connect(addr).unwrap();

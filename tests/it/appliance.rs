@@ -1,7 +1,7 @@
 //! The appliance end to end, against a real Mosquitto broker on a loopback port
 //! (with `mosquitto_sub` as the independent client) and Debian's headless Chromium.
 
-mod common;
+use crate::common;
 
 use common::appliance::*;
 use serde_json::Value;

@@ -3,7 +3,7 @@
 //! after the loader's remap and adapters, nothing is left over, and only the keys a
 //! layout is known to carry (tied aliases, Microsoft's zero logits bias) are dropped.
 
-mod common;
+use crate::common;
 
 use common::shared;
 use marquee::backend::Backend;

@@ -2,7 +2,7 @@
 //! HTTP clients, and a slow writer, all against `marquee run` as a real process on
 //! loopback. Each scenario is one that lost data or took the appliance down before.
 
-mod common;
+use crate::common;
 
 use common::appliance::*;
 use serde_json::Value;

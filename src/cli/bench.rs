@@ -1,0 +1,112 @@
+//! `marquee bench`: per-poster latency of the genre model, or with `--florence`,
+//! Florence-2's stages against the reference kit's PyTorch figures.
+
+use super::args::BenchArgs;
+use super::report::Report;
+use super::{Global, read_image};
+use anyhow::Result;
+use marquee::bench::BenchReport;
+use marquee::caption::bench::FlorenceBench;
+use marquee::model::dir::default_model_dir;
+use serde::Serialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A made-up plot of typical length, so the bench exercises the text tower.
+const BENCH_OVERVIEW: &str = "A retired detective is pulled back into one last case when a string of \
+    robberies across the city mirrors the crimes of a gang he put away twenty years ago. \
+    With an ambitious young partner and a daughter who wants him home, he must decide how \
+    far he will go before the past catches up with both of them.";
+
+#[derive(Serialize)]
+#[serde(transparent)]
+pub struct ModelBench(BenchReport);
+
+impl fmt::Display for ModelBench {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let r = &self.0;
+        write!(
+            f,
+            "{} on {} ({} threads): total p50 {:.1} ms, p90 {:.1} ms; load {:.0} ms; peak RSS {:.0} MB",
+            r.model, r.backend, r.threads, r.total_ms.p50, r.total_ms.p90, r.load_ms, r.peak_rss_mb
+        )?;
+        for (k, v) in &r.stages {
+            write!(f, "\n  {k:<12} p50 {:.1} ms  p90 {:.1} ms", v.p50, v.p90)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+#[serde(transparent)]
+pub struct FlorenceReport {
+    #[serde(skip)]
+    runs: usize,
+    bench: FlorenceBench,
+}
+
+impl fmt::Display for FlorenceReport {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let r = &self.bench;
+        write!(
+            f,
+            "Florence-2-{} ({:.0} M params, random weights) on {} ({} threads), p50 of {}:",
+            r.size,
+            r.params as f64 / 1e6,
+            r.backend,
+            r.threads,
+            self.runs
+        )?;
+        for (k, v) in &r.stages_s {
+            let vs = match (r.ratio_vs_pytorch.get(k), r.pytorch_s.get(k)) {
+                (Some(x), Some(t)) => format!("  PyTorch {t:.4} s -> {x:.2}x"),
+                _ => String::new(),
+            };
+            write!(f, "\n  {k:<14} {:.4} s (p90 {:.4}){vs}", v.p50, v.p90)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn run(a: BenchArgs, g: &Global) -> Result<Box<dyn Report>> {
+    let (backend, device) = g.backend.select()?;
+    if let Some(size) = a.florence {
+        let reference = a
+            .reference
+            .unwrap_or_else(|| "../shared/reference/florence2/bench_base_cpu.json".into());
+        // Florence-2 runs are long: 3 unless asked.
+        let runs = if a.runs == 20 { 3 } else { a.runs };
+        let bench = marquee::caption::bench::run(
+            size.name(),
+            &device,
+            backend.name(),
+            runs,
+            Some(&reference),
+        )?;
+        return Ok(Box::new(FlorenceReport { runs, bench }));
+    }
+    let model_dir = a.model.unwrap_or_else(default_model_dir);
+    let poster = a.poster.unwrap_or_else(example_poster);
+    let img = read_image(&poster)?;
+    let overview = a.overview.unwrap_or_else(|| BENCH_OVERVIEW.to_string());
+    let overview = (!a.text_less).then_some(overview.as_str());
+    let r = marquee::bench::run(
+        &model_dir,
+        &g.cache,
+        &device,
+        backend.name(),
+        &img,
+        overview,
+        a.runs,
+    )?;
+    Ok(Box::new(ModelBench(r)))
+}
+
+/// examples/poster.png of this checkout.
+fn example_poster() -> PathBuf {
+    let here = Path::new("examples/poster.png");
+    if here.is_file() {
+        return here.to_path_buf();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/poster.png")
+}

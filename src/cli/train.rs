@@ -1,0 +1,165 @@
+//! `marquee train`: captions (optional), token features, the teacher, the ablations
+//! and the distilled student, bundled into `--out`.
+
+use super::Global;
+use super::args::{CaptionSourceArgs, TrainArgs};
+use super::models::bundle_student;
+use anyhow::{Context, Result};
+use marquee::caption::remote::RemoteConfig;
+use marquee::caption::stage::{CaptionConfig, Mode, open};
+use marquee::infer::Captioner;
+use marquee::train::fusion::Role;
+use marquee::train::recipe::{self, Ablation, RecipeOptions};
+use marquee::util::progress::note;
+use serde::Serialize;
+use std::fmt;
+use std::path::PathBuf;
+
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum TrainReport {
+    /// `--extract-only`: the features are cached.
+    Extracted { extracted: bool },
+    /// `--captions-only`: the captioned manifest.
+    Captioned { manifest: PathBuf },
+    /// The ablation table on val.
+    Trained(Vec<Ablation>),
+}
+
+impl fmt::Display for TrainReport {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let rows = match self {
+            TrainReport::Extracted { .. } => return Ok(()),
+            TrainReport::Captioned { manifest } => return write!(f, "{}", manifest.display()),
+            TrainReport::Trained(rows) => rows,
+        };
+        writeln!(
+            f,
+            "val split (never used for training or tuning); F1 micro / macro / weighted / samples:"
+        )?;
+        write!(
+            f,
+            "{:<62} {:>7} {:>7} {:>7} {:>7} {:>16}",
+            "model", "micro", "macro", "weight", "samples", "text-less macro"
+        )?;
+        for r in rows {
+            let v = &r.val;
+            let less = r
+                .val_text_less
+                .as_ref()
+                .map(|t| format!("{:.4}", t.macro_f1))
+                .unwrap_or_else(|| "-".into());
+            write!(
+                f,
+                "\n{:<62} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>16}",
+                r.name, v.micro_f1, v.macro_f1, v.weighted_f1, v.samples_f1, less
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
+    let device = g.backend.device()?;
+    if a.extract_only {
+        marquee::train::extract_all(&a.manifest, &g.cache, &device)?;
+        return Ok(TrainReport::Extracted { extracted: true });
+    }
+    let mut opts = RecipeOptions {
+        seed: a.seed,
+        teacher_members: a.teacher_members,
+        fit_limit: a.fit_limit,
+        ..Default::default()
+    };
+    opts.fusion.epochs = a.epochs;
+    opts.fusion.seed = a.seed;
+    let work = a.work.unwrap_or_else(|| g.cache.root().join("train"));
+    let start = std::time::Instant::now();
+    let (manifest, caption_source) = match captioner(&a.captions, &device)? {
+        None => (a.manifest, "none".to_string()),
+        Some(c) => {
+            let r = marquee::train::captions::caption_manifest(
+                &a.manifest,
+                c.as_ref(),
+                a.captions.caption_task,
+                &g.cache.root().join("captions"),
+                &work.join("captioned"),
+            )?;
+            note(&format!(
+                "captions from {}: {} new, {} cached, {} failed (cache {})",
+                r.source,
+                r.captioned,
+                r.from_cache,
+                r.failed,
+                r.cache.display()
+            ));
+            if a.captions.captions_only {
+                return Ok(TrainReport::Captioned {
+                    manifest: r.manifest,
+                });
+            }
+            (r.manifest, r.source)
+        }
+    };
+    let run = recipe::run(&manifest, &g.cache, &device, &opts)?;
+    let facts = serde_json::json!({
+        "manifest": manifest.display().to_string(),
+        "split": "posters-v1 train (1 film in 10 held out as tune); val untouched",
+        "options": opts, "captions": caption_source,
+    });
+    run.teacher
+        .into_model(Role::Teacher, facts.clone())
+        .save(&work.join("teacher"))?;
+    let student_raw = work.join("student");
+    run.student
+        .into_model(Role::Student, facts)
+        .save(&student_raw)?;
+    std::fs::write(
+        work.join("ablations.json"),
+        serde_json::to_string_pretty(&run.ablations)?,
+    )?;
+    let bundled = bundle_student(&student_raw, &manifest, &g.cache, &a.out, &device)?;
+    note(&bundled.to_string());
+    note(&format!(
+        "trained in {:.1} min",
+        start.elapsed().as_secs_f64() / 60.0
+    ));
+    Ok(TrainReport::Trained(run.ablations))
+}
+
+/// The captioner `--captions` asks for; `None` for `none`. It is opened the way the
+/// appliance opens its own (`caption::stage::open`), with training's patience.
+fn captioner(
+    a: &CaptionSourceArgs,
+    device: &burn::prelude::Device,
+) -> Result<Option<Box<dyn Captioner>>> {
+    let mode: Mode = a.captions.into();
+    let mut cfg = CaptionConfig {
+        mode,
+        ..Default::default()
+    };
+    match mode {
+        Mode::Off => {}
+        Mode::Local => {
+            cfg.model = Some(
+                a.caption_model
+                    .clone()
+                    .context("--captions local needs --caption-model DIR (a Florence-2 model)")?,
+            );
+        }
+        Mode::Remote => {
+            cfg.remote = RemoteConfig {
+                url: a
+                    .caption_url
+                    .clone()
+                    .context("--captions remote needs --caption-url URL")?,
+                protocol: a.caption_protocol.into(),
+                token: std::env::var("MARQUEE_CAPTION_TOKEN").ok(),
+                timeout_ms: 120_000,
+                retries: 2,
+                ..Default::default()
+            };
+        }
+    }
+    open(&cfg, device)
+}

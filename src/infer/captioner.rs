@@ -1,0 +1,53 @@
+//! The one `Captioner` trait, with the types a caption travels in. Florence-2 on the
+//! device (`caption::local`) and a caption server (`caption::remote`) implement it;
+//! "no captioner" is `None` where one is optional. Serving, the appliance's caption
+//! stage and training captions all call it, so they cannot drift apart.
+
+use super::task::Task;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+/// Per-request generation overrides; `None` keeps the model's generation_config.json.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptionOptions {
+    pub beams: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTimings {
+    pub preprocess: f64,
+    pub vision: f64,
+    pub encoder: f64,
+    pub decoder: f64,
+    pub per_token: f64,
+    pub total: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptionOutput {
+    pub caption: String,
+    pub task: Task,
+    pub model: String,
+    /// Generated tokens (the decoder start token not counted).
+    pub tokens: usize,
+    pub ids: Vec<u32>,
+    pub timings_ms: StageTimings,
+}
+
+/// Something that captions posters.
+pub trait Captioner: Send + Sync {
+    /// "local florence-2-base" or "remote http://…": names the source in status
+    /// lines, cache keys and the model card.
+    fn describe(&self) -> String;
+
+    /// Captions a decoded poster.
+    fn caption(&self, image: &RgbImage, task: Task) -> anyhow::Result<CaptionOutput>;
+
+    /// Captions an encoded image (a file's bytes). By default it is decoded (with the
+    /// decode limits) and captioned; a remote captioner sends the bytes as they are.
+    fn caption_encoded(&self, bytes: &[u8], task: Task) -> anyhow::Result<CaptionOutput> {
+        let image = crate::preprocess::image::decode(bytes)?;
+        self.caption(&image, task)
+    }
+}

@@ -1,0 +1,57 @@
+//! The one bounded file reader: a file over the limit is refused after reading at
+//! most one byte past it, so a huge or endless file costs bounded memory.
+
+use std::io::Read;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: file larger than the {max}-byte limit")]
+    TooLarge { path: String, max: usize },
+}
+
+/// Reads all of `path` if it holds at most `max` bytes.
+pub fn read_file(path: &Path, max: usize) -> Result<Vec<u8>, ReadError> {
+    let io = |source| ReadError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() > max {
+        return Err(ReadError::TooLarge {
+            path: path.display().to_string(),
+            max,
+        });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_one_byte_over_and_reads_the_limit_exactly() {
+        let dir = std::env::temp_dir().join(format!("marquee-limited-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f");
+        std::fs::write(&p, [7u8; 10]).unwrap();
+        assert_eq!(read_file(&p, 10).unwrap().len(), 10);
+        let e = read_file(&p, 9).unwrap_err().to_string();
+        assert!(e.ends_with("file larger than the 9-byte limit"), "{e}");
+        assert!(matches!(
+            read_file(&dir.join("missing"), 9),
+            Err(ReadError::Io { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

