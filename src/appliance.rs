@@ -50,7 +50,7 @@ pub fn run(cfg: Config) -> Result<()> {
     }
 
     let (queue, rx) = Queue::new(cfg.pipeline.queue);
-    let next_overview = queue.next_overview.clone();
+    let shared = queue.shared.clone();
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
 
     let mut mqtt = None;
@@ -70,7 +70,7 @@ pub fn run(cfg: Config) -> Result<()> {
             &cfg.device_id,
             ob.clone(),
             health.clone(),
-            next_overview.clone(),
+            shared.clone(),
             health.heartbeat("mqtt"),
         )?);
         sinks.push(Box::new(OutboxSink {
@@ -133,7 +133,7 @@ pub fn run(cfg: Config) -> Result<()> {
                     &classifier,
                     captioner.as_ref(),
                     rx,
-                    next_overview,
+                    shared,
                     &mut sinks,
                     &health,
                     &hb,

@@ -245,11 +245,11 @@ impl Health {
     }
 
     /// The periodic MQTT `stats` payload.
-    pub fn stats_json(&self, outbox: usize) -> String {
+    pub fn stats_json(&self, outbox: usize, queue: usize) -> String {
         let v = self.view();
         serde_json::json!({
             "uptime_s": v.uptime_s, "processed": v.counters.processed, "failed": v.counters.failed,
-            "published": v.counters.published, "outbox": outbox,
+            "published": v.counters.published, "outbox": outbox, "queue": queue,
             "dead_letters": v.counters.dead_letters,
             "camera_ok": v.camera.ok, "broker_ok": v.broker.ok,
         })

@@ -10,7 +10,7 @@ use crate::infer::{Classifier, GenreScore};
 use image::RgbImage;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -47,6 +47,8 @@ pub struct Poster {
     pub name: String,
     pub image: RgbImage,
     pub overview: Option<String>,
+    /// A caption given with the poster (the desk); the captioner is then not asked.
+    pub caption: Option<String>,
 }
 
 /// What happened to a job: its result, or why there is none.
@@ -84,12 +86,45 @@ pub trait Sink: Send {
     fn accept(&mut self, result: &ScanResult) -> Result<(), String>;
 }
 
+/// What the queue's two ends and the MQTT session share.
+#[derive(Debug, Default)]
+pub struct QueueShared {
+    /// Overview from the MQTT command topic, for the next scan that has none.
+    pub next_overview: Mutex<Option<String>>,
+    /// Jobs waiting for the classifier (a diagnostic for Home Assistant).
+    pending: AtomicUsize,
+}
+
+impl QueueShared {
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// The overview waiting for the next scan, if any.
+    pub fn next_overview(&self) -> Option<String> {
+        self.next_overview
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_next_overview(&self, text: Option<String>) {
+        *self.next_overview.lock().unwrap_or_else(|e| e.into_inner()) = text;
+    }
+
+    fn take_next_overview(&self) -> Option<String> {
+        self.next_overview
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
 /// The sending side that sources hold.
 #[derive(Clone)]
 pub struct Queue {
     tx: SyncSender<Job>,
-    /// Overview from the MQTT command topic, for the next scan that has none.
-    pub next_overview: Arc<Mutex<Option<String>>>,
+    pub shared: Arc<QueueShared>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +141,7 @@ impl Queue {
         (
             Self {
                 tx,
-                next_overview: Arc::default(),
+                shared: Arc::default(),
             },
             rx,
         )
@@ -124,23 +159,33 @@ impl Queue {
         let mut job = job;
         loop {
             heartbeat.beat();
+            // Counted before it is sent: the classifier may take it at once.
+            self.shared.pending.fetch_add(1, Ordering::SeqCst);
             match self.tx.try_send(job) {
                 Ok(()) => return Ok(()),
-                Err(TrySendError::Disconnected(_)) => return Err(QueueError::Closed),
-                Err(TrySendError::Full(j)) if !stop.load(Ordering::SeqCst) => {
-                    job = j;
-                    std::thread::sleep(Duration::from_millis(20));
+                Err(e) => {
+                    self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                    match e {
+                        TrySendError::Full(j) if !stop.load(Ordering::SeqCst) => {
+                            job = j;
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        _ => return Err(QueueError::Closed),
+                    }
                 }
-                Err(TrySendError::Full(_)) => return Err(QueueError::Closed),
             }
         }
     }
 
-    /// Never waits (uploads: the client gets 503 instead).
-    pub fn try_send(&self, job: Job) -> Result<(), (QueueError, Job)> {
-        self.tx.try_send(job).map_err(|e| match e {
-            TrySendError::Full(j) => (QueueError::Full, j),
-            TrySendError::Disconnected(j) => (QueueError::Closed, j),
+    /// Never waits (uploads: the client gets 503 instead, and the job is dropped).
+    pub fn try_send(&self, job: Job) -> Result<(), QueueError> {
+        self.shared.pending.fetch_add(1, Ordering::SeqCst);
+        self.tx.try_send(job).map_err(|e| {
+            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                TrySendError::Full(_) => QueueError::Full,
+                TrySendError::Disconnected(_) => QueueError::Closed,
+            }
         })
     }
 }
@@ -175,7 +220,7 @@ pub fn run_classifier(
     classifier: &Classifier,
     captioner: Option<&CaptionStage>,
     rx: Receiver<Job>,
-    next_overview: Arc<Mutex<Option<String>>>,
+    shared: Arc<QueueShared>,
     sinks: &mut [Box<dyn Sink>],
     health: &Health,
     heartbeat: &Heartbeat,
@@ -192,17 +237,20 @@ pub fn run_classifier(
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        shared.pending.fetch_sub(1, Ordering::SeqCst);
         let Job { poster, done } = job;
         let start = Instant::now();
         let overview = poster
             .overview
             .clone()
-            .or_else(|| next_overview.lock().ok().and_then(|mut o| o.take()))
+            .or_else(|| shared.take_next_overview())
             .map(|o| clip(&o, OVERVIEW_MAX_CHARS));
-        let captioned = captioner
-            .map(|c| c.caption(&poster.image))
-            .unwrap_or_else(Captioned::off);
-        if captioner.is_some() {
+        let captioned = match (&poster.caption, captioner) {
+            (Some(given), _) => Captioned::given(given),
+            (None, Some(c)) => c.caption(&poster.image),
+            (None, None) => Captioned::off(),
+        };
+        if captioner.is_some() && poster.caption.is_none() {
             // "none: ..." is the stage's word for a scan that went out without one.
             health.set_captioner(captioned.caption.is_some(), &captioned.status);
         }
@@ -215,7 +263,7 @@ pub fn run_classifier(
             Ok(p) => {
                 let mut timings: BTreeMap<String, f64> = p.timings_ms.into_iter().collect();
                 timings.insert("pipeline".into(), start.elapsed().as_secs_f64() * 1e3);
-                if captioner.is_some() {
+                if captioner.is_some() && poster.caption.is_none() {
                     timings.insert("caption".into(), captioned.waited_ms);
                 }
                 Ok(ScanResult {

@@ -168,6 +168,7 @@ impl FlorenceCaptioner {
         let t1 = Instant::now();
         let (embeds, mask) = self.encode(pixels, &prompt);
         let embeds = sync(embeds);
+        let prompt_tokens = embeds.dims()[1];
         let t2 = Instant::now();
         let encoded = self.model.encode(embeds, mask.clone());
         // Force the lazy backends to finish the encoder before the clock reads.
@@ -185,6 +186,7 @@ impl FlorenceCaptioner {
             task,
             model: self.name.clone(),
             tokens: generated,
+            prompt_tokens,
             ids,
             timings_ms: StageTimings {
                 preprocess: ms(t0, t1),

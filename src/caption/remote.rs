@@ -226,6 +226,7 @@ impl RemoteCaptioner {
                     task,
                     model: v["model"].as_str().unwrap_or(&self.cfg.model).to_string(),
                     tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
+                    prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
                     ids: Vec::new(),
                     timings_ms: StageTimings {
                         total: elapsed,

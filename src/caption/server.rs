@@ -4,6 +4,9 @@
 //!   image -> `{caption, task, model, tokens, ids, timings_ms}`.
 //! - `POST /v1/chat/completions`: the OpenAI-compatible vision form (image as a data
 //!   URL, a task token such as `<CAPTION>` in the text), answered in that format.
+//!   With `"stream": true`, server-sent chunks ending in `data: [DONE]`; `usage` counts
+//!   the prompt (image and task tokens) and completion tokens.
+//! - `GET /v1/models`: the one model served (token needed, as for captions).
 //! - `GET /healthz`: `{status, model, busy, queued}`, no token needed.
 //!
 //! The HTTP side (limits, timeouts, connection cap) is `crate::http`'s: every request
@@ -61,10 +64,12 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Api {
     Marquee,
     Openai,
+    /// OpenAI with `stream: true`: the answer as server-sent chunks ending in `[DONE]`.
+    OpenaiStream,
 }
 
 struct Work {
@@ -114,6 +119,7 @@ impl CaptionServer {
             .route("/healthz", get(healthz))
             .route("/v1/caption", post(caption))
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/models", get(models))
             .fallback(|| async {
                 error(
                     StatusCode::NOT_FOUND,
@@ -172,6 +178,20 @@ async fn caption(
     admit(&shared, Api::Marquee, &q, &headers, body).await
 }
 
+/// The one model this server holds, as OpenAI clients list models first.
+async fn models(State(shared): St, headers: HeaderMap) -> Response {
+    if let Some(token) = &shared.cfg.token
+        && !bearer_ok(&headers, token)
+    {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let body = serde_json::json!({
+        "object": "list",
+        "data": [{"id": shared.captioner.name, "object": "model", "created": 0, "owned_by": "marquee"}],
+    });
+    json(StatusCode::OK, body.to_string())
+}
+
 async fn chat(State(shared): St, headers: HeaderMap, body: Body) -> Response {
     admit(&shared, Api::Openai, &HashMap::new(), &headers, body).await
 }
@@ -196,12 +216,13 @@ async fn admit(
     };
     let parsed = match api {
         Api::Marquee => marquee_request(query, body, cfg.max_new_tokens),
-        Api::Openai => openai_request(&body, cfg.max_new_tokens),
+        Api::Openai | Api::OpenaiStream => openai_request(&body, cfg.max_new_tokens),
     };
-    let (image, task, opts) = match parsed {
+    let (image, task, opts, stream) = match parsed {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
+    let api = if stream { Api::OpenaiStream } else { api };
     let (reply, answer) = oneshot::channel();
     let work = Work {
         reply,
@@ -230,7 +251,8 @@ async fn admit(
     })
 }
 
-type Parsed = (Vec<u8>, Task, CaptionOptions);
+/// The image, the task, the generation options, and whether to stream the answer.
+type Parsed = (Vec<u8>, Task, CaptionOptions, bool);
 
 fn marquee_request(
     query: &HashMap<String, String>,
@@ -254,7 +276,7 @@ fn marquee_request(
         beams: num("beams")?.map(|b| b.clamp(1, 8)),
         max_new_tokens: num("max_new_tokens")?.map(|n| n.clamp(1, cap)),
     };
-    Ok((body, task, opts))
+    Ok((body, task, opts, false))
 }
 
 /// The OpenAI vision form: the first `image_url` (a base64 data URL) and the task token
@@ -288,9 +310,12 @@ fn openai_request(body: &[u8], cap: usize) -> Result<Parsed, String> {
         .unwrap_or_default();
     let opts = CaptionOptions {
         beams: None,
-        max_new_tokens: v["max_tokens"].as_u64().map(|n| (n as usize).clamp(1, cap)),
+        max_new_tokens: v["max_completion_tokens"]
+            .as_u64()
+            .or(v["max_tokens"].as_u64())
+            .map(|n| (n as usize).clamp(1, cap)),
     };
-    Ok((image, task, opts))
+    Ok((image, task, opts, v["stream"].as_bool().unwrap_or(false)))
 }
 
 fn worker(rx: &Mutex<Receiver<Work>>, shared: &Shared) {
@@ -328,19 +353,61 @@ fn answer(w: &Work, captioner: &FlorenceCaptioner) -> Response {
             );
         }
     };
+    let id = format!("marquee-{}", SEQ.fetch_add(1, Ordering::Relaxed));
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let usage = serde_json::json!({
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.tokens,
+        "total_tokens": out.prompt_tokens + out.tokens,
+    });
     let body = match w.api {
         Api::Marquee => serde_json::to_value(&out).unwrap_or_default(),
         Api::Openai => serde_json::json!({
-            "id": format!("marquee-{}", std::process::id()),
-            "object": "chat.completion",
-            "model": out.model,
+            "id": id, "object": "chat.completion", "created": created, "model": out.model,
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": out.caption},
                 "finish_reason": "stop"
             }],
-            "usage": {"completion_tokens": out.tokens},
+            "usage": usage,
         }),
+        Api::OpenaiStream => {
+            // The caption is whole before the first byte: it goes out as one content
+            // chunk between the role chunk and the finishing one (with the usage).
+            let chunk =
+                |delta: serde_json::Value, finish: Option<&str>, usage: serde_json::Value| {
+                    let c = serde_json::json!({
+                        "id": id, "object": "chat.completion.chunk", "created": created,
+                        "model": out.model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                        "usage": usage,
+                    });
+                    format!("data: {c}\n\n")
+                };
+            let null = serde_json::Value::Null;
+            let sse = [
+                chunk(
+                    serde_json::json!({"role": "assistant", "content": ""}),
+                    None,
+                    null.clone(),
+                ),
+                chunk(serde_json::json!({"content": out.caption}), None, null),
+                chunk(serde_json::json!({}), Some("stop"), usage),
+                "data: [DONE]\n\n".to_string(),
+            ]
+            .concat();
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "text/event-stream")
+                .header("cache-control", "no-cache")
+                .body(Body::from(sse))
+                .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"));
+        }
     };
     json(StatusCode::OK, body.to_string())
 }
+
+/// Completion ids.
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

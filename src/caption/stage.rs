@@ -83,6 +83,15 @@ pub struct Captioned {
 }
 
 impl Captioned {
+    /// A caption that came with the poster.
+    pub fn given(caption: &str) -> Self {
+        Self {
+            caption: Some(caption.to_string()).filter(|c| !c.trim().is_empty()),
+            status: "given: sent with the poster".into(),
+            waited_ms: 0.0,
+        }
+    }
+
     pub fn off() -> Self {
         Self {
             caption: None,

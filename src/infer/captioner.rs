@@ -31,6 +31,9 @@ pub struct CaptionOutput {
     pub model: String,
     /// Generated tokens (the decoder start token not counted).
     pub tokens: usize,
+    /// What the encoder read: the image's tokens and the task prompt's.
+    #[serde(default)]
+    pub prompt_tokens: usize,
     pub ids: Vec<u32>,
     pub timings_ms: StageTimings,
 }

@@ -21,10 +21,10 @@
 //! blocks the ones behind it.
 
 use super::outbox::Outbox;
-use super::topics::{Topics, discovery_payload, state_payload};
+use super::topics::{STATE_MAX, Topics, discovery_payload, state_payload};
 use crate::config::{DeviceId, MqttConfig};
 use crate::health::{Health, Heartbeat};
-use crate::pipeline::{ScanResult, Sink, clip};
+use crate::pipeline::{QueueShared, ScanResult, Sink, clip};
 use crate::util::backoff::Backoff;
 use anyhow::{Context, Result};
 use rumqttc::{
@@ -32,8 +32,8 @@ use rumqttc::{
     RecvTimeoutError, Transport,
 };
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -65,7 +65,7 @@ pub struct OutboxSink {
 
 impl Sink for OutboxSink {
     fn accept(&mut self, r: &ScanResult) -> Result<(), String> {
-        let json = serde_json::to_vec(r).map_err(|e| e.to_string())?;
+        let json = record(r).map_err(|e| e.to_string())?;
         match self.outbox.push(&json) {
             Ok(_) => {
                 self.health.set_outbox(true, "ok");
@@ -108,7 +108,7 @@ impl Mqtt {
         id: &DeviceId,
         outbox: Arc<Outbox>,
         health: Arc<Health>,
-        next_overview: Arc<Mutex<Option<String>>>,
+        queue: Arc<QueueShared>,
         heartbeat: Heartbeat,
     ) -> Result<Self> {
         let topics = Topics::new(m, id);
@@ -120,7 +120,8 @@ impl Mqtt {
             topics,
             outbox,
             health,
-            next_overview,
+            queue,
+            overview_shown: None,
             heartbeat,
             stats_every: Duration::from_secs(m.stats_interval_s),
             connected: false,
@@ -185,7 +186,10 @@ struct Session {
     discovery: String,
     outbox: Arc<Outbox>,
     health: Arc<Health>,
-    next_overview: Arc<Mutex<Option<String>>>,
+    queue: Arc<QueueShared>,
+    /// The overview last published (retained) on the overview state topic; `None`
+    /// until it is published on this connection.
+    overview_shown: Option<Option<String>>,
     heartbeat: Heartbeat,
     stats_every: Duration,
     connected: bool,
@@ -216,8 +220,11 @@ impl Session {
             self.heartbeat.beat();
             if self.connected {
                 self.send_head();
+                self.show_overview();
                 if Instant::now() >= next_stats {
-                    let stats = self.health.stats_json(self.outbox.len());
+                    let stats = self
+                        .health
+                        .stats_json(self.outbox.len(), self.queue.pending());
                     self.publish(
                         Tag::Other,
                         &self.topics.stats.clone(),
@@ -264,6 +271,7 @@ impl Session {
                 self.requested.clear();
                 self.by_pkid.clear();
                 self.head = None;
+                self.overview_shown = None;
                 self.health.set_broker(true, "connected");
                 tracing::info!("mqtt: connected");
                 let t = self.topics.clone();
@@ -345,7 +353,12 @@ impl Session {
         let Some(entry) = self.outbox.oldest() else {
             return;
         };
-        let (state, attrs) = match wire(&entry.payload) {
+        let Wire {
+            state,
+            attrs,
+            event,
+            image,
+        } = match wire(&entry.payload) {
             Ok(w) => w,
             Err(why) => {
                 tracing::warn!(seq = entry.seq, "dead-lettering a result: {why}");
@@ -359,11 +372,16 @@ impl Session {
         let tag = Tag::Entry { seq, attempt };
         let t = self.topics.clone();
         let mut unacked = 0;
-        for (topic, retain, payload) in [
-            (&t.events, false, entry.payload),
+        let mut messages = vec![
+            (&t.events, false, attrs.clone().into_bytes()),
             (&t.state, true, state.clone().into_bytes()),
             (&t.attributes, true, attrs.clone().into_bytes()),
-        ] {
+            (&t.scan, false, event.into_bytes()),
+        ];
+        if let Some(jpeg_b64) = image {
+            messages.push((&t.poster, true, jpeg_b64.into_bytes()));
+        }
+        for (topic, retain, payload) in messages {
             if !self.publish(tag, topic, QoS::AtLeastOnce, retain, payload) {
                 // rumqttc's queue is full: the acked part is harmless to repeat,
                 // so forget this attempt and send the whole entry again later.
@@ -415,6 +433,21 @@ impl Session {
         }
     }
 
+    /// Keeps the overview state topic (retained) equal to the overview waiting for
+    /// the next scan: set when a command brings one, cleared once a scan used it.
+    fn show_overview(&mut self) {
+        let now = self.queue.next_overview();
+        if self.overview_shown.as_ref() == Some(&now) {
+            return;
+        }
+        let topic = self.topics.overview_state.clone();
+        // Home Assistant refuses a text entity's state over 255 characters.
+        let payload = clip(now.as_deref().unwrap_or_default(), STATE_MAX).into_bytes();
+        if self.publish(Tag::Other, &topic, QoS::AtLeastOnce, true, payload) {
+            self.overview_shown = Some(now);
+        }
+    }
+
     fn command(&mut self, p: &rumqttc::Publish) {
         // A retained command is old news: never act on it.
         if p.retain {
@@ -424,8 +457,9 @@ impl Session {
         let text = clip(text.trim(), COMMAND_MAX_CHARS);
         if p.topic == self.topics.cmd_overview {
             tracing::info!("overview for the next scan received over MQTT");
-            *self.next_overview.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(text).filter(|s| !s.is_empty());
+            self.queue
+                .set_next_overview(Some(text).filter(|s| !s.is_empty()));
+            self.show_overview();
         } else if p.topic == self.topics.ha_status && text == "online" {
             // Through `publish`, like every request: the packet-id map depends on it.
             let (topic, payload) = (self.topics.discovery.clone(), self.discovery.clone());
@@ -475,21 +509,81 @@ impl Session {
 }
 
 /// The retained state and attributes for one outbox entry, or why it cannot go out.
-fn wire(payload: &[u8]) -> Result<(String, String), String> {
+/// What one outbox record publishes.
+#[derive(Debug)]
+struct Wire {
+    /// The predicted genres as one short string (the genres sensor).
+    state: String,
+    /// The result without its picture (attributes and `events`).
+    attrs: String,
+    /// The Home Assistant event of this scan.
+    event: String,
+    /// The poster thumbnail, a base64 JPEG (the image entity), where the record has one.
+    image: Option<String>,
+}
+
+/// The outbox record: the result, and its thumbnail for the image entity.
+#[derive(serde::Serialize)]
+struct Record<'a> {
+    #[serde(flatten)]
+    result: &'a ScanResult,
+    thumbnail_jpeg_b64: Option<String>,
+}
+
+fn record(r: &ScanResult) -> serde_json::Result<Vec<u8>> {
+    use base64::Engine;
+    let thumbnail_jpeg_b64 = (!r.thumbnail.is_empty())
+        .then(|| base64::engine::general_purpose::STANDARD.encode(&r.thumbnail));
+    serde_json::to_vec(&Record {
+        result: r,
+        thumbnail_jpeg_b64,
+    })
+}
+
+fn wire(payload: &[u8]) -> Result<Wire, String> {
     if payload.len() > PAYLOAD_MAX {
         return Err(format!(
             "result is {} bytes, over the {PAYLOAD_MAX}-byte payload budget",
             payload.len()
         ));
     }
-    #[derive(serde::Deserialize)]
-    struct Wire {
-        predicted: Vec<String>,
-    }
-    let w: Wire =
+    let mut v: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(payload).map_err(|e| format!("unreadable outbox record: {e}"))?;
-    let attrs = String::from_utf8(payload.to_vec()).map_err(|e| e.to_string())?;
-    Ok((state_payload(&w.predicted), attrs))
+    let image = match v.remove("thumbnail_jpeg_b64") {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
+        _ => None,
+    };
+    #[derive(serde::Deserialize)]
+    struct Genre {
+        label: String,
+        score: f64,
+    }
+    let predicted: Vec<String> = serde_json::from_value(
+        v.get("predicted")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null),
+    )
+    .map_err(|e| format!("unreadable outbox record: predicted: {e}"))?;
+    let genres: Vec<Genre> =
+        serde_json::from_value(v.get("genres").cloned().unwrap_or_default()).unwrap_or_default();
+    let top = genres.iter().max_by(|a, b| a.score.total_cmp(&b.score));
+    let event = serde_json::json!({
+        "event_type": "scanned",
+        "predicted": predicted,
+        "top_genre": top.map(|g| g.label.as_str()),
+        "top_score": top.map(|g| g.score),
+        "caption": v.get("caption"),
+        "source": v.get("source"),
+        "name": v.get("name"),
+        "id": v.get("id"),
+    })
+    .to_string();
+    Ok(Wire {
+        state: state_payload(&predicted),
+        attrs: serde_json::Value::Object(v).to_string(),
+        event,
+        image,
+    })
 }
 
 fn sleep_unless(stop: &AtomicBool, total: Duration, heartbeat: &Heartbeat) {
@@ -521,7 +615,7 @@ mod tests {
     #[test]
     fn wire_refuses_oversized_and_unreadable_records() {
         let ok = br#"{"predicted":["Drama","Crime"],"id":"x"}"#;
-        assert_eq!(wire(ok).unwrap().0, "Drama, Crime");
+        assert_eq!(wire(ok).unwrap().state, "Drama, Crime");
         assert!(wire(b"{not json").unwrap_err().contains("unreadable"));
         let big = format!(
             r#"{{"predicted":[],"overview":"{}"}}"#,

@@ -15,6 +15,12 @@ pub struct Topics {
     pub events: String,
     pub stats: String,
     pub cmd_overview: String,
+    /// The overview waiting for the next scan (retained; empty once used).
+    pub overview_state: String,
+    /// One Home Assistant event per scan (not retained).
+    pub scan: String,
+    /// The last poster, a base64 JPEG thumbnail (retained).
+    pub poster: String,
     pub discovery: String,
     pub ha_status: String,
 }
@@ -29,6 +35,9 @@ impl Topics {
             events: format!("{base}/events"),
             stats: format!("{base}/stats"),
             cmd_overview: format!("{base}/cmd/overview"),
+            overview_state: format!("{base}/overview/state"),
+            scan: format!("{base}/scan"),
+            poster: format!("{base}/poster"),
             discovery: format!("{}/device/{id}/config", m.discovery_prefix),
             ha_status: format!("{}/status", m.discovery_prefix),
             base,
@@ -53,10 +62,14 @@ pub fn state_payload(predicted: &[String]) -> String {
     s
 }
 
-/// Home Assistant device discovery: one device, a genres sensor (with the full
-/// result as attributes), a last-scan timestamp and a text entity for the overview.
+/// Home Assistant device discovery: one device (`dev`, `o`, `cmps`) with the genres
+/// sensor (the full result as attributes), the last-scan time, the caption, the
+/// poster image, a `scanned` event per poster, the next-overview text, and
+/// diagnostics. Home Assistant copies only availability and the state and command
+/// topics from the root to the components, so every component names its own `qos`.
 pub fn discovery_payload(id: &DeviceId, t: &Topics) -> String {
     let version = env!("CARGO_PKG_VERSION");
+    let uid = |name: &str| format!("marquee_{id}_{name}");
     json!({
         "dev": {"ids": [format!("marquee_{id}")], "name": format!("Marquee {id}"),
                 "mf": "Marquee", "mdl": "Poster genre appliance", "sw": version},
@@ -65,17 +78,45 @@ pub fn discovery_payload(id: &DeviceId, t: &Topics) -> String {
         "qos": 1,
         "cmps": {
             format!("{id}_genres"): {
-                "p": "sensor", "name": "Genres", "uniq_id": format!("marquee_{id}_genres"),
+                "p": "sensor", "name": "Genres", "uniq_id": uid("genres"), "qos": 1,
                 "stat_t": t.state, "json_attr_t": t.attributes, "icon": "mdi:movie-open"
             },
             format!("{id}_last_scan"): {
-                "p": "sensor", "name": "Last scan", "uniq_id": format!("marquee_{id}_last_scan"),
+                "p": "sensor", "name": "Last scan", "uniq_id": uid("last_scan"), "qos": 1,
                 "stat_t": t.attributes, "val_tpl": "{{ value_json.timestamp }}",
                 "dev_cla": "timestamp"
             },
+            format!("{id}_caption"): {
+                "p": "sensor", "name": "Caption", "uniq_id": uid("caption"), "qos": 1,
+                "stat_t": t.attributes, "icon": "mdi:text-box-outline",
+                "val_tpl": "{{ (value_json.caption or '')[:255] }}"
+            },
+            format!("{id}_poster"): {
+                "p": "image", "name": "Poster", "uniq_id": uid("poster"), "qos": 1,
+                "image_topic": t.poster, "content_type": "image/jpeg", "image_encoding": "b64"
+            },
+            format!("{id}_scan"): {
+                "p": "event", "name": "Scan", "uniq_id": uid("scan"), "qos": 1,
+                "stat_t": t.scan, "evt_typ": ["scanned"], "icon": "mdi:movie-search"
+            },
             format!("{id}_overview"): {
-                "p": "text", "name": "Next overview", "uniq_id": format!("marquee_{id}_overview"),
-                "cmd_t": t.cmd_overview, "max": 255, "mode": "text"
+                "p": "text", "name": "Next overview", "uniq_id": uid("overview"), "qos": 1,
+                "cmd_t": t.cmd_overview, "stat_t": t.overview_state, "max": 255, "mode": "text"
+            },
+            format!("{id}_latency"): {
+                "p": "sensor", "name": "Latency", "uniq_id": uid("latency"), "qos": 1,
+                "stat_t": t.attributes, "val_tpl": "{{ value_json.timings_ms.pipeline | round(0) }}",
+                "unit_of_meas": "ms", "stat_cla": "measurement", "ent_cat": "diagnostic"
+            },
+            format!("{id}_queue"): {
+                "p": "sensor", "name": "Queue", "uniq_id": uid("queue"), "qos": 1,
+                "stat_t": t.stats, "val_tpl": "{{ value_json.queue }}",
+                "stat_cla": "measurement", "ent_cat": "diagnostic"
+            },
+            format!("{id}_outbox"): {
+                "p": "sensor", "name": "Outbox", "uniq_id": uid("outbox"), "qos": 1,
+                "stat_t": t.stats, "val_tpl": "{{ value_json.outbox }}",
+                "stat_cla": "measurement", "ent_cat": "diagnostic"
             }
         }
     })
@@ -85,6 +126,38 @@ pub fn discovery_payload(id: &DeviceId, t: &Topics) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_component_has_a_platform_a_unique_id_and_its_own_qos() {
+        let m = MqttConfig::default();
+        let id = DeviceId::try_from("kiosk".to_string()).unwrap();
+        let t = Topics::new(&m, &id);
+        let d: serde_json::Value = serde_json::from_str(&discovery_payload(&id, &t)).unwrap();
+        let cmps = d["cmps"].as_object().unwrap();
+        for (key, c) in cmps {
+            assert!(c["p"].is_string(), "{key}: p");
+            assert!(
+                c["uniq_id"].as_str().unwrap().starts_with("marquee_kiosk_"),
+                "{key}"
+            );
+            assert_eq!(c["qos"], 1, "{key}: qos");
+        }
+        let p = |k: &str| {
+            cmps[&format!("kiosk_{k}")]["p"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(p("poster"), "image");
+        assert_eq!(p("scan"), "event");
+        assert_eq!(cmps["kiosk_scan"]["evt_typ"], json!(["scanned"]));
+        assert_eq!(cmps["kiosk_poster"]["image_topic"], "marquee/kiosk/poster");
+        assert_eq!(
+            cmps["kiosk_overview"]["stat_t"],
+            "marquee/kiosk/overview/state"
+        );
+        assert_eq!(cmps["kiosk_outbox"]["ent_cat"], "diagnostic");
+    }
 
     #[test]
     fn state_is_short_and_cut_on_a_char_boundary() {

@@ -213,6 +213,7 @@ pub fn run(
                         name: name.clone(),
                         image,
                         overview: None,
+                        caption: None,
                     },
                     done: None,
                 };

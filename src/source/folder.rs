@@ -210,6 +210,7 @@ impl Folder {
                         name,
                         image,
                         overview,
+                        caption: None,
                     },
                     done: Some(Box::new(move |o| finish(o.map(|_| ())))),
                 };

@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 
 const PAGE: &str = include_str!("page.html");
+const DESK: &str = include_str!("desk.html");
 /// Live-page clients at once; more get 503 (the page retries).
 pub const MAX_SSE: usize = 32;
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -143,6 +144,7 @@ impl StatusServer {
         });
         let router = Router::new()
             .route("/", get(page))
+            .route("/desk", get(desk))
             .route("/healthz", get(|| async { text(StatusCode::OK, "ok") }))
             .route("/api/status", get(status))
             .route("/api/history", get(history))
@@ -196,6 +198,12 @@ type Shared = State<Arc<Ctx>>;
 
 async fn page() -> Response {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+}
+
+/// The poster desk: a person gives a poster, an overview and a caption, and sees
+/// the genres. It posts to `/api/classify` like any client.
+async fn desk() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], DESK).into_response()
 }
 
 async fn status(State(ctx): Shared) -> Response {
@@ -285,13 +293,14 @@ async fn upload(State(ctx): Shared, headers: HeaderMap, body: Body) -> Response 
         }
     };
     let content_type = header_text(&headers, "content-type").unwrap_or_default();
-    let (image, mut overview) = match parse_body(&content_type, body).await {
+    let mut up = match parse_body(&content_type, body).await {
         Ok(parts) => parts,
         Err(e) => return reject(StatusCode::BAD_REQUEST, &e),
     };
     if let Some(o) = header_text(&headers, "x-marquee-overview") {
-        overview = Some(o);
+        up.overview = Some(o);
     }
+    let image = std::mem::take(&mut up.image);
     let img = match tokio::task::spawn_blocking(move || decode(&image)).await {
         Ok(Ok(i)) => i,
         Ok(Err(e)) => return reject(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
@@ -301,9 +310,10 @@ async fn upload(State(ctx): Shared, headers: HeaderMap, body: Body) -> Response 
     let job = Job {
         poster: Poster {
             source: Source::Upload,
-            name: "upload".into(),
+            name: up.name.unwrap_or_else(|| "upload".into()),
             image: img,
-            overview,
+            overview: up.overview,
+            caption: up.caption,
         },
         done: Some(Box::new(move |outcome| {
             let _ = tx.send(outcome.map(|r| serde_json::to_string(r).unwrap_or_default()));
@@ -311,13 +321,13 @@ async fn upload(State(ctx): Shared, headers: HeaderMap, body: Body) -> Response 
     };
     match ctx.queue.try_send(job) {
         Ok(()) => {}
-        Err((QueueError::Full, _)) => {
+        Err(QueueError::Full) => {
             return reject(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the classifier is busy: try again",
             );
         }
-        Err((QueueError::Closed, _)) => {
+        Err(QueueError::Closed) => {
             return reject(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
         }
     }
@@ -329,36 +339,53 @@ async fn upload(State(ctx): Shared, headers: HeaderMap, body: Body) -> Response 
     }
 }
 
-/// The image (and overview) of a multipart/form-data body, or the raw body.
-async fn parse_body(
-    content_type: &str,
-    body: Vec<u8>,
-) -> Result<(Vec<u8>, Option<String>), String> {
+/// What an upload carries.
+#[derive(Debug, Default)]
+struct Upload {
+    image: Vec<u8>,
+    /// The file name the browser sent, for people reading the result.
+    name: Option<String>,
+    overview: Option<String>,
+    caption: Option<String>,
+}
+
+/// The image, file name, overview and caption of a multipart/form-data body, or the
+/// raw body as the image.
+async fn parse_body(content_type: &str, body: Vec<u8>) -> Result<Upload, String> {
     let Ok(boundary) = multer::parse_boundary(content_type) else {
-        return Ok((body, None));
+        return Ok(Upload {
+            image: body,
+            ..Default::default()
+        });
     };
     let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(body) });
     let mut mp = multer::Multipart::new(stream, boundary);
-    let (mut image, mut overview) = (None, None);
+    let mut up = Upload::default();
+    let mut image = None;
     loop {
         match mp.next_field().await {
             Ok(Some(field)) => {
-                let is_overview = field.name() == Some("overview");
+                let field_name = field.name().unwrap_or_default().to_string();
+                let file_name = field.file_name().map(str::to_string);
                 let data = field.bytes().await.map_err(|e| format!("multipart: {e}"))?;
-                // The body limit bounds the overview; the pipeline clips it.
-                if is_overview {
-                    overview = Some(String::from_utf8_lossy(&data).into_owned());
-                } else if image.is_none() {
-                    image = Some(data.to_vec());
+                // The body limit bounds these texts; the pipeline clips them.
+                let text = || Some(String::from_utf8_lossy(&data).trim().to_string());
+                match field_name.as_str() {
+                    "overview" => up.overview = text().filter(|s| !s.is_empty()),
+                    "caption" => up.caption = text().filter(|s| !s.is_empty()),
+                    _ if image.is_none() => {
+                        image = Some(data.to_vec());
+                        up.name = file_name;
+                    }
+                    _ => {}
                 }
             }
             Ok(None) => break,
             Err(e) => return Err(format!("multipart: {e}")),
         }
     }
-    image
-        .map(|i| (i, overview))
-        .ok_or_else(|| "multipart body has no image field".into())
+    up.image = image.ok_or("multipart body has no image field")?;
+    Ok(up)
 }
 
 #[cfg(test)]

@@ -4,10 +4,11 @@
 use crate::common;
 
 use common::appliance::*;
+use common::browser::Browser;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -15,14 +16,7 @@ fn hot_folder_to_mqtt_survives_a_broker_restart() {
     let _serial = serial();
     let dir = common::tmpdir("appliance-mqtt");
     let mut broker = Broker::start(&dir);
-    let sub = Subscriber::start(
-        broker.port,
-        &[
-            "marquee/kiosk-test/#",
-            "homeassistant/device/kiosk-test/config",
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(500));
+    let sub = Subscriber::device(broker.port);
     let m = start_marquee(&dir, broker.port, "");
     wait_for("online", Duration::from_secs(20), || {
         sub.on("marquee/kiosk-test/availability")
@@ -134,6 +128,130 @@ fn hot_folder_to_mqtt_survives_a_broker_restart() {
             .as_deref()
             == Some("offline")
     });
+    assert!(!m.stderr.lock().unwrap().contains("panicked"));
+}
+
+/// Home Assistant's side of the device, against a real broker with `mosquitto_sub`
+/// and `mosquitto_pub` as the independent clients: every discovery component with
+/// its platform, unique id and own QoS; the image, event, caption and diagnostic
+/// payloads; and the overview text entity's retained state, set by a command and
+/// cleared once a scan has used it.
+#[test]
+fn home_assistant_sees_image_event_caption_diagnostics_and_the_overview_state() {
+    let _serial = serial();
+    let dir = common::tmpdir("appliance-ha");
+    let broker = Broker::start(&dir);
+    let sub = Subscriber::device(broker.port);
+    let m = start_marquee(&dir, broker.port, "");
+    wait_for("discovery", Duration::from_secs(20), || {
+        !sub.on("homeassistant/device/kiosk-test/config").is_empty()
+    });
+    let disc: Value = serde_json::from_str(
+        sub.on("homeassistant/device/kiosk-test/config")
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(disc["dev"]["ids"].is_array() && disc["o"]["name"].is_string());
+    let cmps = disc["cmps"].as_object().unwrap();
+    for name in [
+        "genres",
+        "last_scan",
+        "caption",
+        "poster",
+        "scan",
+        "overview",
+        "latency",
+        "queue",
+        "outbox",
+    ] {
+        let c = &cmps[&format!("kiosk-test_{name}")];
+        assert!(c["p"].is_string(), "{name}: {c}");
+        assert_eq!(c["uniq_id"], format!("marquee_kiosk-test_{name}"));
+        assert_eq!(c["qos"], 1, "{name}: its own qos");
+    }
+    assert_eq!(cmps["kiosk-test_poster"]["p"], "image");
+    assert_eq!(cmps["kiosk-test_poster"]["image_encoding"], "b64");
+    assert_eq!(cmps["kiosk-test_scan"]["p"], "event");
+    assert_eq!(cmps["kiosk-test_latency"]["ent_cat"], "diagnostic");
+
+    // An overview sent from Home Assistant's text entity shows as its state...
+    let overview = "An astronaut is stranded on Mars and must survive until rescue.";
+    let pubbed = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1"])
+        .args(["-t", "marquee/kiosk-test/cmd/overview", "-m", overview])
+        .status()
+        .unwrap();
+    assert!(pubbed.success());
+    wait_for("the overview state", Duration::from_secs(10), || {
+        broker
+            .retained("marquee/kiosk-test/overview/state")
+            .as_deref()
+            == Some(overview)
+    });
+
+    // ...until a scan uses it: then the event, the picture, and a cleared state.
+    drop_file(&m.inbox, "p0.jpg", &std::fs::read(&posters(1)[0]).unwrap());
+    wait_for("the scan event", Duration::from_secs(60), || {
+        !sub.on("marquee/kiosk-test/scan").is_empty()
+    });
+    let ev: Value = serde_json::from_str(&sub.on("marquee/kiosk-test/scan")[0]).unwrap();
+    assert_eq!(ev["event_type"], "scanned");
+    assert_eq!(ev["source"], "folder");
+    let predicted = ev["predicted"].as_array().unwrap();
+    let top_score = ev["top_score"].as_f64().unwrap();
+    assert!(
+        !predicted.is_empty() && top_score > 0.0 && top_score <= 1.0,
+        "{ev}"
+    );
+    let attrs: Value = serde_json::from_str(
+        &broker
+            .retained("marquee/kiosk-test/genres/attributes")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(attrs["overview"], overview);
+    assert_eq!(attrs["id"], ev["id"]);
+    assert!(
+        attrs.get("thumbnail_jpeg_b64").is_none(),
+        "no picture in attributes"
+    );
+    assert!(attrs["timings_ms"]["pipeline"].as_f64().unwrap() > 0.0);
+    wait_for(
+        "the overview state cleared",
+        Duration::from_secs(10),
+        || {
+            broker
+                .retained("marquee/kiosk-test/overview/state")
+                .is_none()
+        },
+    );
+
+    use base64::Engine;
+    let b64 = broker
+        .retained("marquee/kiosk-test/poster")
+        .expect("retained poster");
+    let jpeg = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .unwrap();
+    assert!(
+        jpeg.len() < 64 * 1024,
+        "a small picture: {} bytes",
+        jpeg.len()
+    );
+    let img = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap();
+    assert_eq!(img.width(), 180);
+
+    // The diagnostics' source: stats with the queue depth and the outbox size.
+    wait_for("stats", Duration::from_secs(10), || {
+        !sub.on("marquee/kiosk-test/stats").is_empty()
+    });
+    let stats: Value =
+        serde_json::from_str(sub.on("marquee/kiosk-test/stats").last().unwrap()).unwrap();
+    assert!(
+        stats["queue"].is_u64() && stats["outbox"].is_u64(),
+        "{stats}"
+    );
     assert!(!m.stderr.lock().unwrap().contains("panicked"));
 }
 
@@ -312,41 +430,6 @@ fn bad_config_exits_2_naming_the_key() {
     );
 }
 
-/// Chrome DevTools Protocol over a WebSocket: just enough to navigate, evaluate and
-/// take a screenshot.
-struct Cdp {
-    ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
-    next: u64,
-}
-
-impl Cdp {
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next += 1;
-        let id = self.next;
-        let msg = serde_json::json!({"id": id, "method": method, "params": params});
-        self.ws
-            .send(tungstenite::Message::text(msg.to_string()))
-            .unwrap();
-        loop {
-            let m = self.ws.read().unwrap();
-            if let Ok(text) = m.to_text()
-                && let Ok(v) = serde_json::from_str::<Value>(text)
-                && v["id"] == id
-            {
-                return v["result"].clone();
-            }
-        }
-    }
-
-    fn eval(&mut self, expr: &str) -> Value {
-        self.call(
-            "Runtime.evaluate",
-            serde_json::json!({"expression": expr, "returnByValue": true}),
-        )["result"]["value"]
-            .clone()
-    }
-}
-
 #[test]
 fn status_page_updates_live_in_a_real_browser() {
     let _serial = serial();
@@ -368,63 +451,10 @@ fn status_page_updates_live_in_a_real_browser() {
         count(&history) >= 1
     });
 
-    let profile = dir.join("chromium");
-    let mut child = Command::new("chromium")
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--remote-debugging-port=0",
-            "--window-size=1280,800",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("about:blank")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("chromium installed (apt-get install chromium)");
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let _chromium = Proc(child);
-    let mut line = String::new();
-    let ws_browser = loop {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "chromium exited");
-        if let Some(u) = line.trim().strip_prefix("DevTools listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    let port = ws_browser
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let list = ureq::get(&format!("http://127.0.0.1:{port}/json/list"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    let targets: Vec<Value> = serde_json::from_str(&list).unwrap();
-    let page = targets
-        .iter()
-        .find(|t| t["type"] == "page")
-        .expect("a page target");
-    let (ws, _) = tungstenite::connect(page["webSocketDebuggerUrl"].as_str().unwrap()).unwrap();
-    let mut cdp = Cdp { ws, next: 0 };
+    let browser = Browser::start(&dir);
+    let mut cdp = browser.page();
 
-    cdp.call(
-        "Page.navigate",
-        serde_json::json!({"url": format!("{}/", m.status)}),
-    );
+    cdp.navigate(&format!("{}/", m.status));
     wait_for(
         "the latest result rendered",
         Duration::from_secs(20),
@@ -465,18 +495,81 @@ fn status_page_updates_live_in_a_real_browser() {
         cdp.eval("document.getElementById('h-broker').className") == "badge ok"
     });
 
-    let shot = cdp.call(
-        "Page.captureScreenshot",
-        serde_json::json!({"format": "png"}),
-    );
-    use base64::Engine;
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(shot["data"].as_str().unwrap())
-        .unwrap();
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/status-page.png");
-    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    std::fs::write(&out, &png).unwrap();
+    let png = cdp.screenshot("status-page.png");
     assert!(png.len() > 10_000, "a real screenshot");
+}
+
+/// The poster desk in a real browser: choose a poster file, type an overview and
+/// the token, click Classify, read the genres from the page; a wrong token says so;
+/// an overview carrying HTML shows as text and runs nothing.
+#[test]
+fn the_poster_desk_classifies_in_a_real_browser() {
+    let _serial = serial();
+    let dir = common::tmpdir("appliance-desk");
+    let broker = Broker::start(&dir);
+    let sub = Subscriber::start(broker.port, &["marquee/kiosk-test/events"]);
+    let m = start_marquee(&dir, broker.port, "");
+    let poster = posters(1).remove(0);
+    let browser = Browser::start(&dir);
+    let mut cdp = browser.page();
+    cdp.navigate(&format!("{}/desk", m.status));
+    wait_for("the desk", Duration::from_secs(20), || {
+        cdp.eval("document.readyState") == "complete"
+            && cdp.eval("!!document.getElementById('classify')") == true
+    });
+    let text = |cdp: &mut common::browser::Cdp, id: &str| {
+        cdp.eval(&format!("document.getElementById('{id}').textContent"))
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    // A wrong token: a clear message, nothing classified.
+    cdp.set_files("#file", &[&poster]);
+    wait_for("the preview", Duration::from_secs(10), || {
+        cdp.eval("document.getElementById('classify').disabled") == false
+    });
+    cdp.type_into("#token", "not-the-token");
+    cdp.eval("document.getElementById('classify').click()");
+    cdp.wait_text("error", "access token is wrong", Duration::from_secs(20));
+    assert_eq!(cdp.eval("document.getElementById('result').hidden"), true);
+
+    // The right token and an overview with HTML in it.
+    let overview = "Two friends rob a bank. <img src=x onerror=\"window.__pwned=1\"><b>bold</b>";
+    cdp.eval("document.getElementById('token').value = ''");
+    cdp.type_into("#token", TOKEN);
+    cdp.type_into("#overview", overview);
+    cdp.eval("document.getElementById('classify').click()");
+    wait_for("the result on the desk", Duration::from_secs(60), || {
+        cdp.eval("document.querySelectorAll('#bars .bar').length") == 18
+    });
+    let predicted = text(&mut cdp, "predicted");
+    assert!(!predicted.is_empty() && predicted != "none", "{predicted}");
+    assert!(text(&mut cdp, "timings").contains("total"));
+    assert_eq!(text(&mut cdp, "error"), "");
+    // Shown as text: the tags are characters on the page, not elements, and ran nothing.
+    assert_eq!(text(&mut cdp, "echo"), overview);
+    assert_eq!(cdp.eval("document.querySelectorAll('#echo *').length"), 0);
+    assert_eq!(cdp.eval("typeof window.__pwned"), "undefined");
+
+    // Through the normal pipeline: published, marked as an upload, with the file name.
+    wait_for("the upload's MQTT event", Duration::from_secs(20), || {
+        !sub.on("marquee/kiosk-test/events").is_empty()
+    });
+    let ev: Value = serde_json::from_str(&sub.on("marquee/kiosk-test/events")[0]).unwrap();
+    assert_eq!(ev["source"], "upload");
+    assert_eq!(ev["overview"], overview);
+    assert_eq!(
+        ev["name"].as_str().unwrap(),
+        poster.file_name().unwrap().to_str().unwrap()
+    );
+    let shown: Vec<String> = predicted.split(", ").map(String::from).collect();
+    let published: Vec<String> = serde_json::from_value(ev["predicted"].clone()).unwrap();
+    assert_eq!(shown, published);
+
+    let png = cdp.screenshot("desk.png");
+    assert!(png.len() > 10_000, "a real screenshot");
+    assert!(!m.stderr.lock().unwrap().contains("panicked"));
 }
 
 #[test]

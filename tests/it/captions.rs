@@ -316,3 +316,74 @@ fn a_stalled_body_does_not_freeze_the_caption_server() {
     drop(stalled);
     server.shutdown();
 }
+
+/// The official OpenAI Python client (pinned in tests/setup.sh) against the caption
+/// server: it lists the models, gets a caption with usage counts, streams one (chunks
+/// ending in `[DONE]`), and a wrong key is an AuthenticationError.
+#[test]
+fn the_openai_python_client_captions_streams_and_lists_models() {
+    let python = marquee::model::cache::CacheDir::from_env()
+        .root()
+        .join("openai-venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} missing: run tests/setup.sh",
+        python.display()
+    );
+    let server = serve(ServerConfig {
+        token: Some("s3cret".into()),
+        ..Default::default()
+    });
+    let script = r#"
+import base64, json, sys
+import openai
+base, image = sys.argv[1], sys.argv[2]
+url = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
+messages = [{"role": "user", "content": [
+    {"type": "text", "text": "<CAPTION>"},
+    {"type": "image_url", "image_url": {"url": url}}]}]
+client = openai.OpenAI(base_url=base, api_key="s3cret", max_retries=0)
+out = {"version": openai.__version__}
+out["models"] = [m.id for m in client.models.list()]
+r = client.chat.completions.create(model=out["models"][0], messages=messages)
+out["content"] = r.choices[0].message.content
+out["usage"] = [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens]
+chunks = list(client.chat.completions.create(model=out["models"][0], messages=messages, stream=True))
+out["chunks"] = len(chunks)
+out["streamed"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+out["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+try:
+    openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).chat.completions.create(
+        model=out["models"][0], messages=messages)
+    out["wrong_key"] = "accepted"
+except openai.AuthenticationError as e:
+    out["wrong_key"] = e.status_code
+print(json.dumps(out))
+"#;
+    let o = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(format!("http://{}/v1", server.addr()))
+        .arg(kit().join("astronaut.png"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(out["version"], "3.57.0");
+    assert_eq!(out["models"], serde_json::json!(["tiny"]));
+    let content = out["content"].as_str().unwrap();
+    assert!(!content.is_empty(), "{out}");
+    assert_eq!(
+        out["streamed"], content,
+        "the stream carries the same caption"
+    );
+    assert!(out["chunks"].as_u64().unwrap() >= 2, "{out}");
+    assert_eq!(out["finish"], "stop");
+    let usage: Vec<u64> = serde_json::from_value(out["usage"].clone()).unwrap();
+    assert!(
+        usage[0] > 0 && usage[1] > 0 && usage[2] == usage[0] + usage[1],
+        "{out}"
+    );
+    assert_eq!(out["wrong_key"], 401);
+    server.shutdown();
+}

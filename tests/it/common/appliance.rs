@@ -174,6 +174,20 @@ impl Subscriber {
         }
     }
 
+    /// Everything the test device publishes, and its discovery, subscribed before
+    /// the device starts.
+    pub fn device(port: u16) -> Self {
+        let sub = Self::start(
+            port,
+            &[
+                "marquee/kiosk-test/#",
+                "homeassistant/device/kiosk-test/config",
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        sub
+    }
+
     pub fn on(&self, topic: &str) -> Vec<String> {
         let prefix = format!("{topic} ");
         self.lines

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod appliance;
+pub mod browser;
 
 use marquee::model::cache::CacheDir;
 use safetensors::SafeTensors;
