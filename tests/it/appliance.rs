@@ -567,6 +567,7 @@ fn the_poster_desk_classifies_in_a_real_browser() {
     let published: Vec<String> = serde_json::from_value(ev["predicted"].clone()).unwrap();
     assert_eq!(shown, published);
 
+    cdp.eval("document.activeElement.blur(); window.scrollTo(0, 0)");
     let png = cdp.screenshot("desk.png");
     assert!(png.len() > 10_000, "a real screenshot");
     assert!(!m.stderr.lock().unwrap().contains("panicked"));
