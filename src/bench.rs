@@ -1,16 +1,26 @@
-//! `marquee bench`: per-poster latency of a model, batch 1, as the appliance runs it.
-//! Percentiles per stage over repeated runs after a warm-up, load time, and peak RSS.
+//! `marquee bench`: per-poster latency of a model at batch 1, as the appliance runs
+//! it: percentiles per stage over warm runs, cold load time, a 128-token text tower
+//! run, throughput at batch 8, and peak RSS.
 
-use crate::infer::Classifier;
+use crate::infer::batch::{FusionRow, TEXT_DIM, batch};
+use crate::infer::{Classifier, image_tokens};
 use crate::model::cache::CacheDir;
+use crate::nn::efficientnet::FEATURE_DIM;
+use crate::preprocess::image::decode;
+use crate::preprocess::text::MAX_TOKENS;
+use crate::util::progress::Stage;
 use crate::util::stats::{Percentiles, peak_rss_mb, threads};
 use anyhow::Result;
 use burn::prelude::*;
-use image::RgbImage;
+use burn::tensor::Distribution;
+use burn::tensor::activation::sigmoid;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
+
+/// Posters in the throughput batch.
+pub const BATCH: usize = 8;
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
@@ -18,10 +28,25 @@ pub struct BenchReport {
     pub threads: usize,
     pub model: String,
     pub runs: usize,
+    /// Reading the model folder and building the networks, cold.
     pub load_ms: f64,
+    /// decode + classify, per poster.
     pub total_ms: Percentiles,
+    /// decode, preprocess, image_tower, tokenize, text_tower, fusion, and
+    /// text_tower_128 (the tower alone on a full 128-token text).
     pub stages: BTreeMap<String, Percentiles>,
+    /// Tokens the overview became (the typical text).
+    pub text_tokens: usize,
+    /// Whole posters a second at batch 8 (towers + fusion, decode excluded).
+    pub batch8_posters_per_s: f64,
+    /// Best rate of one 1024³ matrix product on this backend: the machine peak the
+    /// stages are held against.
+    pub peak_gflops: f64,
     pub peak_rss_mb: f64,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -30,37 +55,146 @@ pub fn run(
     cache: &CacheDir,
     device: &Device,
     backend: &str,
-    poster: &RgbImage,
+    poster: &[u8],
     overview: Option<&str>,
     runs: usize,
 ) -> Result<BenchReport> {
+    let runs = runs.max(1);
     let start = Instant::now();
     let classifier = Classifier::load(model_dir, cache, device)?;
-    let load_ms = start.elapsed().as_secs_f64() * 1e3;
-    // Warm-up: first calls pay for allocation and kernel set-up.
-    for _ in 0..2 {
-        classifier.classify(poster, overview, None)?;
-    }
+    let load_ms = ms(start);
+    let stage = Stage::start("bench", (runs + 2) as u64 * 2 + BATCH as u64);
     let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for _ in 0..runs.max(1) {
-        let p = classifier.classify(poster, overview, None)?;
-        for (name, ms) in p.timings_ms {
-            stages.entry(name).or_default().push(ms);
+    let mut total = Vec::new();
+    // Two warm-up passes: the first calls pay for allocation and kernel set-up.
+    for i in 0..runs + 2 {
+        let t = Instant::now();
+        let img = decode(poster)?;
+        let decode_ms = ms(t);
+        let p = classifier.classify(&img, overview, None)?;
+        stage.inc(1);
+        if i < 2 {
+            continue;
+        }
+        stages.entry("decode".into()).or_default().push(decode_ms);
+        for (name, t) in p.timings_ms {
+            if name == "total" {
+                total.push(decode_ms + t);
+            } else {
+                stages.entry(name).or_default().push(t);
+            }
         }
     }
-    let total = stages.remove("total").unwrap_or_default();
+    let long = long_ids(&classifier, overview)?;
+    for i in 0..runs + 2 {
+        let t = Instant::now();
+        text_hidden(&classifier, &long, 1);
+        stage.inc(1);
+        if i >= 2 {
+            stages
+                .entry("text_tower_128".into())
+                .or_default()
+                .push(ms(t));
+        }
+    }
+    let img = decode(poster)?;
+    let ids = match overview {
+        Some(s) => classifier.towers.tokenizer.encode(s)?,
+        None => Vec::new(),
+    };
+    let mut best = f64::MAX;
+    for _ in 0..BATCH {
+        let t = Instant::now();
+        batch_scores(&classifier, &img, &ids, BATCH);
+        best = best.min(ms(t));
+        stage.inc(1);
+    }
     let spec = &classifier.model.spec;
     Ok(BenchReport {
         backend: backend.to_string(),
         threads: threads(),
         model: format!("{}@{}", spec.id, spec.version),
-        runs: runs.max(1),
+        runs,
         load_ms,
         total_ms: Percentiles::of(total),
         stages: stages
             .into_iter()
             .map(|(k, v)| (k, Percentiles::of(v)))
             .collect(),
+        text_tokens: ids.len(),
+        batch8_posters_per_s: BATCH as f64 / (best / 1e3),
+        peak_gflops: peak_gflops(device),
         peak_rss_mb: peak_rss_mb(),
     })
+}
+
+fn peak_gflops(device: &Device) -> f64 {
+    const N: usize = 1024;
+    let a = Tensor::<2>::random([N, N], Distribution::Default, device);
+    let b = Tensor::<2>::random([N, N], Distribution::Default, device);
+    let mut best = f64::MAX;
+    for _ in 0..8 {
+        let t = Instant::now();
+        let _ = a.clone().matmul(b.clone()).into_data();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (N as f64).powi(3) / best / 1e9
+}
+
+/// A full-length text: the overview (or a stock sentence) repeated past the limit,
+/// then cut there by the tokenizer.
+fn long_ids(c: &Classifier, overview: Option<&str>) -> Result<Vec<i64>> {
+    let base = overview.unwrap_or("A story of people, places and the days between them.");
+    let text = vec![base; MAX_TOKENS].join(" ");
+    Ok(c.towers.tokenizer.encode(&text)?)
+}
+
+/// The text tower's hidden states of `n` copies of `ids`, read back to the host.
+fn text_hidden(c: &Classifier, ids: &[i64], n: usize) -> Vec<f32> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let l = ids.len();
+    let dev = &c.device;
+    let all: Vec<i64> = (0..n).flat_map(|_| ids.iter().copied()).collect();
+    let idt = Tensor::<2, Int>::from_data(TensorData::new(all, [n, l]), dev);
+    let mask = Tensor::<2>::ones([n, l], dev);
+    c.towers
+        .text
+        .forward_layers(idt, mask, c.model.spec.text_layers)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 hidden states")
+}
+
+/// Scores `n` copies of one poster and text as one batch through every stage.
+fn batch_scores(c: &Classifier, img: &image::RgbImage, ids: &[i64], n: usize) -> Vec<f32> {
+    let spec = &c.model.spec;
+    let dev = &c.device;
+    let images = vec![img.clone(); n];
+    let tokens = image_tokens(&c.towers, &images, spec.image_input, dev)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 image tokens");
+    let text = text_hidden(c, ids, n);
+    let cell_len = tokens.len() / n;
+    let text_len = ids.len() * TEXT_DIM;
+    let rows: Vec<FusionRow<f32>> = (0..n)
+        .map(|i| FusionRow {
+            image: &tokens[i * cell_len..(i + 1) * cell_len],
+            hide_image: false,
+            text: &text[(i * text_len).min(text.len())..((i + 1) * text_len).min(text.len())],
+        })
+        .collect();
+    let input = batch(&rows, cell_len / FEATURE_DIM, dev);
+    let mut out = Vec::new();
+    for m in &c.model.members {
+        out.extend(
+            sigmoid(m.forward(input.clone()))
+                .into_data()
+                .try_to_vec::<f32>()
+                .expect("f32 scores"),
+        );
+    }
+    out
 }

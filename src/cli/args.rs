@@ -235,6 +235,15 @@ pub enum ModelsAction {
         #[arg(long, default_value = "models")]
         out: PathBuf,
     },
+    /// Write the served networks as f32 safetensors under burn's names (for the
+    /// ONNX Runtime peer in benches/peer/).
+    Export {
+        /// Model directory [default: models/].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,9 +1,9 @@
 //! `marquee bench`: per-poster latency of the genre model, or with `--florence`,
 //! Florence-2's stages against the reference kit's PyTorch figures.
 
+use super::Global;
 use super::args::BenchArgs;
 use super::report::Report;
-use super::{Global, read_image};
 use anyhow::Result;
 use marquee::bench::BenchReport;
 use marquee::caption::bench::FlorenceBench;
@@ -27,8 +27,18 @@ impl fmt::Display for ModelBench {
         let r = &self.0;
         write!(
             f,
-            "{} on {} ({} threads): total p50 {:.1} ms, p90 {:.1} ms; load {:.0} ms; peak RSS {:.0} MB",
-            r.model, r.backend, r.threads, r.total_ms.p50, r.total_ms.p90, r.load_ms, r.peak_rss_mb
+            "{} on {} ({} threads): total p50 {:.1} ms, p90 {:.1} ms; load {:.0} ms; \
+             batch {} {:.1} posters/s; peak RSS {:.0} MB; overview {} tokens",
+            r.model,
+            r.backend,
+            r.threads,
+            r.total_ms.p50,
+            r.total_ms.p90,
+            r.load_ms,
+            marquee::bench::BATCH,
+            r.batch8_posters_per_s,
+            r.peak_rss_mb,
+            r.text_tokens
         )?;
         for (k, v) in &r.stages {
             write!(f, "\n  {k:<12} p50 {:.1} ms  p90 {:.1} ms", v.p50, v.p90)?;
@@ -87,7 +97,7 @@ pub fn run(a: BenchArgs, g: &Global) -> Result<Box<dyn Report>> {
     }
     let model_dir = a.model.unwrap_or_else(default_model_dir);
     let poster = a.poster.unwrap_or_else(example_poster);
-    let img = read_image(&poster)?;
+    let bytes = marquee::util::limited::read_file(&poster, marquee::preprocess::image::MAX_BYTES)?;
     let overview = a.overview.unwrap_or_else(|| BENCH_OVERVIEW.to_string());
     let overview = (!a.text_less).then_some(overview.as_str());
     let r = marquee::bench::run(
@@ -95,7 +105,7 @@ pub fn run(a: BenchArgs, g: &Global) -> Result<Box<dyn Report>> {
         &g.cache,
         &device,
         backend.name(),
-        &img,
+        &bytes,
         overview,
         a.runs,
     )?;

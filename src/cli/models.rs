@@ -1,5 +1,5 @@
-//! `marquee models fetch|info|bundle`: the pinned pretrained weights, and making a
-//! trained student self-contained.
+//! `marquee models fetch|info|bundle|export`: the pinned pretrained weights, making a
+//! trained student self-contained, and its networks as plain f32 for outside runtimes.
 
 use super::Global;
 use super::args::ModelsAction;
@@ -7,7 +7,7 @@ use super::report::Report;
 use anyhow::{Context, Result};
 use burn::prelude::Device;
 use marquee::caption::local::FlorenceCaptioner;
-use marquee::infer::compose_text;
+use marquee::infer::{Classifier, compose_text};
 use marquee::model::cache::CacheDir;
 use marquee::model::dir::default_model_dir;
 use marquee::model::{bundle, towers};
@@ -43,6 +43,21 @@ impl fmt::Display for Bundled {
             self.dir.display(),
             self.bytes as f64 / 1e6
         )
+    }
+}
+
+#[derive(Serialize)]
+pub struct Exported {
+    files: Vec<PathBuf>,
+}
+
+impl fmt::Display for Exported {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "f32 networks written:")?;
+        for p in &self.files {
+            write!(f, "\n  {}", p.display())?;
+        }
+        Ok(())
     }
 }
 
@@ -106,6 +121,14 @@ pub fn run(action: ModelsAction, g: &Global) -> Result<Box<dyn Report>> {
             let device = g.backend.device()?;
             let student = student.unwrap_or_else(|| cache.root().join("train/student"));
             Box::new(bundle_student(&student, &manifest, cache, &out, &device)?)
+        }
+        ModelsAction::Export { model, out } => {
+            let device = g.backend.device()?;
+            let model = model.unwrap_or_else(default_model_dir);
+            let c = Classifier::load(&model, cache, &device)?;
+            Box::new(Exported {
+                files: marquee::model::export::write_f32(&c.towers, &c.model.members, &out)?,
+            })
         }
         ModelsAction::Info => Box::new(Info {
             cache: cache.root().to_path_buf(),

@@ -6,6 +6,7 @@ use crate::infer::labels::decide;
 use crate::model::cache::CacheDir;
 use crate::model::dir::{ImageInput, ModelDir, TowerSource};
 use crate::model::towers::Towers;
+use crate::nn::efficientnet::FEATURE_DIM;
 use crate::preprocess::image::{resize_exact, to_chw};
 use anyhow::Result;
 use burn::prelude::*;
@@ -27,25 +28,51 @@ pub fn compose_text(overview: Option<&str>, caption: Option<&str>) -> Option<Str
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
-/// The feature map of images as tokens: `[n, cells, 1280]`, row-major cells.
+/// Images resized to the tower's input and normalised: `[n, 3, H, W]`.
+pub fn image_input(images: &[RgbImage], input: ImageInput, device: &Device) -> Tensor<4> {
+    let (w, h) = (input.width, input.height);
+    let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
+    for img in images {
+        data.extend(to_chw(&resize_exact(img, w, h)));
+    }
+    Tensor::<4>::from_data(
+        TensorData::new(data, [images.len(), 3, h as usize, w as usize]),
+        device,
+    )
+}
+
+/// The feature map of an image batch as tokens: `[n, cells, 1280]`, row-major cells.
+/// On a CPU device the folded host kernels run it; elsewhere burn's modules.
+pub fn tower_tokens(towers: &Towers, x: Tensor<4>) -> Tensor<3> {
+    if let Some(host) = &towers.image_host {
+        let [b, _, h, w] = x.dims();
+        let device = x.device();
+        let data = x
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("f32 image input");
+        let mut tokens = Vec::new();
+        let mut cells = 0;
+        for image in data.chunks_exact(3 * h * w) {
+            let (t, fh, fw) = host.tokens(image, h, w);
+            cells = fh * fw;
+            tokens.extend(t);
+        }
+        return Tensor::from_data(TensorData::new(tokens, [b, cells, FEATURE_DIM]), &device);
+    }
+    let f = towers.image.forward_features(x).features;
+    let [b, c, fh, fw] = f.dims();
+    f.reshape([b, c, fh * fw]).swap_dims(1, 2)
+}
+
+/// [`image_input`] then [`tower_tokens`].
 pub fn image_tokens(
     towers: &Towers,
     images: &[RgbImage],
     input: ImageInput,
     device: &Device,
 ) -> Tensor<3> {
-    let (w, h) = (input.width, input.height);
-    let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
-    for img in images {
-        data.extend(to_chw(&resize_exact(img, w, h)));
-    }
-    let x = Tensor::<4>::from_data(
-        TensorData::new(data, [images.len(), 3, h as usize, w as usize]),
-        device,
-    );
-    let f = towers.image.forward_features(x).features;
-    let [b, c, fh, fw] = f.dims();
-    f.reshape([b, c, fh * fw]).swap_dims(1, 2)
+    tower_tokens(towers, image_input(images, input, device))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,26 +131,33 @@ impl Classifier {
         let spec = &self.model.spec;
         let dev = &self.device;
         let t = Instant::now();
-        let mut views = vec![image_tokens(
-            &self.towers,
+        let mut inputs = vec![image_input(
             std::slice::from_ref(poster),
             spec.image_input,
             dev,
         )];
         if spec.tta_flip {
             let flipped = image::imageops::flip_horizontal(poster);
-            views.push(image_tokens(
-                &self.towers,
-                &[flipped],
-                spec.image_input,
-                dev,
-            ));
+            inputs.push(image_input(&[flipped], spec.image_input, dev));
         }
+        let t = lap("preprocess", t);
+        // Read back inside the stage, so that an asynchronous backend (wgpu) is timed
+        // for the work and not just for queueing it.
+        let views: Vec<Vec<f32>> = inputs
+            .into_iter()
+            .map(|x| {
+                tower_tokens(&self.towers, x)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .expect("f32 image tokens")
+            })
+            .collect();
         let t = lap("image_tower", t);
         let ids = match compose_text(overview, caption) {
             Some(s) => self.towers.tokenizer.encode(&s)?,
             None => Vec::new(),
         };
+        let t = lap("tokenize", t);
         let has_text = !ids.is_empty();
         let text: Vec<f32> = if has_text {
             let n = ids.len();
@@ -137,11 +171,7 @@ impl Classifier {
             Vec::new()
         };
         let t = lap("text_tower", t);
-        let views: Vec<Vec<f32>> = views
-            .into_iter()
-            .map(|v| v.into_data().try_to_vec::<f32>().expect("f32 image tokens"))
-            .collect();
-        let cells = views[0].len() / crate::nn::efficientnet::FEATURE_DIM;
+        let cells = views[0].len() / FEATURE_DIM;
         let k = spec.fusion.classes;
         let mut scores = vec![0f32; k];
         let weight = 1.0 / (views.len() * self.model.members.len()) as f32;

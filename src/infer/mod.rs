@@ -12,4 +12,6 @@ pub mod task;
 
 pub use batch::TEXT_DIM;
 pub use captioner::Captioner;
-pub use classifier::{Classifier, GenreScore, Prediction, compose_text, image_tokens};
+pub use classifier::{
+    Classifier, GenreScore, Prediction, compose_text, image_input, image_tokens, tower_tokens,
+};

@@ -177,11 +177,7 @@ impl Towers {
         let mut text = Bert::new(&config, device);
         load_compact(&mut text, &dir.join(TEXT_FILE), false)?;
         let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-        Ok(Self {
-            image,
-            text,
-            tokenizer,
-        })
+        Ok(Self::new(image, text, tokenizer, device))
     }
 }
 

@@ -3,5 +3,6 @@
 pub mod bundle;
 pub mod cache;
 pub mod dir;
+pub mod export;
 pub mod florence;
 pub mod towers;

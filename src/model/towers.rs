@@ -8,7 +8,8 @@
 
 use super::cache::CacheDir;
 use crate::nn::bert::{Bert, BertConfig};
-use crate::nn::efficientnet::EfficientNetLite0;
+use crate::nn::cpu_ops::host_device;
+use crate::nn::efficientnet::{EfficientNetLite0, HostLite0};
 use crate::preprocess::text::TextTokenizer;
 use crate::util::hex;
 use crate::util::progress::note;
@@ -153,11 +154,27 @@ fn ensure_complete(missing: &[(String, String)], what: &str) -> Result<()> {
 /// The frozen towers and the tokenizer, ready for inference.
 pub struct Towers {
     pub image: EfficientNetLite0,
+    /// The image tower folded for the host kernels, when the device is a CPU one.
+    pub image_host: Option<HostLite0>,
     pub text: Bert,
     pub tokenizer: TextTokenizer,
 }
 
 impl Towers {
+    pub fn new(
+        image: EfficientNetLite0,
+        text: Bert,
+        tokenizer: TextTokenizer,
+        device: &Device,
+    ) -> Self {
+        Self {
+            image_host: host_device(device).then(|| HostLite0::new(&image)),
+            image,
+            text,
+            tokenizer,
+        }
+    }
+
     /// Loads the converted towers from the cache. Never touches the network.
     pub fn load(cache: &CacheDir, device: &Device) -> Result<Self> {
         let dir = cache.towers();
@@ -175,11 +192,7 @@ impl Towers {
         let mut text = Bert::new(&BertConfig::MINILM_L6, device);
         load_burnpack(&mut text, &dir.join(MINILM_FILE))?;
         let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-        Ok(Self {
-            image,
-            text,
-            tokenizer,
-        })
+        Ok(Self::new(image, text, tokenizer, device))
     }
 }
 

@@ -16,12 +16,17 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use rayon::prelude::*;
 
+/// Whether tensors on `device` live in host memory with no gradient graph to keep:
+/// where the kernels here (and `efficientnet::HostLite0`) may run.
+pub fn host_device(device: &Device) -> bool {
+    #[allow(deprecated)] // ndarray is kept as the reference CPU backend.
+    let cpu = *device == Device::flex() || *device == Device::ndarray();
+    cpu && !device.is_autodiff()
+}
+
 /// Whether `x` lives in host memory as f32 with no gradient graph to keep.
 fn on_host_f32<const D: usize>(x: &Tensor<D>) -> bool {
-    let device = x.device();
-    #[allow(deprecated)] // ndarray is kept as the reference CPU backend.
-    let cpu = device == Device::flex() || device == Device::ndarray();
-    cpu && !device.is_autodiff() && x.dtype() == DType::F32
+    host_device(&x.device()) && x.dtype() == DType::F32
 }
 
 /// `gelu(linear(x))`, GELU in the exact (erf) form as PyTorch's `nn.GELU()` and

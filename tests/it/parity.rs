@@ -63,6 +63,25 @@ fn efficientnet_matches_reference() {
             check(backend, &format!("block{n}_out"), &got, &want.f32);
         }
 
+        // The folded token-layout kernels that serve on the CPU backends.
+        if let Some(lite) = &towers.image_host {
+            let [_, _, h, w] = x.dims();
+            let mut got = Vec::new();
+            for image in input.f32.chunks_exact(3 * h * w) {
+                let (tokens, fh, fw) = lite.tokens(image, h, w);
+                let cells = fh * fw;
+                // Tokens `[cells, C]` to the fixture's `[C, h, w]`.
+                let c = tokens.len() / cells;
+                got.extend((0..c * cells).map(|i| tokens[(i % cells) * c + i / cells]));
+            }
+            check(
+                backend,
+                "features (host kernels)",
+                &got,
+                &fx.get("features").f32,
+            );
+        }
+
         let out = net.forward_features(x);
         check(
             backend,
@@ -204,4 +223,42 @@ fn every_dataset_poster_passes_the_strict_decoder() {
         n += 1;
     }
     assert!(n > 10_000, "{n} posters");
+}
+
+/// The shipped model scores the same on wgpu as on flex (served on the host kernels):
+/// the example poster and three val posters, each with and without its overview.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_scores_equal_flex() {
+    use marquee::infer::Classifier;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let models = root.join("models");
+    let flex = Classifier::load(&models, &cache(), &Backend::Flex.device().unwrap()).unwrap();
+    let gpu = Classifier::load(&models, &cache(), &Backend::Wgpu.device().unwrap()).unwrap();
+    let data = common::shared().join("data/posters-v1");
+    let manifest = std::fs::read_to_string(data.join("movies.jsonl")).unwrap();
+    let mut posters = vec![(root.join("examples/poster.png"), None)];
+    for line in manifest
+        .lines()
+        .filter(|l| l.contains("\"split\": \"val\""))
+        .take(3)
+    {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let overview = row["overview"].as_str().map(str::to_string);
+        posters.push((data.join(row["poster"].as_str().unwrap()), overview));
+    }
+    for (path, overview) in &posters {
+        let img = decode(&std::fs::read(path).unwrap()).unwrap();
+        for text in [None, overview.as_deref()] {
+            let score = |c: &Classifier| -> Vec<f32> {
+                let p = c.classify(&img, text, None).unwrap();
+                let mut g = p.genres;
+                g.sort_by(|a, b| a.label.cmp(&b.label));
+                g.into_iter().map(|s| s.score).collect()
+            };
+            let (want, got) = (score(&flex), score(&gpu));
+            let name = format!("scores {} text={}", path.display(), text.is_some());
+            check(Backend::Wgpu, &name, &got, &want);
+        }
+    }
 }

@@ -3,6 +3,9 @@
 //! no squeeze-excitation, no conv bias. Field names follow the PyTorch state dict
 //! with the leading underscores dropped (see `model::towers`).
 
+mod host;
+pub use host::HostLite0;
+
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;

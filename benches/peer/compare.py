@@ -1,0 +1,285 @@
+"""Marquee against ONNX Runtime on the same networks, weights, inputs, batch and
+threads, interleaved over rounds in one run. See benches/peer/README.md.
+
+Each round runs `marquee bench --json` (its own warm-up, then `runs` timed passes)
+and then the ONNX Runtime pipeline for the same number of timed passes; a stage's
+figure is the median over rounds of each round's p50.
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from PIL import Image
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+
+import graphs
+
+ort.set_default_logger_severity(3)
+
+STAGES = ["decode", "preprocess", "image_tower", "tokenize", "text_tower", "text_tower_128", "fusion", "total"]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def export(args, out):
+    """Weights from `marquee models export`, then ONNX graphs, cached by the weights' hash."""
+    spec = json.loads((args.model / "model.json").read_text())
+    if spec["members"] != 1 or spec.get("tta_flip"):
+        sys.exit("compare: the peer graphs cover one fusion member without flip TTA")
+    weights = out / "weights"
+    subprocess.run([args.marquee, "models", "export", "--model", str(args.model), "--out", str(weights)],
+                   check=True, stdout=subprocess.DEVNULL)
+    digest = hashlib.sha256()
+    for f in sorted(weights.glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    tag = digest.hexdigest()[:16]
+    onnx_dir = out / f"onnx-{tag}"
+    size = spec["image_input"]
+    fc = spec["fusion"]
+    if not (onnx_dir / "fusion.onnx").is_file():
+        log(f"compare: building ONNX graphs in {onnx_dir}")
+        onnx_dir.mkdir(parents=True, exist_ok=True)
+        img, cells = graphs.efficientnet(load_file(weights / "image_tower.safetensors"),
+                                         size["height"], size["width"])
+        onnx.save(img, onnx_dir / "image_tower.onnx")
+        onnx.save(graphs.minilm(load_file(weights / "text_tower.safetensors"), spec["text_layers"]),
+                  onnx_dir / "text_tower.onnx")
+        onnx.save(graphs.fusion(load_file(weights / "fusion_0.safetensors"), cells, fc["layers"],
+                                fc["heads"], fc["d_model"]), onnx_dir / "fusion.onnx")
+    return onnx_dir, spec
+
+
+def gflops(spec, text_len):
+    """Multiply-adds x2 of each network, from the shapes (src/nn/)."""
+    h, w = spec["image_input"]["height"], spec["image_input"]["width"]
+    total = 0
+
+    def conv(h, w, cin, cout, k, s, groups):
+        oh, ow = -(-h // s), -(-w // s)
+        return 2 * oh * ow * cout * (cin // groups) * k * k, oh, ow
+
+    f, h, w = conv(h, w, 3, 32, 3, 2, 1)
+    total += f
+    for repeats, k, stride, expand, cin, cout in graphs.STAGES:
+        for r in range(repeats):
+            c, s = (cin, stride) if r == 0 else (cout, 1)
+            mid = c * expand
+            if expand != 1:
+                f, h, w = conv(h, w, c, mid, 1, 1, 1)
+                total += f
+            f, h, w = conv(h, w, mid, mid, k, s, mid)
+            total += f
+            f, h, w = conv(h, w, mid, cout, 1, 1, 1)
+            total += f
+    f, h, w = conv(h, w, 320, 1280, 1, 1, 1)
+    image = (total + f) / 1e9
+    cells = h * w
+
+    def encoder(n, d, ff, layers):
+        return layers * (2 * n * (4 * d * d + 2 * d * ff) + 4 * n * n * d)
+
+    text = lambda n: encoder(n, 384, 1536, spec["text_layers"]) / 1e9
+    fc = spec["fusion"]
+    n = 1 + cells + text_len
+    fusion = (2 * cells * 1280 * fc["d_model"] + 2 * text_len * 384 * fc["d_model"]
+              + encoder(n, fc["d_model"], fc["d_ff"], fc["layers"])) / 1e9
+    return {"image_tower": image, "text_tower": text(text_len), "text_tower_128": text(128), "fusion": fusion}
+
+
+class Peer:
+    def __init__(self, onnx_dir, model_dir, threads):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        t = time.perf_counter()
+        self.image = ort.InferenceSession(str(onnx_dir / "image_tower.onnx"), so, providers=["CPUExecutionProvider"])
+        self.text = ort.InferenceSession(str(onnx_dir / "text_tower.onnx"), so, providers=["CPUExecutionProvider"])
+        self.fusion = ort.InferenceSession(str(onnx_dir / "fusion.onnx"), so, providers=["CPUExecutionProvider"])
+        self.tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tok.no_padding()
+        self.tok.enable_truncation(128)
+        self.load_ms = (time.perf_counter() - t) * 1e3
+
+    def preprocess(self, img, width, height):
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.BICUBIC)
+        a = np.asarray(img, dtype=np.float32)
+        return ((a - 127.0) / 128.0).transpose(2, 0, 1)[None].copy()
+
+    def classify(self, poster, overview, width, height):
+        """One poster through every stage; returns the scores and each stage's ms."""
+        times = {}
+        t0 = t = time.perf_counter()
+
+        def lap(name):
+            nonlocal t
+            now = time.perf_counter()
+            times[name] = (now - t) * 1e3
+            t = now
+
+        img = Image.open(io.BytesIO(poster)).convert("RGB")
+        img.load()
+        lap("decode")
+        x = self.preprocess(img, width, height)
+        lap("preprocess")
+        tokens = self.image.run(None, {"image": x})[0]
+        lap("image_tower")
+        ids = np.array([self.tok.encode(overview).ids], dtype=np.int64)
+        lap("tokenize")
+        hidden = self.text.run(None, {"ids": ids})[0]
+        lap("text_tower")
+        scores = self.fusion.run(None, {"image": tokens, "text": hidden})[0]
+        lap("fusion")
+        times["total"] = (time.perf_counter() - t0) * 1e3
+        return scores[0], times, ids.shape[1]
+
+    def text128(self, overview):
+        ids = self.tok.encode(" ".join([overview] * 128)).ids
+        t = time.perf_counter()
+        self.text.run(None, {"ids": np.array([ids], dtype=np.int64)})
+        return (time.perf_counter() - t) * 1e3
+
+    def peak_gflops(self, threads, n=1024):
+        a = onnx.helper
+        g = a.make_graph([a.make_node("MatMul", ["a", "b"], ["c"])], "peak",
+                         [a.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [n, n]),
+                          a.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [n, n])],
+                         [a.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [n, n])])
+        m = a.make_model(g, opset_imports=[a.make_opsetid("", graphs.OPSET)])
+        m.ir_version = 10
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        best = float("inf")
+        for _ in range(8):
+            t = time.perf_counter()
+            s.run(None, {"a": x, "b": x})
+            best = min(best, time.perf_counter() - t)
+        return 2 * n ** 3 / best / 1e9
+
+
+def parity(args, peer, spec, out, overview):
+    """The graphs compute what Marquee computes: the same scores within 1e-4 on a
+    poster already at the input size (so neither side resizes)."""
+    w, h = spec["image_input"]["width"], spec["image_input"]["height"]
+    small = out / "poster-at-input-size.png"
+    Image.open(args.poster).convert("RGB").resize((w, h), Image.BICUBIC).save(small)
+    r = subprocess.run([args.marquee, "classify", str(small), "--overview", overview, "--model",
+                        str(args.model), "--json"], check=True, capture_output=True, text=True)
+    theirs = {g["label"]: g["score"] for g in json.loads(r.stdout)["genres"]}
+    mine, _, _ = peer.classify(small.read_bytes(), overview, w, h)
+    want = np.array([theirs[l] for l in spec["labels"]], dtype=np.float64)
+    rel = float(np.linalg.norm(mine - want) / np.linalg.norm(want))
+    if not rel <= 1e-4:
+        sys.exit(f"compare: the ONNX graphs differ from Marquee: scores rel L2 {rel:.2e} > 1e-4")
+    return rel
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--marquee", required=True)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--poster", type=Path, required=True)
+    ap.add_argument("--overview", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--backend", default="flex")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    onnx_dir, spec = export(args, args.out)
+    peer = Peer(onnx_dir, args.model, args.threads)
+    rel = parity(args, peer, spec, args.out, args.overview)
+    log(f"compare: ONNX graphs match Marquee's scores (rel L2 {rel:.1e})")
+    poster = args.poster.read_bytes()
+    w, h = spec["image_input"]["width"], spec["image_input"]["height"]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    mine = {s: [] for s in STAGES}
+    theirs = {s: [] for s in STAGES}
+    extra = []
+    for i in range(args.rounds):
+        log(f"compare: round {i + 1}/{args.rounds}: marquee")
+        r = subprocess.run([args.marquee, "--backend", args.backend, "--json", "bench", "--model", str(args.model),
+                            "--poster", str(args.poster), "--overview", args.overview, "--runs", str(args.runs)],
+                           check=True, capture_output=True, text=True, env=env)
+        b = json.loads(r.stdout)
+        extra.append(b)
+        for s in STAGES:
+            mine[s].append(b["total_ms"]["p50"] if s == "total" else b["stages"][s]["p50"])
+        log(f"compare: round {i + 1}/{args.rounds}: onnxruntime")
+        per = {s: [] for s in STAGES}
+        for k in range(args.runs + 2):
+            _, times, n_ids = peer.classify(poster, args.overview, w, h)
+            t128 = peer.text128(args.overview)
+            if k >= 2:
+                for s, v in times.items():
+                    per[s].append(v)
+                per["text_tower_128"].append(t128)
+        for s in STAGES:
+            theirs[s].append(statistics.median(per[s]))
+    if n_ids != b["text_tokens"]:
+        sys.exit(f"compare: tokenizers differ: ORT side {n_ids} tokens, Marquee {b['text_tokens']}")
+    mine_peak = statistics.median(x["peak_gflops"] for x in extra)
+    peer_peak = peer.peak_gflops(args.threads)
+    flops = gflops(spec, n_ids)
+    rows = []
+    for s in STAGES:
+        m, p = statistics.median(mine[s]), statistics.median(theirs[s])
+        row = {"stage": s, "marquee_ms": round(m, 3), "peer_ms": round(p, 3), "ratio": round(m / p, 3)}
+        if s in flops:
+            gf = flops[s]
+            row["gflop"] = round(gf, 4)
+            row["marquee_pct_peak"] = round(100 * gf / (m / 1e3) / mine_peak, 1)
+            row["peer_pct_peak"] = round(100 * gf / (p / 1e3) / peer_peak, 1)
+            row["marquee_x_floor"] = round((m / 1e3) / (gf / mine_peak), 2)
+        rows.append(row)
+    report = {
+        "rows": rows,
+        "total_ratio": rows[-1]["ratio"],
+        "threads": args.threads,
+        "batch": 1,
+        "rounds": args.rounds,
+        "runs": args.runs,
+        "backend": args.backend,
+        "text_tokens": n_ids,
+        "peak_gflops": {"marquee": round(mine_peak, 1), "peer": round(peer_peak, 1)},
+        "load_ms": {"marquee": round(statistics.median(x["load_ms"] for x in extra), 1),
+                    "peer": round(peer.load_ms, 1)},
+        "peak_rss_mb": {"marquee": max(x["peak_rss_mb"] for x in extra)},
+        "batch8_posters_per_s": {"marquee": statistics.median(x["batch8_posters_per_s"] for x in extra)},
+        "parity_rel_l2": rel,
+        "peer": f"onnxruntime {ort.__version__}",
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{'stage':<16}{'marquee ms':>12}{'ORT ms':>10}{'ratio':>8}{'GFLOP':>9}{'% peak':>8}{'ORT %':>7}{'x floor':>9}")
+        for r in rows:
+            print(f"{r['stage']:<16}{r['marquee_ms']:>12.2f}{r['peer_ms']:>10.2f}{r['ratio']:>8.2f}"
+                  f"{r.get('gflop', float('nan')):>9.3f}{r.get('marquee_pct_peak', float('nan')):>8.1f}"
+                  f"{r.get('peer_pct_peak', float('nan')):>7.1f}{r.get('marquee_x_floor', float('nan')):>9.2f}")
+        print(f"peak (1024^3 matmul): marquee {mine_peak:.1f} GFLOP/s, ORT {peer_peak:.1f} GFLOP/s; "
+              f"{args.threads} threads, batch 1, {args.rounds} rounds x {args.runs} runs")
+
+
+if __name__ == "__main__":
+    main()

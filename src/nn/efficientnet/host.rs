@@ -1,0 +1,375 @@
+//! EfficientNet-Lite0 on the host in token layout (`[H*W, C]` per image, channels
+//! contiguous), with every BatchNorm folded into its conv when the tower is loaded.
+//!
+//! burn's CPU path convolves NCHW and runs BatchNorm, ReLU6 and the residual add as
+//! separate passes over each activation; the network is made of 1x1 and depthwise
+//! convs, where those passes cost more than the arithmetic. Here a 1x1 conv is one
+//! GEMM into a buffer that already holds the bias, followed by one ReLU6 (or
+//! residual) sweep, and a depthwise conv is one pass along contiguous channels with
+//! bias and ReLU6 applied on the way out. The result equals burn's up to float
+//! rounding (tests below; the fixture parity tests run both paths).
+
+use super::{BN_EPS, EfficientNetLite0, FEATURE_DIM};
+use burn::nn::BatchNorm;
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use rayon::prelude::*;
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 weights")
+}
+
+/// `conv` followed by `bn`, as one conv: weights `[Cout, Cin/groups, k, k]` scaled by
+/// `gamma / sqrt(var + eps)` per output channel, and the matching bias.
+fn fold(conv: &Conv2d, bn: &BatchNorm) -> (Vec<f32>, Vec<f32>, [usize; 4]) {
+    let w = conv.weight.val();
+    let dims = w.dims();
+    let mut w = host(w);
+    let gamma = host(bn.gamma.val());
+    let beta = host(bn.beta.val());
+    let mean = host(bn.running_mean.value());
+    let var = host(bn.running_var.value());
+    let per = w.len() / dims[0];
+    let mut bias = vec![0f32; dims[0]];
+    for o in 0..dims[0] {
+        let scale = gamma[o] / (var[o] + BN_EPS as f32).sqrt();
+        w[o * per..(o + 1) * per]
+            .iter_mut()
+            .for_each(|v| *v *= scale);
+        bias[o] = beta[o] - mean[o] * scale;
+    }
+    (w, bias, dims)
+}
+
+/// TensorFlow's SAME padding on one axis: (pad before, output size).
+fn same(size: usize, k: usize, stride: usize) -> (usize, usize) {
+    let out = size.div_ceil(stride);
+    let total = ((out - 1) * stride + k).saturating_sub(size);
+    (total / 2, out)
+}
+
+fn relu6(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+}
+
+/// A dense conv as `[n, cin] x [cin, cout]` (1x1 convs, and the stem over im2col rows).
+struct Dense {
+    /// `[cin, cout]`, row-major.
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    cin: usize,
+    cout: usize,
+}
+
+impl Dense {
+    fn new(w: Vec<f32>, bias: Vec<f32>, cout: usize) -> Self {
+        let cin = w.len() / cout;
+        // `[cout, cin]` to `[cin, cout]`.
+        let mut t = vec![0f32; w.len()];
+        for o in 0..cout {
+            for i in 0..cin {
+                t[i * cout + o] = w[o * cin + i];
+            }
+        }
+        Self {
+            w: t,
+            bias,
+            cin,
+            cout,
+        }
+    }
+
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let n = x.len() / self.cin;
+        let mut y: Vec<f32> = Vec::with_capacity(n * self.cout);
+        for _ in 0..n {
+            y.extend_from_slice(&self.bias);
+        }
+        // Below this much work the threads cost more than they save.
+        let parallelism = if n * self.cin * self.cout >= 1 << 18 {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: y is `n x cout`, x is `n x cin` and w is `cin x cout`, all row-major
+        // and contiguous, as the strides say.
+        unsafe {
+            gemm::gemm(
+                n,
+                self.cout,
+                self.cin,
+                y.as_mut_ptr(),
+                1,
+                self.cout as isize,
+                true,
+                x.as_ptr(),
+                1,
+                self.cin as isize,
+                self.w.as_ptr(),
+                1,
+                self.cout as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        y
+    }
+}
+
+/// A depthwise k x k conv with stride, TF-SAME padding, bias and ReLU6.
+struct Depthwise {
+    /// `[k*k, C]`: the taps of each kernel position along the channels.
+    taps: Vec<f32>,
+    bias: Vec<f32>,
+    k: usize,
+    stride: usize,
+}
+
+impl Depthwise {
+    fn new(w: Vec<f32>, bias: Vec<f32>, dims: [usize; 4], stride: usize) -> Self {
+        let (c, k) = (dims[0], dims[2]);
+        let mut taps = vec![0f32; w.len()];
+        for ch in 0..c {
+            for t in 0..k * k {
+                taps[t * c + ch] = w[ch * k * k + t];
+            }
+        }
+        Self {
+            taps,
+            bias,
+            k,
+            stride,
+        }
+    }
+
+    fn forward(&self, x: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+        let c = self.bias.len();
+        let (k, s) = (self.k, self.stride);
+        let (pt, oh) = same(h, k, s);
+        let (pl, ow) = same(w, k, s);
+        let mut y = vec![0f32; oh * ow * c];
+        y.par_chunks_mut(ow * c).enumerate().for_each(|(oy, row)| {
+            for px in row.chunks_exact_mut(c) {
+                px.copy_from_slice(&self.bias);
+            }
+            for ky in 0..k {
+                let Some(iy) = (oy * s + ky).checked_sub(pt).filter(|&iy| iy < h) else {
+                    continue;
+                };
+                let src = &x[iy * w * c..(iy + 1) * w * c];
+                for kx in 0..k {
+                    let tap = &self.taps[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                    // Output column ox reads input column ox * s + kx - pl.
+                    let first = pl.saturating_sub(kx).div_ceil(s);
+                    let last = (w + pl - kx).div_ceil(s).min(ow);
+                    for ox in first..last {
+                        let ix = ox * s + kx - pl;
+                        mul_add(
+                            &mut row[ox * c..(ox + 1) * c],
+                            &src[ix * c..(ix + 1) * c],
+                            tap,
+                        );
+                    }
+                }
+            }
+            relu6(row);
+        });
+        (y, oh, ow)
+    }
+}
+
+/// `acc += a * b`, element-wise.
+fn mul_add(acc: &mut [f32], a: &[f32], b: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { mul_add_avx2(acc, a, b) };
+    }
+    mul_add_portable(acc, a, b);
+}
+
+/// The same loop compiled for AVX2 + FMA: 8 lanes instead of the baseline's 4.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn mul_add_avx2(acc: &mut [f32], a: &[f32], b: &[f32]) {
+    mul_add_portable(acc, a, b);
+}
+
+#[inline(always)]
+fn mul_add_portable(acc: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((o, x), t) in acc.iter_mut().zip(a).zip(b) {
+        *o = x.mul_add(*t, *o);
+    }
+}
+
+struct Block {
+    expand: Option<Dense>,
+    depthwise: Depthwise,
+    project: Dense,
+    residual: bool,
+}
+
+/// The tower's folded weights, ready for [`HostLite0::tokens`].
+pub struct HostLite0 {
+    /// 3x3 stride-2 stem over im2col rows of 27 values (ky, kx, channel).
+    stem: Dense,
+    blocks: Vec<Block>,
+    head: Dense,
+}
+
+impl HostLite0 {
+    pub fn new(net: &EfficientNetLite0) -> Self {
+        let (w, bias, dims) = fold(&net.conv_stem, &net.bn0);
+        // `[Cout, 3, 3, 3]` (c, ky, kx) to im2col order (ky, kx, c).
+        let mut stem = vec![0f32; w.len()];
+        for o in 0..dims[0] {
+            for c in 0..3 {
+                for t in 0..9 {
+                    stem[o * 27 + t * 3 + c] = w[o * 27 + c * 9 + t];
+                }
+            }
+        }
+        let blocks = net
+            .blocks
+            .iter()
+            .map(|b| {
+                let expand = match (&b.expand_conv, &b.bn0) {
+                    (Some(conv), Some(bn)) => {
+                        let (w, bias, dims) = fold(conv, bn);
+                        Some(Dense::new(w, bias, dims[0]))
+                    }
+                    _ => None,
+                };
+                let (w, bias, dims) = fold(&b.depthwise_conv, &b.bn1);
+                let stride = b.depthwise_conv.stride[0];
+                let (pw, pb, pdims) = fold(&b.project_conv, &b.bn2);
+                Block {
+                    expand,
+                    depthwise: Depthwise::new(w, bias, dims, stride),
+                    project: Dense::new(pw, pb, pdims[0]),
+                    residual: b.residual,
+                }
+            })
+            .collect();
+        let (hw, hb, hdims) = fold(&net.conv_head, &net.bn1);
+        Self {
+            stem: Dense::new(stem, bias, dims[0]),
+            blocks,
+            head: Dense::new(hw, hb, hdims[0]),
+        }
+    }
+
+    /// The head's feature map of one normalised image, planar `[3, h, w]`, as tokens
+    /// `[cells, 1280]` (row-major cells), with the grid's rows and columns.
+    pub fn tokens(&self, chw: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+        let (mut x, mut h, mut w) = self.stem(chw, h, w);
+        for b in &self.blocks {
+            let input = b.residual.then(|| x.clone());
+            let mut t = match &b.expand {
+                Some(e) => {
+                    let mut t = e.forward(&x);
+                    relu6(&mut t);
+                    t
+                }
+                None => x,
+            };
+            let (d, oh, ow) = b.depthwise.forward(&t, h, w);
+            t = b.project.forward(&d);
+            if let Some(input) = input {
+                t.iter_mut().zip(&input).for_each(|(o, i)| *o += i);
+            }
+            (x, h, w) = (t, oh, ow);
+        }
+        let mut f = self.head.forward(&x);
+        relu6(&mut f);
+        debug_assert_eq!(f.len(), h * w * FEATURE_DIM);
+        (f, h, w)
+    }
+
+    fn stem(&self, chw: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+        let (pt, oh) = same(h, 3, 2);
+        let (pl, ow) = same(w, 3, 2);
+        let plane = h * w;
+        let mut cols = vec![0f32; oh * ow * 27];
+        cols.par_chunks_mut(ow * 27)
+            .enumerate()
+            .for_each(|(oy, row)| {
+                for ox in 0..ow {
+                    let px = &mut row[ox * 27..(ox + 1) * 27];
+                    for ky in 0..3 {
+                        let Some(iy) = (oy * 2 + ky).checked_sub(pt).filter(|&v| v < h) else {
+                            continue;
+                        };
+                        for kx in 0..3 {
+                            let Some(ix) = (ox * 2 + kx).checked_sub(pl).filter(|&v| v < w) else {
+                                continue;
+                            };
+                            for c in 0..3 {
+                                px[(ky * 3 + kx) * 3 + c] = chw[c * plane + iy * w + ix];
+                            }
+                        }
+                    }
+                }
+            });
+        let mut y = self.stem.forward(&cols);
+        relu6(&mut y);
+        (y, oh, ow)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    /// Random weights and statistics, odd sizes (asymmetric SAME pads on every
+    /// stride): the folded token-layout path computes burn's NCHW path.
+    #[test]
+    fn host_path_matches_burn() {
+        let device = Device::flex();
+        device.seed(3);
+        let mut net = EfficientNetLite0::new(&device);
+        // Non-trivial BatchNorm statistics, so the folding is exercised.
+        let jitter = |t: Tensor<1>, lo: f64, hi: f64| {
+            Tensor::random(t.dims(), Distribution::Uniform(lo, hi), &device)
+        };
+        let mut bns: Vec<&mut BatchNorm> = vec![&mut net.bn0, &mut net.bn1];
+        for b in net.blocks.iter_mut() {
+            if let Some(bn) = b.bn0.as_mut() {
+                bns.push(bn);
+            }
+            bns.push(&mut b.bn1);
+            bns.push(&mut b.bn2);
+        }
+        for bn in bns {
+            bn.gamma = bn.gamma.clone().map(|t| jitter(t, 0.5, 1.5));
+            bn.beta = bn.beta.clone().map(|t| jitter(t, -0.2, 0.2));
+            bn.running_mean =
+                burn::module::RunningState::new(jitter(bn.running_mean.value(), -0.1, 0.1));
+            bn.running_var =
+                burn::module::RunningState::new(jitter(bn.running_var.value(), 0.5, 2.0));
+        }
+        let (h, w) = (75, 53);
+        let x = Tensor::<4>::random([1, 3, h, w], Distribution::Uniform(-1.0, 1.0), &device);
+        let want = net.forward_features(x.clone()).features;
+        let [_, c, fh, fw] = want.dims();
+        let want = host(want.reshape([c, fh * fw]).transpose());
+        let (got, gh, gw) = HostLite0::new(&net).tokens(&host(x), h, w);
+        assert_eq!((gh, gw), (fh, fw));
+        let err = rel_l2(&got, &want);
+        assert!(err < 1e-5, "rel L2 {err:.3e}");
+    }
+}
