@@ -5,8 +5,8 @@
 #   1. installs mesa-vulkan-drivers when no Vulkan driver is there (as root or with
 #      sudo; otherwise one line names it);
 #   2. `cargo test --profile gpu-check --features wgpu --test it` for the backend
-#      tests: the fixture parity tests on flex, ndarray and wgpu, and the shipped
-#      model's scores on wgpu against flex. The gpu-check profile (Cargo.toml) leaves the
+#      tests: the fixture parity tests on wgpu, and the shipped model's scores on
+#      wgpu against flex. The gpu-check profile (Cargo.toml) leaves the
 #      wgpu stack unoptimised, which halves its cold build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +24,6 @@ if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
   "${apt[@]}" update -qq
   "${apt[@]}" install -y -qq --no-install-recommends mesa-vulkan-drivers >/dev/null
 fi
-cargo test --profile gpu-check --features wgpu --test it -- \
+# Only wgpu in the fixture tests: the release run checks flex and ndarray.
+MARQUEE_PARITY_BACKENDS=wgpu cargo test --profile gpu-check --features wgpu --test it -- \
   parity::efficientnet parity::minilm parity::wgpu

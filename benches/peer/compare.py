@@ -106,6 +106,9 @@ class Peer:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Each session has its own pool; threads left spinning after one session's run
+        # would take the cores from the next one's (measured: 3x slower towers).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         t = time.perf_counter()
         self.image = ort.InferenceSession(str(onnx_dir / "image_tower.onnx"), so, providers=["CPUExecutionProvider"])
@@ -192,6 +195,42 @@ def parity(args, peer, spec, out, overview):
     return rel
 
 
+FLORENCE = [("vision", "vision_s"), ("text_encoder", "text_encoder_s"),
+            ("decoder_step0", "decoder_step0"), ("decoder_step", "decoder_step_steps1to31")]
+
+
+def florence(args, env):
+    """Florence-2-base (random weights, fp32): the kit's PyTorch script and
+    `marquee bench --florence base`, alternating, in this one run."""
+    script = args.florence_kit / "scripts" / "bench_base.py"
+    mine = {k: [] for k, _ in FLORENCE}
+    theirs = {k: [] for k, _ in FLORENCE}
+    out = args.out / "florence"
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(args.florence_rounds):
+        log(f"compare: Florence-2 round {i + 1}/{args.florence_rounds}: PyTorch")
+        subprocess.run([args.torch_python, str(script), str(out), f"sdpa:{args.threads}"], check=True,
+                       stdout=subprocess.DEVNULL, env=env)
+        ref = json.loads((out / "bench_base_cpu.json").read_text())
+        torch_env = ref["env"]
+        run = ref["runs"][0]
+        for k, key in FLORENCE:
+            theirs[k].append(run[key]["wall_median"])
+        log(f"compare: Florence-2 round {i + 1}/{args.florence_rounds}: marquee")
+        r = subprocess.run([args.marquee, "--backend", args.backend, "--json", "bench", "--florence", "base",
+                            "--runs", "3", "--reference", str(out / "bench_base_cpu.json")],
+                           check=True, capture_output=True, text=True, env=env)
+        b = json.loads(r.stdout)
+        for k, _ in FLORENCE:
+            mine[k].append(b["stages_s"][k]["p50"])
+    rows = []
+    for k, _ in FLORENCE:
+        m, p = statistics.median(mine[k]), statistics.median(theirs[k])
+        rows.append({"stage": k, "marquee_s": round(m, 4), "peer_s": round(p, 4), "ratio": round(m / p, 3)})
+    return {"rows": rows, "peer": f"PyTorch {torch_env['torch']} (transformers {torch_env['transformers']}, "
+                                  f"sdpa, {torch_env['cpu_capability']})", "rounds": args.florence_rounds}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--marquee", required=True)
@@ -204,6 +243,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--florence", action="store_true", help="also Florence-2-base against PyTorch")
+    ap.add_argument("--florence-rounds", type=int, default=2)
+    ap.add_argument("--florence-kit", type=Path)
+    ap.add_argument("--torch-python")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     onnx_dir, spec = export(args, args.out)
@@ -269,6 +312,8 @@ def main():
         "parity_rel_l2": rel,
         "peer": f"onnxruntime {ort.__version__}",
     }
+    if args.florence:
+        report["florence"] = florence(args, env)
     if args.json:
         print(json.dumps(report))
     else:
@@ -279,6 +324,12 @@ def main():
                   f"{r.get('peer_pct_peak', float('nan')):>7.1f}{r.get('marquee_x_floor', float('nan')):>9.2f}")
         print(f"peak (1024^3 matmul): marquee {mine_peak:.1f} GFLOP/s, ORT {peer_peak:.1f} GFLOP/s; "
               f"{args.threads} threads, batch 1, {args.rounds} rounds x {args.runs} runs")
+        if args.florence:
+            f = report["florence"]
+            print(f"\nFlorence-2-base against {f['peer']}, median of {f['rounds']} alternating rounds:")
+            print(f"{'stage':<16}{'marquee s':>12}{'PyTorch s':>12}{'ratio':>8}")
+            for r in f["rows"]:
+                print(f"{r['stage']:<16}{r['marquee_s']:>12.4f}{r['peer_s']:>12.4f}{r['ratio']:>8.2f}")
 
 
 if __name__ == "__main__":

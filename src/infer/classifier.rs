@@ -7,7 +7,7 @@ use crate::model::cache::CacheDir;
 use crate::model::dir::{ImageInput, ModelDir, TowerSource};
 use crate::model::towers::Towers;
 use crate::nn::efficientnet::FEATURE_DIM;
-use crate::preprocess::image::{resize_exact, to_chw};
+use crate::preprocess::resize::resize_to_chw;
 use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
@@ -33,7 +33,7 @@ pub fn image_input(images: &[RgbImage], input: ImageInput, device: &Device) -> T
     let (w, h) = (input.width, input.height);
     let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
     for img in images {
-        data.extend(to_chw(&resize_exact(img, w, h)));
+        data.extend(resize_to_chw(img, w, h));
     }
     Tensor::<4>::from_data(
         TensorData::new(data, [images.len(), 3, h as usize, w as usize]),

@@ -21,7 +21,8 @@ use crate::nn::efficientnet::EfficientNetLite0;
 use crate::preprocess::text::{MAX_TOKENS, TextTokenizer};
 use anyhow::{Context, Result, anyhow, bail};
 use burn::prelude::*;
-use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::store::{FloatCastAdapter, ModuleSnapshot, SafetensorsStore};
+use burn::tensor::DType;
 use half::f16;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::{BTreeMap, BTreeSet};
@@ -99,60 +100,90 @@ fn write_compact(path: &Path, tensors: &[Named], int8: &[&str]) -> Result<()> {
 }
 
 /// Reads a compact safetensors file (f16, int8 rows) into a module, widened to f32.
+/// The f16 tensors come from the mapped file through a cast, one at a time, and each
+/// int8 table is widened on its own, so loading never holds a second f32 copy of the
+/// whole tower (which used to set the appliance's peak memory).
 fn load_compact<M: ModuleSnapshot>(m: &mut M, path: &Path, allow_partial: bool) -> Result<()> {
+    let mut store = SafetensorsStore::from_file(path)
+        .with_from_adapter(FloatCastAdapter::to(DType::F32))
+        .allow_partial(true);
+    let result = m
+        .load_from(&mut store)
+        .map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
+    drop(store);
+    let tables = int8_tables(path)?;
+    if !allow_partial {
+        let missing: Vec<&str> = result
+            .missing
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !tables.contains(&n.to_string()))
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "{}: weights missing for {}",
+                path.display(),
+                missing.join(", ")
+            );
+        }
+    }
+    for name in tables {
+        let table = widen_int8(path, &name)?;
+        let mut store = SafetensorsStore::from_bytes(Some(table)).allow_partial(true);
+        m.load_from(&mut store)
+            .map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Names of the int8 tables in a compact file.
+fn int8_tables(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    Ok(meta
+        .tensors()
+        .keys()
+        .filter_map(|n| n.strip_suffix(Q8).map(str::to_string))
+        .collect())
+}
+
+/// One int8 table widened to f32, as a one-tensor safetensors buffer built in place.
+fn widen_int8(path: &Path, base: &str) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let st =
         SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-    let mut widened: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (n, t) in st.tensors() {
-        if n.ends_with(Q8_SCALE) {
-            continue;
-        }
-        if let Some(base) = n.strip_suffix(Q8) {
-            let scales: Vec<f32> = st
-                .tensor(&format!("{base}{Q8_SCALE}"))
-                .with_context(|| format!("{}: {base} has no scales", path.display()))?
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            let h = t.shape()[1];
-            if scales.len() != t.shape()[0] {
-                bail!(
-                    "{}: {base} has {} scales for {} rows",
-                    path.display(),
-                    scales.len(),
-                    t.shape()[0]
-                );
-            }
-            let v = t
-                .data()
-                .iter()
-                .enumerate()
-                .flat_map(|(i, &q)| (q as i8 as f32 * scales[i / h]).to_le_bytes())
-                .collect();
-            widened.push((base.to_string(), t.shape().to_vec(), v));
-            continue;
-        }
-        if t.dtype() != Dtype::F16 {
-            bail!("{}: {n} is {:?}, expected f16", path.display(), t.dtype());
-        }
-        let v = t
-            .data()
-            .chunks_exact(2)
-            .flat_map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes())
-            .collect();
-        widened.push((n, t.shape().to_vec(), v));
+    let q = st.tensor(&format!("{base}{Q8}"))?;
+    let scales: Vec<f32> = st
+        .tensor(&format!("{base}{Q8_SCALE}"))
+        .with_context(|| format!("{}: {base} has no scales", path.display()))?
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let shape = q.shape().to_vec();
+    if shape.len() != 2 || scales.len() != shape[0] {
+        bail!(
+            "{}: {base} has {} scales for shape {shape:?}",
+            path.display(),
+            scales.len()
+        );
     }
-    let views = widened
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let f32_bytes = safetensors::serialize(views, None)?;
-    let mut store = SafetensorsStore::from_bytes(Some(f32_bytes)).allow_partial(allow_partial);
-    m.load_from(&mut store)
-        .map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
-    Ok(())
+    let n = q.data().len() * 4;
+    let header = format!(
+        r#"{{"{base}":{{"dtype":"F32","shape":[{},{}],"data_offsets":[0,{n}]}}}}"#,
+        shape[0], shape[1]
+    );
+    // The header is padded with spaces to a multiple of 8, as the format asks.
+    let header = format!("{header:<width$}", width = header.len().div_ceil(8) * 8);
+    let mut out = Vec::with_capacity(8 + header.len() + n);
+    out.extend((header.len() as u64).to_le_bytes());
+    out.extend(header.as_bytes());
+    let h = shape[1];
+    for (i, &v) in q.data().iter().enumerate() {
+        out.extend((v as i8 as f32 * scales[i / h]).to_le_bytes());
+    }
+    Ok(out)
 }
 
 impl Towers {

@@ -12,10 +12,23 @@ use marquee::preprocess::image::{center_crop_resize, decode, to_chw};
 use marquee::preprocess::text::pad_batch;
 
 #[cfg(not(feature = "wgpu"))]
-const BACKENDS: [Backend; 2] = [Backend::Flex, Backend::Ndarray];
+const ALL: [Backend; 2] = [Backend::Flex, Backend::Ndarray];
 /// With the feature, the GPU too (lavapipe on a CPU-only machine: README, "The GPU backend").
 #[cfg(feature = "wgpu")]
-const BACKENDS: [Backend; 3] = [Backend::Flex, Backend::Ndarray, Backend::Wgpu];
+const ALL: [Backend; 3] = [Backend::Flex, Backend::Ndarray, Backend::Wgpu];
+
+/// The backends built in, or those named in `MARQUEE_PARITY_BACKENDS` (comma-separated):
+/// tests/gpu-check.sh names only wgpu, in a build whose CPU backends are unoptimised
+/// (the release run checks those).
+fn backends() -> Vec<Backend> {
+    match std::env::var("MARQUEE_PARITY_BACKENDS") {
+        Ok(names) => ALL
+            .into_iter()
+            .filter(|b| names.split(',').any(|n| n.trim() == b.name()))
+            .collect(),
+        Err(_) => ALL.to_vec(),
+    }
+}
 
 fn host(t: Tensor<4>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
@@ -40,7 +53,7 @@ fn rows(data: &[f32], shape: &[usize], range: std::ops::Range<usize>) -> Vec<f32
 fn efficientnet_matches_reference() {
     let fx = Fixture::open("efficientnet_lite0.safetensors");
     let input = fx.get("input");
-    for backend in BACKENDS {
+    for backend in backends() {
         let device = backend.device().unwrap();
         let towers = Towers::load(&cache(), &device).unwrap();
         let net = &towers.image;
@@ -113,7 +126,7 @@ fn efficientnet_matches_reference() {
 #[test]
 fn minilm_matches_reference() {
     let fx = Fixture::open("minilm_l6.safetensors");
-    for backend in BACKENDS {
+    for backend in backends() {
         let device = backend.device().unwrap();
         let towers = Towers::load(&cache(), &device).unwrap();
         let json: serde_json::Value = serde_json::from_str(
@@ -237,7 +250,8 @@ fn wgpu_scores_equal_flex() {
     let gpu = Classifier::load(&models, &cache(), &Backend::Wgpu.device().unwrap()).unwrap();
     let data = common::shared().join("data/posters-v1");
     let manifest = std::fs::read_to_string(data.join("movies.jsonl")).unwrap();
-    let mut posters = vec![(root.join("examples/poster.png"), None)];
+    let mut posters: Vec<(std::path::PathBuf, Option<String>)> =
+        vec![(root.join("examples/poster.png"), None)];
     for line in manifest
         .lines()
         .filter(|l| l.contains("\"split\": \"val\""))
@@ -249,7 +263,11 @@ fn wgpu_scores_equal_flex() {
     }
     for (path, overview) in &posters {
         let img = decode(&std::fs::read(path).unwrap()).unwrap();
-        for text in [None, overview.as_deref()] {
+        let texts = match overview {
+            Some(o) => vec![None, Some(o.as_str())],
+            None => vec![None],
+        };
+        for text in texts {
             let score = |c: &Classifier| -> Vec<f32> {
                 let p = c.classify(&img, text, None).unwrap();
                 let mut g = p.genres;
