@@ -99,11 +99,19 @@ fn write_compact(path: &Path, tensors: &[Named], int8: &[&str]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Reads a compact safetensors file (f16, int8 rows) into a module, widened to f32.
-/// The f16 tensors come from the mapped file through a cast, one at a time, and each
-/// int8 table is widened on its own, so loading never holds a second f32 copy of the
-/// whole tower (which used to set the appliance's peak memory).
-fn load_compact<M: ModuleSnapshot>(m: &mut M, path: &Path, allow_partial: bool) -> Result<()> {
+/// A table stored as int8 rows, widened: name, shape, values.
+type Table = (String, [usize; 2], Vec<f32>);
+
+/// Reads a compact safetensors file (f16, int8 rows) into a module, widened to f32,
+/// and returns its int8 tables widened for the caller to place. The f16 tensors come
+/// from the mapped file through a cast, one at a time, and the tables are handed
+/// over as they are, so loading never holds a second f32 copy of the tower (which
+/// used to set the appliance's peak memory).
+fn load_compact<M: ModuleSnapshot>(
+    m: &mut M,
+    path: &Path,
+    allow_partial: bool,
+) -> Result<Vec<Table>> {
     let mut store = SafetensorsStore::from_file(path)
         .with_from_adapter(FloatCastAdapter::to(DType::F32))
         .allow_partial(true);
@@ -111,13 +119,13 @@ fn load_compact<M: ModuleSnapshot>(m: &mut M, path: &Path, allow_partial: bool) 
         .load_from(&mut store)
         .map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
     drop(store);
-    let tables = int8_tables(path)?;
+    let names = int8_tables(path)?;
     if !allow_partial {
         let missing: Vec<&str> = result
             .missing
             .iter()
             .map(|(n, _)| n.as_str())
-            .filter(|n| !tables.contains(&n.to_string()))
+            .filter(|n| !names.iter().any(|t| t == n))
             .collect();
         if !missing.is_empty() {
             bail!(
@@ -127,13 +135,7 @@ fn load_compact<M: ModuleSnapshot>(m: &mut M, path: &Path, allow_partial: bool) 
             );
         }
     }
-    for name in tables {
-        let table = widen_int8(path, &name)?;
-        let mut store = SafetensorsStore::from_bytes(Some(table)).allow_partial(true);
-        m.load_from(&mut store)
-            .map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
-    }
-    Ok(())
+    names.iter().map(|n| widen_int8(path, n)).collect()
 }
 
 /// Names of the int8 tables in a compact file.
@@ -148,8 +150,8 @@ fn int8_tables(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-/// One int8 table widened to f32, as a one-tensor safetensors buffer built in place.
-fn widen_int8(path: &Path, base: &str) -> Result<Vec<u8>> {
+/// One int8 table widened to f32.
+fn widen_int8(path: &Path, base: &str) -> Result<Table> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let st =
         SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
@@ -161,29 +163,23 @@ fn widen_int8(path: &Path, base: &str) -> Result<Vec<u8>> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    let shape = q.shape().to_vec();
-    if shape.len() != 2 || scales.len() != shape[0] {
+    let &[rows, h] = q.shape() else {
+        bail!("{}: {base} is not a table", path.display());
+    };
+    if scales.len() != rows {
         bail!(
-            "{}: {base} has {} scales for shape {shape:?}",
+            "{}: {base} has {} scales for {rows} rows",
             path.display(),
             scales.len()
         );
     }
-    let n = q.data().len() * 4;
-    let header = format!(
-        r#"{{"{base}":{{"dtype":"F32","shape":[{},{}],"data_offsets":[0,{n}]}}}}"#,
-        shape[0], shape[1]
-    );
-    // The header is padded with spaces to a multiple of 8, as the format asks.
-    let header = format!("{header:<width$}", width = header.len().div_ceil(8) * 8);
-    let mut out = Vec::with_capacity(8 + header.len() + n);
-    out.extend((header.len() as u64).to_le_bytes());
-    out.extend(header.as_bytes());
-    let h = shape[1];
-    for (i, &v) in q.data().iter().enumerate() {
-        out.extend((v as i8 as f32 * scales[i / h]).to_le_bytes());
-    }
-    Ok(out)
+    let v = q
+        .data()
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v as i8 as f32 * scales[i / h])
+        .collect();
+    Ok((base.to_string(), [rows, h], v))
 }
 
 impl Towers {
@@ -198,7 +194,9 @@ impl Towers {
         };
         let mut image = EfficientNetLite0::new(device);
         // The ImageNet classifier is not shipped: it is the one part left unloaded.
-        load_compact(&mut image, &dir.join(IMAGE_FILE), true)?;
+        if let Some((name, ..)) = load_compact(&mut image, &dir.join(IMAGE_FILE), true)?.first() {
+            bail!("{IMAGE_FILE}: unexpected int8 table {name}");
+        }
         let config = BertConfig {
             vocab_size,
             max_positions,
@@ -206,7 +204,12 @@ impl Towers {
             ..BertConfig::MINILM_L6
         };
         let mut text = Bert::new(&config, device);
-        load_compact(&mut text, &dir.join(TEXT_FILE), false)?;
+        for (name, shape, v) in load_compact(&mut text, &dir.join(TEXT_FILE), false)? {
+            if name != WORD_EMBEDDINGS || shape != [config.vocab_size, config.hidden] {
+                bail!("{TEXT_FILE}: unexpected int8 table {name} {shape:?}");
+            }
+            text.set_word_embeddings(Tensor::from_data(TensorData::new(v, shape), device));
+        }
         let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
         Ok(Self::new(image, text, tokenizer, device))
     }

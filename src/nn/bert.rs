@@ -1,7 +1,7 @@
 //! The BERT encoder of all-MiniLM-L6-v2 (post-LN, exact erf GELU, LayerNorm eps 1e-12)
 //! and the sentence-transformers pooling: masked mean, then L2 normalisation.
 
-use crate::nn::cpu_ops::linear_gelu;
+use crate::nn::cpu_ops::{attention, linear_gelu};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
@@ -76,19 +76,25 @@ impl BertLayer {
         }
     }
 
-    /// `x`: `[B, L, H]`; `mask_bias`: `[B, 1, 1, L]`, 0 on tokens and `MASK_BIAS` on pads.
-    pub fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
+    /// `x`: `[B, L, H]`; `mask_bias`: `[B, 1, 1, L]`, 0 on tokens and `MASK_BIAS` on
+    /// pads, or `None` when no row is padded (then the host attention kernel runs).
+    pub fn forward(&self, x: Tensor<3>, mask_bias: Option<Tensor<4>>) -> Tensor<3> {
         let [b, l, h] = x.dims();
-        let dh = h / self.heads;
-        let split = |t: Tensor<3>| t.reshape([b, l, self.heads, dh]).swap_dims(1, 2);
-        let q = split(self.query.forward(x.clone()));
-        let k = split(self.key.forward(x.clone()));
-        let v = split(self.value.forward(x.clone()));
-        let scores = q.matmul(k.swap_dims(2, 3)) / (dh as f64).sqrt() + mask_bias;
-        let context = softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, l, h]);
+        let q = self.query.forward(x.clone());
+        let k = self.key.forward(x.clone());
+        let v = self.value.forward(x.clone());
+        let context = match mask_bias {
+            None => attention(q, k, v, self.heads),
+            Some(bias) => {
+                let dh = h / self.heads;
+                let split = |t: Tensor<3>| t.reshape([b, l, self.heads, dh]).swap_dims(1, 2);
+                let scores = split(q).matmul(split(k).swap_dims(2, 3)) / (dh as f64).sqrt() + bias;
+                softmax(scores, 3)
+                    .matmul(split(v))
+                    .swap_dims(1, 2)
+                    .reshape([b, l, h])
+            }
+        };
         let x = self.attn_norm.forward(x + self.attn_out.forward(context));
         let ffn = self.ffn_out.forward(linear_gelu(&self.ffn_in, x.clone()));
         self.ffn_norm.forward(x + ffn)
@@ -114,6 +120,11 @@ impl Bert {
         }
     }
 
+    /// Replaces the word table `[vocab, hidden]` (a bundle stores it as int8 rows).
+    pub fn set_word_embeddings(&mut self, table: Tensor<2>) {
+        self.embeddings.word.weight = burn::module::Param::from_tensor(table);
+    }
+
     /// Token embeddings before the first layer: `[B, L, H]`.
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let [b, l] = ids.dims();
@@ -127,10 +138,12 @@ impl Bert {
         e.norm.forward(x)
     }
 
-    /// Additive attention bias from a `[B, L]` 0/1 mask.
-    pub fn mask_bias(mask: Tensor<2>) -> Tensor<4> {
+    /// Additive attention bias from a `[B, L]` 0/1 mask; `None` when nothing is
+    /// padded, where adding zeros would change nothing.
+    pub fn mask_bias(mask: Tensor<2>) -> Option<Tensor<4>> {
         let [b, l] = mask.dims();
-        ((mask.neg() + 1.0) * MASK_BIAS).reshape([b, 1, 1, l])
+        let padded: bool = mask.clone().lower_elem(0.5).any().into_scalar();
+        padded.then(|| ((mask.neg() + 1.0) * MASK_BIAS).reshape([b, 1, 1, l]))
     }
 
     /// Last hidden state of right-padded ids `[B, L]` with their 0/1 mask.

@@ -6,6 +6,7 @@
 //! A missing modality is a masked one: the same network scores poster-only,
 //! text-only and both, which is what modality dropout trains it for.
 
+use crate::nn::cpu_ops::{attention, host_device, linear_gelu};
 use burn::module::Param;
 use burn::nn::transformer::{
     TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput,
@@ -168,13 +169,46 @@ impl EarlyFusion {
             .dropout
             .forward(self.in_norm.forward(Tensor::cat(parts, 1)));
         let mask = Tensor::cat(masks, 1);
-        let h = self
-            .encoder
-            .forward(TransformerEncoderInput::new(h).mask_pad(mask));
+        let h = self.encode(h, mask);
         let [_, _, d] = h.dims();
         let summary = h.slice([0..b, 0..1]).reshape([b, d]);
         self.out
             .forward(self.dropout.forward(self.out_norm.forward(summary)))
+    }
+}
+
+impl EarlyFusion {
+    /// The joint layers. Serving on the host with nothing masked (one poster, its
+    /// text unpadded) takes the fused path; training (autodiff, dropout), masks and
+    /// GPUs take burn's encoder.
+    fn encode(&self, h: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<3> {
+        if host_device(&h.device()) && !mask.clone().any().into_scalar::<bool>() {
+            return self.encode_unmasked(h);
+        }
+        self.encoder
+            .forward(TransformerEncoderInput::new(h).mask_pad(mask))
+    }
+
+    /// burn's pre-norm encoder layers (norm_2 before attention, norm_1 before the
+    /// feed-forward, as burn names them) with the host attention and GELU kernels,
+    /// at inference (dropout is the identity).
+    fn encode_unmasked(&self, mut x: Tensor<3>) -> Tensor<3> {
+        for layer in &self.encoder.layers {
+            let m = &layer.mha;
+            let h = layer.norm_2.forward(x.clone());
+            let (q, k, v) = (
+                m.query.forward(h.clone()),
+                m.key.forward(h.clone()),
+                m.value.forward(h),
+            );
+            x = x + m.output.forward(attention(q, k, v, m.n_heads));
+            let h = layer.norm_1.forward(x.clone());
+            x = x + layer
+                .pwff
+                .linear_outer
+                .forward(linear_gelu(&layer.pwff.linear_inner, h));
+        }
+        x
     }
 }
 
@@ -184,6 +218,29 @@ mod tests {
 
     fn dev() -> Device {
         Device::flex()
+    }
+
+    #[test]
+    fn fused_layers_equal_burns_encoder() {
+        let device = dev();
+        device.seed(5);
+        let m = EarlyFusion::new(&config(), &device);
+        let h = Tensor::<3>::random([2, 9, 16], burn::tensor::Distribution::Default, &device);
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(vec![false; 18], [2, 9]), &device);
+        let want = m
+            .encoder
+            .forward(TransformerEncoderInput::new(h.clone()).mask_pad(mask))
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let got = m
+            .encode_unmasked(h)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        for (x, y) in got.iter().zip(&want) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
     }
 
     #[test]
