@@ -12,17 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt=(apt-get)
-  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-    apt=(sudo apt-get)
-  else
-    echo "tests/gpu-check.sh: no Vulkan driver (install one: sudo apt-get install mesa-vulkan-drivers)" >&2
-    exit 1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  "${apt[@]}" update -qq
-  "${apt[@]}" install -y -qq --no-install-recommends mesa-vulkan-drivers >/dev/null
+  tests/apt-install.sh tests/gpu-check.sh mesa-vulkan-drivers
 fi
 # Only wgpu in the fixture tests: the release run checks flex and ndarray.
 MARQUEE_PARITY_BACKENDS=wgpu cargo test --profile gpu-check --features wgpu --test it -- \

@@ -22,17 +22,7 @@ python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt=(apt-get)
-  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-    apt=(sudo apt-get)
-  else
-    echo "tests/setup.sh: missing Debian packages: ${need[*]} (install them: sudo apt-get install ${need[*]})" >&2
-    exit 1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  "${apt[@]}" update -qq
-  "${apt[@]}" install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  tests/apt-install.sh tests/setup.sh "${need[@]}"
 fi
 # The package's broker must not hold the port the tests' brokers use.
 if [ "$(id -u)" = 0 ]; then

@@ -493,13 +493,116 @@ fn exp(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
+/// Multi-head self-attention without padding, `softmax(q kᵀ / sqrt(d)) v` for each
+/// head of `[B, L, C]` queries, keys and values, back as `[B, L, C]` (heads side by
+/// side). On the host the heads are column strides of q, k and v, so no head is
+/// copied out and back, each head is two small GEMMs and a vectorised softmax, and
+/// the heads run in parallel; burn's path splits and transposes each operand and
+/// evaluates `exp` in scalar code. Elsewhere, burn's ops.
+pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
+    let [b, l, c] = q.dims();
+    if !(on_host_f32(&q) && on_host_f32(&k) && on_host_f32(&v)) || c % heads != 0 {
+        return attention_generic(q, k, v, heads);
+    }
+    let device = q.device();
+    let (Some(q), Some(k), Some(v)) = (host_vec(q), host_vec(k), host_vec(v)) else {
+        unreachable!("host f32 tensors read back as f32");
+    };
+    let d = c / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let blocks: Vec<Vec<f32>> = (0..b * heads)
+        .into_par_iter()
+        .map(|job| {
+            let (item, head) = (job / heads, job % heads);
+            let at = item * l * c + head * d;
+            let mut scores = vec![0f32; l * l];
+            let mut out = vec![0f32; l * d];
+            // SAFETY: q, k and v hold `b` items of `l x c`; head `head` of item `item`
+            // is the `l x d` block at `at` with row stride `c`, inside the buffer.
+            // scores is `l x l` and out is `l x d`, both contiguous.
+            unsafe {
+                gemm::gemm(
+                    l,
+                    l,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    l as isize,
+                    false,
+                    q[at..].as_ptr(),
+                    1,
+                    c as isize,
+                    k[at..].as_ptr(),
+                    c as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for row in scores.chunks_exact_mut(l) {
+                softmax_row(row);
+            }
+            unsafe {
+                gemm::gemm(
+                    l,
+                    d,
+                    l,
+                    out.as_mut_ptr(),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    l as isize,
+                    v[at..].as_ptr(),
+                    1,
+                    c as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            out
+        })
+        .collect();
+    let mut context = vec![0f32; b * l * c];
+    for (job, block) in blocks.iter().enumerate() {
+        let (item, head) = (job / heads, job % heads);
+        for (r, src) in block.chunks_exact(d).enumerate() {
+            let at = item * l * c + r * c + head * d;
+            context[at..at + d].copy_from_slice(src);
+        }
+    }
+    Tensor::from_data(TensorData::new(context, [b, l, c]), &device)
+}
+
+/// [`attention`] through burn's ops.
+pub fn attention_generic(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
+    let [b, l, c] = q.dims();
+    let d = c / heads;
+    let split = |t: Tensor<3>| t.reshape([b, l, heads, d]).swap_dims(1, 2);
+    let scores = split(q).matmul(split(k).swap_dims(2, 3)) / (d as f64).sqrt();
+    burn::tensor::activation::softmax(scores, 3)
+        .matmul(split(v))
+        .swap_dims(1, 2)
+        .reshape([b, l, c])
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use burn::nn::LinearConfig;
     use burn::nn::conv::Conv2dConfig;
 
-    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    /// Relative L2 error of `a` against `b` (shared by the kernel tests of `nn`).
+    pub(crate) fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
         let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
         let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
         (num / den).sqrt()
@@ -633,106 +736,4 @@ mod tests {
         );
         assert!(rel_l2(&got, &want) < 1e-6, "{}", rel_l2(&got, &want));
     }
-}
-
-/// Multi-head self-attention without padding, `softmax(q kᵀ / sqrt(d)) v` for each
-/// head of `[B, L, C]` queries, keys and values, back as `[B, L, C]` (heads side by
-/// side). On the host the heads are column strides of q, k and v, so no head is
-/// copied out and back, each head is two small GEMMs and a vectorised softmax, and
-/// the heads run in parallel; burn's path splits and transposes each operand and
-/// evaluates `exp` in scalar code. Elsewhere, burn's ops.
-pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
-    let [b, l, c] = q.dims();
-    if !(on_host_f32(&q) && on_host_f32(&k) && on_host_f32(&v)) || c % heads != 0 {
-        return attention_generic(q, k, v, heads);
-    }
-    let device = q.device();
-    let (Some(q), Some(k), Some(v)) = (host_vec(q), host_vec(k), host_vec(v)) else {
-        unreachable!("host f32 tensors read back as f32");
-    };
-    let d = c / heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    let blocks: Vec<Vec<f32>> = (0..b * heads)
-        .into_par_iter()
-        .map(|job| {
-            let (item, head) = (job / heads, job % heads);
-            let at = item * l * c + head * d;
-            let mut scores = vec![0f32; l * l];
-            let mut out = vec![0f32; l * d];
-            // SAFETY: q, k and v hold `b` items of `l x c`; head `head` of item `item`
-            // is the `l x d` block at `at` with row stride `c`, inside the buffer.
-            // scores is `l x l` and out is `l x d`, both contiguous.
-            unsafe {
-                gemm::gemm(
-                    l,
-                    l,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    l as isize,
-                    false,
-                    q[at..].as_ptr(),
-                    1,
-                    c as isize,
-                    k[at..].as_ptr(),
-                    c as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for row in scores.chunks_exact_mut(l) {
-                softmax_row(row);
-            }
-            unsafe {
-                gemm::gemm(
-                    l,
-                    d,
-                    l,
-                    out.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    l as isize,
-                    v[at..].as_ptr(),
-                    1,
-                    c as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            out
-        })
-        .collect();
-    let mut context = vec![0f32; b * l * c];
-    for (job, block) in blocks.iter().enumerate() {
-        let (item, head) = (job / heads, job % heads);
-        for (r, src) in block.chunks_exact(d).enumerate() {
-            let at = item * l * c + r * c + head * d;
-            context[at..at + d].copy_from_slice(src);
-        }
-    }
-    Tensor::from_data(TensorData::new(context, [b, l, c]), &device)
-}
-
-/// [`attention`] through burn's ops.
-pub fn attention_generic(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
-    let [b, l, c] = q.dims();
-    let d = c / heads;
-    let split = |t: Tensor<3>| t.reshape([b, l, heads, d]).swap_dims(1, 2);
-    let scores = split(q).matmul(split(k).swap_dims(2, 3)) / (d as f64).sqrt();
-    burn::tensor::activation::softmax(scores, 3)
-        .matmul(split(v))
-        .swap_dims(1, 2)
-        .reshape([b, l, c])
 }

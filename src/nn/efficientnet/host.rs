@@ -327,13 +327,8 @@ impl HostLite0 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::cpu_ops::tests::rel_l2;
     use burn::tensor::Distribution;
-
-    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (num / den).sqrt()
-    }
 
     /// Random weights and statistics, odd sizes (asymmetric SAME pads on every
     /// stride): the folded token-layout path computes burn's NCHW path.
