@@ -183,7 +183,7 @@ fn batch_scores(c: &Classifier, img: &image::RgbImage, ids: &[i64], n: usize) ->
         .map(|i| FusionRow {
             image: &tokens[i * cell_len..(i + 1) * cell_len],
             hide_image: false,
-            text: &text[(i * text_len).min(text.len())..((i + 1) * text_len).min(text.len())],
+            text: &text[i * text_len..(i + 1) * text_len],
         })
         .collect();
     let input = batch(&rows, cell_len / FEATURE_DIM, dev);

@@ -28,41 +28,40 @@ pub fn compose_text(overview: Option<&str>, caption: Option<&str>) -> Option<Str
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
-/// Images resized to the tower's input and normalised: `[n, 3, H, W]`.
-pub fn image_input(images: &[RgbImage], input: ImageInput, device: &Device) -> Tensor<4> {
+/// Images resized to the tower's input and normalised: `[n, 3, H, W]` on the host.
+/// It becomes a tensor only where burn's modules run the tower.
+pub fn image_input(images: &[RgbImage], input: ImageInput) -> TensorData {
     let (w, h) = (input.width, input.height);
     let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
     for img in images {
         data.extend(resize_to_chw(img, w, h));
     }
-    Tensor::<4>::from_data(
-        TensorData::new(data, [images.len(), 3, h as usize, w as usize]),
-        device,
-    )
+    TensorData::new(data, [images.len(), 3, h as usize, w as usize])
 }
 
 /// The feature map of an image batch as tokens: `[n, cells, 1280]`, row-major cells.
 /// On a CPU device the folded host kernels run it; elsewhere burn's modules.
-pub fn tower_tokens(towers: &Towers, x: Tensor<4>) -> Tensor<3> {
-    if let Some(host) = &towers.image_host {
-        let [b, _, h, w] = x.dims();
-        let device = x.device();
-        let data = x
-            .into_data()
-            .try_into_vec::<f32>()
-            .expect("f32 image input");
-        let mut tokens = Vec::new();
-        let mut cells = 0;
-        for image in data.chunks_exact(3 * h * w) {
-            let (t, fh, fw) = host.tokens(image, h, w);
-            cells = fh * fw;
-            tokens.extend(t);
-        }
-        return Tensor::from_data(TensorData::new(tokens, [b, cells, FEATURE_DIM]), &device);
+pub fn tower_tokens(towers: &Towers, x: TensorData, device: &Device) -> Tensor<3> {
+    let Some(host) = &towers.image_host else {
+        let f = towers
+            .image
+            .forward_features(Tensor::from_data(x, device))
+            .features;
+        let [b, c, fh, fw] = f.dims();
+        return f.reshape([b, c, fh * fw]).swap_dims(1, 2);
+    };
+    let [b, _, h, w] = x.shape()[..] else {
+        unreachable!("image_input makes [n, 3, H, W]");
+    };
+    let data = x.try_into_vec::<f32>().expect("f32 image input");
+    let mut tokens = Vec::new();
+    let mut cells = 0;
+    for image in data.chunks_exact(3 * h * w) {
+        let (t, fh, fw) = host.tokens(image, h, w);
+        cells = fh * fw;
+        tokens.extend(t);
     }
-    let f = towers.image.forward_features(x).features;
-    let [b, c, fh, fw] = f.dims();
-    f.reshape([b, c, fh * fw]).swap_dims(1, 2)
+    Tensor::from_data(TensorData::new(tokens, [b, cells, FEATURE_DIM]), device)
 }
 
 /// [`image_input`] then [`tower_tokens`].
@@ -72,7 +71,7 @@ pub fn image_tokens(
     input: ImageInput,
     device: &Device,
 ) -> Tensor<3> {
-    tower_tokens(towers, image_input(images, input, device))
+    tower_tokens(towers, image_input(images, input), device)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -131,14 +130,10 @@ impl Classifier {
         let spec = &self.model.spec;
         let dev = &self.device;
         let t = Instant::now();
-        let mut inputs = vec![image_input(
-            std::slice::from_ref(poster),
-            spec.image_input,
-            dev,
-        )];
+        let mut inputs = vec![image_input(std::slice::from_ref(poster), spec.image_input)];
         if spec.tta_flip {
             let flipped = image::imageops::flip_horizontal(poster);
-            inputs.push(image_input(&[flipped], spec.image_input, dev));
+            inputs.push(image_input(&[flipped], spec.image_input));
         }
         let t = lap("preprocess", t);
         // Read back inside the stage, so that an asynchronous backend (wgpu) is timed
@@ -146,7 +141,7 @@ impl Classifier {
         let views: Vec<Vec<f32>> = inputs
             .into_iter()
             .map(|x| {
-                tower_tokens(&self.towers, x)
+                tower_tokens(&self.towers, x, dev)
                     .into_data()
                     .try_to_vec::<f32>()
                     .expect("f32 image tokens")

@@ -119,13 +119,13 @@ fn load_compact<M: ModuleSnapshot>(
         .load_from(&mut store)
         .map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
     drop(store);
-    let names = int8_tables(path)?;
+    let tables = int8_tables(path)?;
     if !allow_partial {
         let missing: Vec<&str> = result
             .missing
             .iter()
             .map(|(n, _)| n.as_str())
-            .filter(|n| !names.iter().any(|t| t == n))
+            .filter(|n| !tables.iter().any(|(t, ..)| t == n))
             .collect();
         if !missing.is_empty() {
             bail!(
@@ -135,51 +135,45 @@ fn load_compact<M: ModuleSnapshot>(
             );
         }
     }
-    names.iter().map(|n| widen_int8(path, n)).collect()
+    Ok(tables)
 }
 
-/// Names of the int8 tables in a compact file.
-fn int8_tables(path: &Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("parsing {}", path.display()))?;
-    Ok(meta
-        .tensors()
-        .keys()
-        .filter_map(|n| n.strip_suffix(Q8).map(str::to_string))
-        .collect())
-}
-
-/// One int8 table widened to f32.
-fn widen_int8(path: &Path, base: &str) -> Result<Table> {
+/// The int8 tables of a compact file (`NAME.q8` rows with `NAME.q8scale`), widened.
+fn int8_tables(path: &Path) -> Result<Vec<Table>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let st =
         SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-    let q = st.tensor(&format!("{base}{Q8}"))?;
-    let scales: Vec<f32> = st
-        .tensor(&format!("{base}{Q8_SCALE}"))
-        .with_context(|| format!("{}: {base} has no scales", path.display()))?
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let &[rows, h] = q.shape() else {
-        bail!("{}: {base} is not a table", path.display());
-    };
-    if scales.len() != rows {
-        bail!(
-            "{}: {base} has {} scales for {rows} rows",
-            path.display(),
-            scales.len()
-        );
+    let mut tables = Vec::new();
+    for (name, q) in st.tensors() {
+        let Some(base) = name.strip_suffix(Q8) else {
+            continue;
+        };
+        let scales: Vec<f32> = st
+            .tensor(&format!("{base}{Q8_SCALE}"))
+            .with_context(|| format!("{}: {base} has no scales", path.display()))?
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let &[rows, h] = q.shape() else {
+            bail!("{}: {base} is not a table", path.display());
+        };
+        if scales.len() != rows {
+            bail!(
+                "{}: {base} has {} scales for {rows} rows",
+                path.display(),
+                scales.len()
+            );
+        }
+        let v = q
+            .data()
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v as i8 as f32 * scales[i / h])
+            .collect();
+        tables.push((base.to_string(), [rows, h], v));
     }
-    let v = q
-        .data()
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| v as i8 as f32 * scales[i / h])
-        .collect();
-    Ok((base.to_string(), [rows, h], v))
+    Ok(tables)
 }
 
 impl Towers {

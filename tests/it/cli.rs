@@ -444,3 +444,59 @@ fn florence_fetch_refuses_to_download_unpinned() {
     let o = marquee(&["models", "fetch", "florence-3"]);
     assert_clean_failure(&o, "unknown model");
 }
+
+/// `models export` writes the networks as Marquee serves them: f32 under burn's
+/// names, the f16 tensors widened and the int8 word table multiplied by its scales.
+#[test]
+fn models_export_writes_the_served_weights_as_f32() {
+    use safetensors::{Dtype, SafeTensors};
+    let out = common::tmpdir("export");
+    let o = marquee(&["models", "export", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |name: &str| std::fs::read(out.join(name)).expect(name);
+    let f32s = |st: &SafeTensors, name: &str| -> Vec<f32> {
+        let t = st.tensor(name).expect(name);
+        assert_eq!(t.dtype(), Dtype::F32, "{name}");
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let bundle = std::fs::read("models/text_tower.safetensors").unwrap();
+    let bundle = SafeTensors::deserialize(&bundle).unwrap();
+    let text = read("text_tower.safetensors");
+    let text = SafeTensors::deserialize(&text).unwrap();
+    assert!(text.tensors().iter().all(|(_, t)| t.dtype() == Dtype::F32));
+    let word = f32s(&text, "embeddings.word.weight");
+    let q = bundle.tensor("embeddings.word.weight.q8").unwrap();
+    let scales = bundle
+        .tensor("embeddings.word.weight.q8scale")
+        .unwrap()
+        .data();
+    let width = q.shape()[1];
+    assert_eq!(word.len(), q.data().len());
+    for row in [0, 1, 1000, q.shape()[0] - 1] {
+        let scale = f32::from_le_bytes(scales[row * 4..row * 4 + 4].try_into().unwrap());
+        for col in [0, 7, width - 1] {
+            let want = q.data()[row * width + col] as i8 as f32 * scale;
+            assert_eq!(word[row * width + col], want, "word table [{row}, {col}]");
+        }
+    }
+    let gamma = f32s(&text, "embeddings.norm.gamma");
+    let half = bundle.tensor("embeddings.norm.gamma").unwrap();
+    let want: Vec<f32> = half
+        .data()
+        .chunks_exact(2)
+        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect();
+    assert_eq!(gamma, want, "f16 tensors widened exactly");
+    let image = read("image_tower.safetensors");
+    let image = SafeTensors::deserialize(&image).unwrap();
+    assert_eq!(
+        image.tensor("conv_stem.weight").unwrap().shape(),
+        [32, 3, 3, 3]
+    );
+    let fusion = read("fusion_0.safetensors");
+    let fusion = SafeTensors::deserialize(&fusion).unwrap();
+    assert_eq!(f32s(&fusion, "out.bias").len(), 18);
+}

@@ -271,19 +271,15 @@ impl HostLite0 {
     pub fn tokens(&self, chw: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
         let (mut x, mut h, mut w) = self.stem(chw, h, w);
         for b in &self.blocks {
-            let input = b.residual.then(|| x.clone());
-            let mut t = match &b.expand {
-                Some(e) => {
-                    let mut t = e.forward(&x);
-                    relu6(&mut t);
-                    t
-                }
-                None => x,
-            };
-            let (d, oh, ow) = b.depthwise.forward(&t, h, w);
-            t = b.project.forward(&d);
-            if let Some(input) = input {
-                t.iter_mut().zip(&input).for_each(|(o, i)| *o += i);
+            let expanded = b.expand.as_ref().map(|e| {
+                let mut t = e.forward(&x);
+                relu6(&mut t);
+                t
+            });
+            let (d, oh, ow) = b.depthwise.forward(expanded.as_deref().unwrap_or(&x), h, w);
+            let mut t = b.project.forward(&d);
+            if b.residual {
+                t.iter_mut().zip(&x).for_each(|(o, i)| *o += i);
             }
             (x, h, w) = (t, oh, ow);
         }
