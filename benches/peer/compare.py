@@ -7,6 +7,7 @@ figure is the median over rounds of each round's p50.
 """
 
 import argparse
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -28,7 +29,8 @@ import graphs
 
 ort.set_default_logger_severity(3)
 
-STAGES = ["decode", "preprocess", "image_tower", "tokenize", "text_tower", "text_tower_128", "fusion", "total"]
+STAGES = ["decode", "preprocess", "image_tower", "tokenize", "text_tower", "text_tower_128", "fusion",
+          "total_sequential", "total"]
 
 
 def log(msg):
@@ -114,6 +116,9 @@ class Peer:
         self.image = ort.InferenceSession(str(onnx_dir / "image_tower.onnx"), so, providers=["CPUExecutionProvider"])
         self.text = ort.InferenceSession(str(onnx_dir / "text_tower.onnx"), so, providers=["CPUExecutionProvider"])
         self.fusion = ort.InferenceSession(str(onnx_dir / "fusion.onnx"), so, providers=["CPUExecutionProvider"])
+        # For the overlapped pipeline: the text session runs here while the image
+        # session runs on the caller's thread (ORT releases the GIL inside run).
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tok.no_padding()
         self.tok.enable_truncation(128)
@@ -152,6 +157,20 @@ class Peer:
         times["total"] = (time.perf_counter() - t0) * 1e3
         return scores[0], times, ids.shape[1]
 
+    def classify_overlapped(self, poster, overview, width, height):
+        """The same pipeline with the two towers at the same time, as Marquee serves
+        a poster on a CPU; returns the scores and the total ms."""
+        t0 = time.perf_counter()
+        img = Image.open(io.BytesIO(poster)).convert("RGB")
+        img.load()
+        x = self.preprocess(img, width, height)
+        ids = np.array([self.tok.encode(overview).ids], dtype=np.int64)
+        text = self.pool.submit(self.text.run, None, {"ids": ids})
+        tokens = self.image.run(None, {"image": x})[0]
+        hidden = text.result()[0]
+        scores = self.fusion.run(None, {"image": tokens, "text": hidden})[0]
+        return scores[0], (time.perf_counter() - t0) * 1e3
+
     def text128(self, overview):
         ids = self.tok.encode(" ".join([overview] * 128)).ids
         t = time.perf_counter()
@@ -188,6 +207,9 @@ def parity(args, peer, spec, out, overview):
                         str(args.model), "--json"], check=True, capture_output=True, text=True)
     theirs = {g["label"]: g["score"] for g in json.loads(r.stdout)["genres"]}
     mine, _, _ = peer.classify(small.read_bytes(), overview, w, h)
+    both, _ = peer.classify_overlapped(small.read_bytes(), overview, w, h)
+    if not np.array_equal(mine, both):
+        sys.exit("compare: ORT's overlapped pipeline scores differ from its sequential one")
     want = np.array([theirs[l] for l in spec["labels"]], dtype=np.float64)
     rel = float(np.linalg.norm(mine - want) / np.linalg.norm(want))
     if not rel <= 1e-4:
@@ -270,13 +292,19 @@ def main():
             mine[s].append(b["total_ms"]["p50"] if s == "total" else b["stages"][s]["p50"])
         log(f"compare: round {i + 1}/{args.rounds}: onnxruntime")
         per = {s: [] for s in STAGES}
+        overlapped = []
         for k in range(args.runs + 2):
             _, times, n_ids = peer.classify(poster, args.overview, w, h)
+            _, both = peer.classify_overlapped(poster, args.overview, w, h)
             t128 = peer.text128(args.overview)
             if k >= 2:
                 for s, v in times.items():
-                    per[s].append(v)
+                    per[s if s != "total" else "total_sequential"].append(v)
                 per["text_tower_128"].append(t128)
+                overlapped.append(both)
+        # ORT's total is the better of its two schedules, so Marquee's overlapped
+        # towers are held against the same idea on the peer's side.
+        per["total"] = [min(statistics.median(per["total_sequential"]), statistics.median(overlapped))]
         for s in STAGES:
             theirs[s].append(statistics.median(per[s]))
     if n_ids != b["text_tokens"]:
@@ -293,7 +321,8 @@ def main():
             row["gflop"] = round(gf, 4)
             row["marquee_pct_peak"] = round(100 * gf / (m / 1e3) / mine_peak, 1)
             row["peer_pct_peak"] = round(100 * gf / (p / 1e3) / peer_peak, 1)
-            row["marquee_x_floor"] = round((m / 1e3) / (gf / mine_peak), 2)
+            # The floor is the machine's: the better of the two runtimes' peaks.
+            row["marquee_x_floor"] = round((m / 1e3) / (gf / max(mine_peak, peer_peak)), 2)
         rows.append(row)
     report = {
         "rows": rows,

@@ -10,6 +10,7 @@ use marquee::caption::local::FlorenceCaptioner;
 use marquee::infer::{Classifier, compose_text};
 use marquee::model::cache::CacheDir;
 use marquee::model::dir::default_model_dir;
+use marquee::model::towers::Form;
 use marquee::model::{bundle, towers};
 use marquee::train::manifest::Manifest;
 use serde::Serialize;
@@ -125,7 +126,8 @@ pub fn run(action: ModelsAction, g: &Global) -> Result<Box<dyn Report>> {
         ModelsAction::Export { model, out } => {
             let device = g.backend.device()?;
             let model = model.unwrap_or_else(default_model_dir);
-            let c = Classifier::load(&model, cache, &device)?;
+            // The files are written from burn's modules, so they are kept whole.
+            let c = Classifier::load_as(&model, cache, &device, Form::Modules)?;
             Box::new(Exported {
                 files: marquee::model::export::write_f32(&c.towers, &c.model.members, &out)?,
             })

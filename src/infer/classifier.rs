@@ -5,8 +5,10 @@ use super::batch::{FusionRow, batch};
 use crate::infer::labels::decide;
 use crate::model::cache::CacheDir;
 use crate::model::dir::{ImageInput, ModelDir, TowerSource};
-use crate::model::towers::Towers;
+use crate::model::towers::{Form, Towers};
+use crate::nn::cpu_ops::host_device;
 use crate::nn::efficientnet::FEATURE_DIM;
+use crate::nn::fusion::HostFusion;
 use crate::preprocess::resize::resize_to_chw;
 use anyhow::Result;
 use burn::prelude::*;
@@ -74,6 +76,27 @@ pub fn image_tokens(
     tower_tokens(towers, image_input(images, input), device)
 }
 
+/// The text tower's hidden states `[L, 384]` of one unpadded text, after its first
+/// `layers` layers, on the host. On a CPU device the host layers run it; elsewhere
+/// burn's modules.
+pub fn text_tokens(towers: &Towers, ids: &[i64], layers: usize, device: &Device) -> Vec<f32> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    if let Some(host) = &towers.text_host {
+        return host.forward_layers(&towers.text, ids, layers);
+    }
+    let n = ids.len();
+    let idt = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, n]), device);
+    let mask = Tensor::<2>::ones([1, n], device);
+    towers
+        .text
+        .forward_layers(idt, mask, layers)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 hidden states")
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct GenreScore {
     pub label: String,
@@ -90,23 +113,57 @@ pub struct Prediction {
     pub timings_ms: Vec<(String, f64)>,
 }
 
+/// How the two towers share the CPU within one poster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// At the same time (a GPU queue would serialise them anyway).
+    Overlapped,
+    /// One after the other: each stage's time is its own.
+    Sequential,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
 pub struct Classifier {
     pub towers: Towers,
     pub model: ModelDir,
     pub device: Device,
+    /// The members copied for the host kernels (on a CPU device, when every member
+    /// has the served shape); empty otherwise.
+    fusion_host: Vec<HostFusion>,
 }
 
 impl Classifier {
-    /// Loads a model directory and its towers (bundled, or from the cache).
+    /// Loads a model directory and its towers (bundled, or from the cache) to serve.
     pub fn load(model_dir: &Path, cache: &CacheDir, device: &Device) -> Result<Self> {
+        Self::load_as(model_dir, cache, device, Form::Serving)
+    }
+
+    /// [`Classifier::load`] with the towers in `form`.
+    pub fn load_as(
+        model_dir: &Path,
+        cache: &CacheDir,
+        device: &Device,
+        form: Form,
+    ) -> Result<Self> {
         let model = ModelDir::load(model_dir, device)?;
         let towers = match &model.spec.towers {
-            TowerSource::Cache => Towers::load(cache, device)?,
-            TowerSource::Bundled { .. } => Towers::load_bundled(model_dir, &model.spec, device)?,
+            TowerSource::Cache => Towers::load(cache, device, form)?,
+            TowerSource::Bundled { .. } => {
+                Towers::load_bundled(model_dir, &model.spec, device, form)?
+            }
+        };
+        let host = host_device(device);
+        let fusion_host = match host {
+            true => model.members.iter().map(HostFusion::new).collect(),
+            false => None,
         };
         Ok(Self {
             towers,
             model,
+            fusion_host: fusion_host.unwrap_or_default(),
             device: device.clone(),
         })
     }
@@ -115,16 +172,34 @@ impl Classifier {
         &self.model.spec.labels
     }
 
+    /// Scores a poster, the towers overlapped where the device allows it.
     pub fn classify(
         &self,
         poster: &RgbImage,
         overview: Option<&str>,
         caption: Option<&str>,
     ) -> Result<Prediction> {
+        let schedule = if host_device(&self.device) {
+            Schedule::Overlapped
+        } else {
+            Schedule::Sequential
+        };
+        self.classify_in(schedule, poster, overview, caption)
+    }
+
+    /// [`Classifier::classify`] with the towers run as `schedule` says: `bench`
+    /// times each stage alone with `Sequential`.
+    pub fn classify_in(
+        &self,
+        schedule: Schedule,
+        poster: &RgbImage,
+        overview: Option<&str>,
+        caption: Option<&str>,
+    ) -> Result<Prediction> {
         let start = Instant::now();
         let mut timings = Vec::new();
-        let mut lap = |name: &str, since: Instant| {
-            timings.push((name.to_string(), since.elapsed().as_secs_f64() * 1e3));
+        let lap = |timings: &mut Vec<(String, f64)>, name: &str, since: Instant| {
+            timings.push((name.to_string(), ms(since)));
             Instant::now()
         };
         let spec = &self.model.spec;
@@ -135,60 +210,74 @@ impl Classifier {
             let flipped = image::imageops::flip_horizontal(poster);
             inputs.push(image_input(&[flipped], spec.image_input));
         }
-        let t = lap("preprocess", t);
-        // Read back inside the stage, so that an asynchronous backend (wgpu) is timed
-        // for the work and not just for queueing it.
-        let views: Vec<Vec<f32>> = inputs
-            .into_iter()
-            .map(|x| {
-                tower_tokens(&self.towers, x, dev)
-                    .into_data()
-                    .try_to_vec::<f32>()
-                    .expect("f32 image tokens")
-            })
-            .collect();
-        let t = lap("image_tower", t);
+        let t = lap(&mut timings, "preprocess", t);
         let ids = match compose_text(overview, caption) {
             Some(s) => self.towers.tokenizer.encode(&s)?,
             None => Vec::new(),
         };
-        let t = lap("tokenize", t);
+        let t = lap(&mut timings, "tokenize", t);
         let has_text = !ids.is_empty();
-        let text: Vec<f32> = if has_text {
-            let n = ids.len();
-            let idt = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), dev);
-            let mask = Tensor::<2>::ones([1, n], dev);
-            let h = self.towers.text.forward_layers(idt, mask, spec.text_layers);
-            h.into_data()
-                .try_to_vec::<f32>()
-                .expect("f32 hidden states")
-        } else {
-            Vec::new()
+        // Read back inside the stage, so that an asynchronous backend (wgpu) is timed
+        // for the work and not just for queueing it.
+        let image = || {
+            let t = Instant::now();
+            let views: Vec<Vec<f32>> = inputs
+                .into_iter()
+                .map(|x| {
+                    tower_tokens(&self.towers, x, dev)
+                        .into_data()
+                        .try_to_vec::<f32>()
+                        .expect("f32 image tokens")
+                })
+                .collect();
+            (views, ms(t))
         };
-        let t = lap("text_tower", t);
+        let text = || {
+            let t = Instant::now();
+            let text = text_tokens(&self.towers, &ids, spec.text_layers, dev);
+            (text, ms(t))
+        };
+        let ((views, image_ms), (text, text_ms)) = match schedule {
+            // The towers are independent: on a few cores each fills the other's idle
+            // moments between its small parallel steps (measured against one
+            // single-thread pool per tower: no better, and more to hold).
+            Schedule::Overlapped => rayon::join(image, text),
+            Schedule::Sequential => (image(), text()),
+        };
+        timings.push(("image_tower".into(), image_ms));
+        timings.push(("text_tower".into(), text_ms));
+        let t = lap(&mut timings, "towers", t);
         let cells = views[0].len() / FEATURE_DIM;
         let k = spec.fusion.classes;
         let mut scores = vec![0f32; k];
         let weight = 1.0 / (views.len() * self.model.members.len()) as f32;
-        for m in &self.model.members {
+        for (i, m) in self.model.members.iter().enumerate() {
             for v in &views {
-                let row = FusionRow {
-                    image: &v[..],
-                    hide_image: false,
-                    text: &text[..],
+                let p = match self.fusion_host.get(i) {
+                    Some(host) => host
+                        .forward(v, &text)
+                        .into_iter()
+                        .map(|z| 1.0 / (1.0 + (-z).exp()))
+                        .collect(),
+                    None => {
+                        let row = FusionRow {
+                            image: &v[..],
+                            hide_image: false,
+                            text: &text[..],
+                        };
+                        sigmoid(m.forward(batch(&[row], cells, dev)))
+                            .into_data()
+                            .try_to_vec::<f32>()
+                            .expect("f32 scores")
+                    }
                 };
-                let input = batch(&[row], cells, dev);
-                let p = sigmoid(m.forward(input))
-                    .into_data()
-                    .try_to_vec::<f32>()
-                    .expect("f32 scores");
                 for (a, b) in scores.iter_mut().zip(p) {
                     *a += b * weight;
                 }
             }
         }
-        lap("fusion", t);
-        timings.push(("total".into(), start.elapsed().as_secs_f64() * 1e3));
+        lap(&mut timings, "fusion", t);
+        timings.push(("total".into(), ms(start)));
         Ok(self.prediction(&scores, has_text, caption, timings))
     }
 

@@ -13,5 +13,6 @@ pub mod task;
 pub use batch::TEXT_DIM;
 pub use captioner::Captioner;
 pub use classifier::{
-    Classifier, GenreScore, Prediction, compose_text, image_input, image_tokens, tower_tokens,
+    Classifier, GenreScore, Prediction, compose_text, image_input, image_tokens, text_tokens,
+    tower_tokens,
 };

@@ -15,7 +15,7 @@
 
 use super::cache::CacheDir;
 use super::dir::{ModelDir, ModelSpec, TowerSource};
-use super::towers::Towers;
+use super::towers::{Form, Towers};
 use crate::nn::bert::{Bert, BertConfig};
 use crate::nn::efficientnet::EfficientNetLite0;
 use crate::preprocess::text::{MAX_TOKENS, TextTokenizer};
@@ -178,7 +178,7 @@ fn int8_tables(path: &Path) -> Result<Vec<Table>> {
 
 impl Towers {
     /// Loads the towers bundled in a model folder.
-    pub fn load_bundled(dir: &Path, spec: &ModelSpec, device: &Device) -> Result<Self> {
+    pub fn load_bundled(dir: &Path, spec: &ModelSpec, device: &Device, form: Form) -> Result<Self> {
         let TowerSource::Bundled {
             vocab_size,
             max_positions,
@@ -205,7 +205,7 @@ impl Towers {
             text.set_word_embeddings(Tensor::from_data(TensorData::new(v, shape), device));
         }
         let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-        Ok(Self::new(image, text, tokenizer, device))
+        Ok(Self::new(image, text, tokenizer, device, form))
     }
 }
 
@@ -330,7 +330,7 @@ pub fn export(
     device: &Device,
 ) -> Result<()> {
     let mut model = ModelDir::load(student, device)?;
-    let towers = Towers::load(cache, device)?;
+    let towers = Towers::load(cache, device, Form::Modules)?;
     let tokenizer = cache.towers().join(super::towers::TOKENIZER_FILE);
     model.spec.towers = write_bundle(&towers, &tokenizer, texts, model.spec.text_layers, out)?;
     model.save(out)

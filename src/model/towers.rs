@@ -7,7 +7,7 @@
 //! Nothing here runs at inference time: `Towers::load` reads the burnpacks only.
 
 use super::cache::CacheDir;
-use crate::nn::bert::{Bert, BertConfig};
+use crate::nn::bert::{Bert, BertConfig, HostBert};
 use crate::nn::cpu_ops::host_device;
 use crate::nn::efficientnet::{EfficientNetLite0, HostLite0};
 use crate::preprocess::text::TextTokenizer;
@@ -151,32 +151,58 @@ fn ensure_complete(missing: &[(String, String)], what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether burn's tower modules stay whole beside the host kernels' copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// Both: training, the parity tests and `models export` read the modules.
+    Modules,
+    /// Serving: on a CPU device the host kernels take the layers over, so each
+    /// weight is held once; elsewhere the same as `Modules`.
+    Serving,
+}
+
 /// The frozen towers and the tokenizer, ready for inference.
 pub struct Towers {
+    /// burn's EfficientNet. In the `Serving` form on a CPU its blocks are gone
+    /// (`image_host` holds them), so only the host path can run it.
     pub image: EfficientNetLite0,
     /// The image tower folded for the host kernels, when the device is a CPU one.
     pub image_host: Option<HostLite0>,
+    /// burn's MiniLM. In the `Serving` form on a CPU its layers are gone
+    /// (`text_host` holds them); its embeddings stay.
     pub text: Bert,
+    /// The text layers copied for the host kernels, when the device is a CPU one.
+    pub text_host: Option<HostBert>,
     pub tokenizer: TextTokenizer,
 }
 
 impl Towers {
     pub fn new(
-        image: EfficientNetLite0,
-        text: Bert,
+        mut image: EfficientNetLite0,
+        mut text: Bert,
         tokenizer: TextTokenizer,
         device: &Device,
+        form: Form,
     ) -> Self {
+        let (image_host, text_host) = match (host_device(device), form) {
+            (false, _) => (None, None),
+            (true, Form::Modules) => (Some(HostLite0::new(&image)), Some(HostBert::new(&text))),
+            (true, Form::Serving) => (
+                Some(HostLite0::take(&mut image)),
+                Some(HostBert::take(&mut text)),
+            ),
+        };
         Self {
-            image_host: host_device(device).then(|| HostLite0::new(&image)),
             image,
+            image_host,
             text,
+            text_host,
             tokenizer,
         }
     }
 
     /// Loads the converted towers from the cache. Never touches the network.
-    pub fn load(cache: &CacheDir, device: &Device) -> Result<Self> {
+    pub fn load(cache: &CacheDir, device: &Device, form: Form) -> Result<Self> {
         let dir = cache.towers();
         for f in [EFFICIENTNET_FILE, MINILM_FILE, TOKENIZER_FILE] {
             if !dir.join(f).is_file() {
@@ -192,7 +218,7 @@ impl Towers {
         let mut text = Bert::new(&BertConfig::MINILM_L6, device);
         load_burnpack(&mut text, &dir.join(MINILM_FILE))?;
         let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-        Ok(Self::new(image, text, tokenizer, device))
+        Ok(Self::new(image, text, tokenizer, device, form))
     }
 }
 

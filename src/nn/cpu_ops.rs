@@ -54,7 +54,7 @@ pub fn linear_gelu<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     Tensor::from_data(data, &device)
 }
 
-fn gelu_rows(rows: &mut [f32], bias: &[f32]) {
+pub(crate) fn gelu_rows(rows: &mut [f32], bias: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: both target features were detected on this CPU just above.
@@ -367,65 +367,92 @@ impl<'a> WindowBand<'a> {
         let (c, heads) = (self.c, self.win.heads);
         let l = self.win.ws * self.win.ws;
         let d = c / heads;
-        let stride = 3 * c as isize;
-        let scale = 1.0 / (d as f32).sqrt();
         for head in 0..heads {
-            let q = self.qkv[head * d..].as_ptr();
-            let k = self.qkv[c + head * d..].as_ptr();
-            let v = self.qkv[2 * c + head * d..].as_ptr();
-            // SAFETY: every operand lies inside its buffer: q, k, v rows are `3c` apart
-            // with `d` columns starting at most at `3c - d`; scores is `l x l`; the
-            // output block is `l x d` at column `head * d` of the `l x c` buffer.
-            unsafe {
-                gemm::gemm(
-                    l,
-                    l,
-                    d,
-                    self.scores.as_mut_ptr(),
-                    1,
-                    l as isize,
-                    false,
-                    q,
-                    1,
-                    stride,
-                    k,
-                    stride,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for row in self.scores.chunks_exact_mut(l) {
-                softmax_row(row);
-            }
-            unsafe {
-                gemm::gemm(
-                    l,
-                    d,
-                    l,
-                    self.out[head * d..].as_mut_ptr(),
-                    1,
-                    c as isize,
-                    false,
-                    self.scores.as_ptr(),
-                    1,
-                    l as isize,
-                    v,
-                    1,
-                    stride,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            let rows = QkvRows {
+                q: &self.qkv[head * d..],
+                k: &self.qkv[c + head * d..],
+                v: &self.qkv[2 * c + head * d..],
+                stride: 3 * c,
+            };
+            attend_head(rows, [l, d], &mut self.scores, &mut self.out[head * d..], c);
         }
+    }
+}
+
+/// One head: `out = softmax(q kᵀ / sqrt(d)) v` for `l x d` blocks whose rows are
+/// `x.stride` apart, into `out` with rows `out_stride` apart; `scores` is `l x l`
+/// scratch. Two GEMMs and the vectorised softmax, no copies of the operands.
+fn attend_head(
+    x: QkvRows,
+    [l, d]: [usize; 2],
+    scores: &mut [f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let QkvRows { q, k, v, stride } = x;
+    let span = |rs: usize| (l - 1) * rs + d;
+    assert!(l > 0 && stride >= d && out_stride >= d, "rows hold a head");
+    assert!(
+        q.len().min(k.len()).min(v.len()) >= span(stride),
+        "operands cover the head"
+    );
+    assert!(
+        scores.len() >= l * l && out.len() >= span(out_stride),
+        "buffers cover the head"
+    );
+    let scale = 1.0 / (d as f32).sqrt();
+    // SAFETY: q and k hold `l` rows of `d` values `stride` apart and scores is
+    // `l x l` (checked above).
+    unsafe {
+        gemm::gemm(
+            l,
+            l,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            l as isize,
+            false,
+            q.as_ptr(),
+            1,
+            stride as isize,
+            k.as_ptr(),
+            stride as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for row in scores[..l * l].chunks_exact_mut(l) {
+        softmax_row(row);
+    }
+    // SAFETY: scores is `l x l`, v holds `l` rows of `d` values `stride` apart and out
+    // `l` rows of `d` values `out_stride` apart (checked above).
+    unsafe {
+        gemm::gemm(
+            l,
+            d,
+            l,
+            out.as_mut_ptr(),
+            1,
+            out_stride as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            l as isize,
+            v.as_ptr(),
+            1,
+            stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -508,67 +535,53 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
     let (Some(q), Some(k), Some(v)) = (host_vec(q), host_vec(k), host_vec(v)) else {
         unreachable!("host f32 tensors read back as f32");
     };
+    let context = attention_rows(
+        QkvRows {
+            q: &q,
+            k: &k,
+            v: &v,
+            stride: c,
+        },
+        [b, l, c],
+        heads,
+    );
+    Tensor::from_data(TensorData::new(context, [b, l, c]), &device)
+}
+
+/// Queries, keys and values as host rows: each starts at its own first column and
+/// steps `stride` values per token, so one `[tokens, 3C]` projection can serve all three.
+pub struct QkvRows<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub stride: usize,
+}
+
+/// [`attention`] on host rows: `[b, l, c]` context, heads side by side.
+pub fn attention_rows(x: QkvRows, [b, l, c]: [usize; 3], heads: usize) -> Vec<f32> {
+    let QkvRows { q, k, v, stride } = x;
     let d = c / heads;
-    let scale = 1.0 / (d as f32).sqrt();
+    assert!(d * heads == c && stride >= c, "heads split the width");
+    if b * l == 0 {
+        return Vec::new();
+    }
+    for t in [q, k, v] {
+        assert!(t.len() >= (b * l - 1) * stride + c, "rows cover the batch");
+    }
     let blocks: Vec<Vec<f32>> = (0..b * heads)
         .into_par_iter()
         .map(|job| {
             let (item, head) = (job / heads, job % heads);
-            let at = item * l * c + head * d;
+            let at = item * l * stride + head * d;
             let mut scores = vec![0f32; l * l];
             let mut out = vec![0f32; l * d];
-            // SAFETY: q, k and v hold `b` items of `l x c`; head `head` of item `item`
-            // is the `l x d` block at `at` with row stride `c`, inside the buffer.
-            // scores is `l x l` and out is `l x d`, both contiguous.
-            unsafe {
-                gemm::gemm(
-                    l,
-                    l,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    l as isize,
-                    false,
-                    q[at..].as_ptr(),
-                    1,
-                    c as isize,
-                    k[at..].as_ptr(),
-                    c as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for row in scores.chunks_exact_mut(l) {
-                softmax_row(row);
-            }
-            unsafe {
-                gemm::gemm(
-                    l,
-                    d,
-                    l,
-                    out.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    l as isize,
-                    v[at..].as_ptr(),
-                    1,
-                    c as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            let rows = QkvRows {
+                q: &q[at..],
+                k: &k[at..],
+                v: &v[at..],
+                stride,
+            };
+            attend_head(rows, [l, d], &mut scores, &mut out, d);
             out
         })
         .collect();
@@ -580,7 +593,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
             context[at..at + d].copy_from_slice(src);
         }
     }
-    Tensor::from_data(TensorData::new(context, [b, l, c]), &device)
+    context
 }
 
 /// [`attention`] through burn's ops.

@@ -4,3 +4,4 @@ pub mod cpu_ops;
 pub mod efficientnet;
 pub mod florence;
 pub mod fusion;
+pub mod host_ops;

@@ -11,7 +11,7 @@ pub mod tokens;
 
 use crate::infer::Classifier;
 use crate::model::cache::CacheDir;
-use crate::model::towers::Towers;
+use crate::model::towers::{Form, Towers};
 use crate::preprocess::image::decode;
 use crate::util::progress::{Stage, note};
 use anyhow::{Context, Result, bail};
@@ -36,7 +36,7 @@ pub fn fit_tune_split(rows: &[Row]) -> (Vec<Row>, Vec<Row>) {
 /// rows that are scored (tune and val), plain for all.
 pub fn extract_all(manifest_path: &Path, cache: &CacheDir, device: &Device) -> Result<()> {
     let manifest = Manifest::load(manifest_path)?;
-    let towers = Towers::load(cache, device)?;
+    let towers = Towers::load(cache, device, Form::Modules)?;
     let (fit, tune) = fit_tune_split(&manifest.split(Some("train")));
     let val = manifest.split(Some("val"));
     let dir = cache.tokens();

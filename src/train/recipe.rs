@@ -12,7 +12,7 @@ use super::tokens::{TokenSet, extract_tokens};
 use crate::infer::labels::labels;
 use crate::model::cache::CacheDir;
 use crate::model::dir::{ModelDir, ModelSpec, TowerSource};
-use crate::model::towers::Towers;
+use crate::model::towers::{Form, Towers};
 use crate::nn::fusion::{EarlyFusion, FusionConfig};
 use crate::util::progress::note;
 use anyhow::{Result, bail};
@@ -163,7 +163,7 @@ pub fn run(
             manifest_path.display()
         );
     }
-    let towers = Towers::load(cache, device)?;
+    let towers = Towers::load(cache, device, Form::Modules)?;
     let dir = cache.tokens();
     note(&format!(
         "token features: {} fit, {} tune, {} val rows (cached in {})",

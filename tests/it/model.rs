@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use marquee::model::towers::Towers;
+use marquee::model::towers::{Form, Towers};
 use marquee::preprocess::text::TextTokenizer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -52,7 +52,12 @@ fn models_folder_is_self_contained_and_within_budget() {
 fn bundled_vocabulary_still_reads_every_val_overview() {
     // The pruned vocabulary keeps every single-character piece, so unseen words are
     // spelled out instead of becoming [UNK]: no val text gains an unknown token.
-    let full = Towers::load(&common::cache(), &burn::prelude::Device::flex()).unwrap();
+    let full = Towers::load(
+        &common::cache(),
+        &burn::prelude::Device::flex(),
+        Form::Modules,
+    )
+    .unwrap();
     let pruned = TextTokenizer::from_file(&models().join("tokenizer.json")).unwrap();
     let unk_full = full.tokenizer.encode("[UNK]").unwrap()[1];
     let unk_pruned = pruned.encode("[UNK]").unwrap()[1];

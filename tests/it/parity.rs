@@ -6,7 +6,7 @@ use crate::common;
 use burn::prelude::*;
 use common::{Fixture, TOLERANCE, cache, record, rel_l2};
 use marquee::backend::Backend;
-use marquee::model::towers::Towers;
+use marquee::model::towers::{Form, Towers};
 use marquee::nn::bert::mean_pool_normalize;
 use marquee::preprocess::image::{center_crop_resize, decode, to_chw};
 use marquee::preprocess::text::pad_batch;
@@ -55,7 +55,7 @@ fn efficientnet_matches_reference() {
     let input = fx.get("input");
     for backend in backends() {
         let device = backend.device().unwrap();
-        let towers = Towers::load(&cache(), &device).unwrap();
+        let towers = Towers::load(&cache(), &device, Form::Modules).unwrap();
         let net = &towers.image;
         let x = Tensor::<4>::from_data(
             TensorData::new(input.f32.clone(), input.shape.clone()),
@@ -128,7 +128,7 @@ fn minilm_matches_reference() {
     let fx = Fixture::open("minilm_l6.safetensors");
     for backend in backends() {
         let device = backend.device().unwrap();
-        let towers = Towers::load(&cache(), &device).unwrap();
+        let towers = Towers::load(&cache(), &device, Form::Modules).unwrap();
         let json: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(common::shared().join("reference/minilm_l6.json")).unwrap(),
         )

@@ -9,18 +9,11 @@
 //! bias and ReLU6 applied on the way out. The result equals burn's up to float
 //! rounding (tests below; the fixture parity tests run both paths).
 
-use super::{BN_EPS, EfficientNetLite0, FEATURE_DIM};
+use super::{BN_EPS, EfficientNetLite0, FEATURE_DIM, MbConv};
+use crate::nn::host_ops::{Dense, host};
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
-use burn::prelude::*;
 use rayon::prelude::*;
-
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 weights")
-}
 
 /// `conv` followed by `bn`, as one conv: weights `[Cout, Cin/groups, k, k]` scaled by
 /// `gamma / sqrt(var + eps)` per output channel, and the matching bias.
@@ -53,74 +46,6 @@ fn same(size: usize, k: usize, stride: usize) -> (usize, usize) {
 
 fn relu6(xs: &mut [f32]) {
     xs.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
-}
-
-/// A dense conv as `[n, cin] x [cin, cout]` (1x1 convs, and the stem over im2col rows).
-struct Dense {
-    /// `[cin, cout]`, row-major.
-    w: Vec<f32>,
-    bias: Vec<f32>,
-    cin: usize,
-    cout: usize,
-}
-
-impl Dense {
-    fn new(w: Vec<f32>, bias: Vec<f32>, cout: usize) -> Self {
-        let cin = w.len() / cout;
-        // `[cout, cin]` to `[cin, cout]`.
-        let mut t = vec![0f32; w.len()];
-        for o in 0..cout {
-            for i in 0..cin {
-                t[i * cout + o] = w[o * cin + i];
-            }
-        }
-        Self {
-            w: t,
-            bias,
-            cin,
-            cout,
-        }
-    }
-
-    fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let n = x.len() / self.cin;
-        let mut y: Vec<f32> = Vec::with_capacity(n * self.cout);
-        for _ in 0..n {
-            y.extend_from_slice(&self.bias);
-        }
-        // Below this much work the threads cost more than they save.
-        let parallelism = if n * self.cin * self.cout >= 1 << 18 {
-            gemm::Parallelism::Rayon(0)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: y is `n x cout`, x is `n x cin` and w is `cin x cout`, all row-major
-        // and contiguous, as the strides say.
-        unsafe {
-            gemm::gemm(
-                n,
-                self.cout,
-                self.cin,
-                y.as_mut_ptr(),
-                1,
-                self.cout as isize,
-                true,
-                x.as_ptr(),
-                1,
-                self.cin as isize,
-                self.w.as_ptr(),
-                1,
-                self.cout as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
-        y
-    }
 }
 
 /// A depthwise k x k conv with stride, TF-SAME padding, bias and ReLU6.
@@ -216,6 +141,24 @@ struct Block {
     residual: bool,
 }
 
+fn block(b: &MbConv) -> Block {
+    let expand = match (&b.expand_conv, &b.bn0) {
+        (Some(conv), Some(bn)) => {
+            let (w, bias, _) = fold(conv, bn);
+            Some(Dense::from_out_in(w, bias))
+        }
+        _ => None,
+    };
+    let (w, bias, dims) = fold(&b.depthwise_conv, &b.bn1);
+    let (pw, pb, _) = fold(&b.project_conv, &b.bn2);
+    Block {
+        expand,
+        depthwise: Depthwise::new(w, bias, dims, b.depthwise_conv.stride[0]),
+        project: Dense::from_out_in(pw, pb),
+        residual: b.residual,
+    }
+}
+
 /// The tower's folded weights, ready for [`HostLite0::tokens`].
 pub struct HostLite0 {
     /// 3x3 stride-2 stem over im2col rows of 27 values (ky, kx, channel).
@@ -226,6 +169,22 @@ pub struct HostLite0 {
 
 impl HostLite0 {
     pub fn new(net: &EfficientNetLite0) -> Self {
+        let blocks = net.blocks.iter().map(block).collect();
+        Self::with_blocks(net, blocks)
+    }
+
+    /// [`HostLite0::new`] that takes the blocks out of `net`, one at a time, so that
+    /// each weight is held once (serving needs no second copy). `net` keeps its stem
+    /// and head and can no longer run its blocks.
+    pub fn take(net: &mut EfficientNetLite0) -> Self {
+        let blocks = std::mem::take(&mut net.blocks)
+            .into_iter()
+            .map(|b| block(&b))
+            .collect();
+        Self::with_blocks(net, blocks)
+    }
+
+    fn with_blocks(net: &EfficientNetLite0, blocks: Vec<Block>) -> Self {
         let (w, bias, dims) = fold(&net.conv_stem, &net.bn0);
         // `[Cout, 3, 3, 3]` (c, ky, kx) to im2col order (ky, kx, c).
         let mut stem = vec![0f32; w.len()];
@@ -236,33 +195,11 @@ impl HostLite0 {
                 }
             }
         }
-        let blocks = net
-            .blocks
-            .iter()
-            .map(|b| {
-                let expand = match (&b.expand_conv, &b.bn0) {
-                    (Some(conv), Some(bn)) => {
-                        let (w, bias, dims) = fold(conv, bn);
-                        Some(Dense::new(w, bias, dims[0]))
-                    }
-                    _ => None,
-                };
-                let (w, bias, dims) = fold(&b.depthwise_conv, &b.bn1);
-                let stride = b.depthwise_conv.stride[0];
-                let (pw, pb, pdims) = fold(&b.project_conv, &b.bn2);
-                Block {
-                    expand,
-                    depthwise: Depthwise::new(w, bias, dims, stride),
-                    project: Dense::new(pw, pb, pdims[0]),
-                    residual: b.residual,
-                }
-            })
-            .collect();
-        let (hw, hb, hdims) = fold(&net.conv_head, &net.bn1);
+        let (hw, hb, _) = fold(&net.conv_head, &net.bn1);
         Self {
-            stem: Dense::new(stem, bias, dims[0]),
+            stem: Dense::from_out_in(stem, bias),
             blocks,
-            head: Dense::new(hw, hb, hdims[0]),
+            head: Dense::from_out_in(hw, hb),
         }
     }
 
@@ -324,6 +261,7 @@ impl HostLite0 {
 mod tests {
     use super::*;
     use crate::nn::cpu_ops::tests::rel_l2;
+    use burn::prelude::*;
     use burn::tensor::Distribution;
 
     /// Random weights and statistics, odd sizes (asymmetric SAME pads on every

@@ -219,6 +219,9 @@ pub fn marquee_bin() -> PathBuf {
 pub fn start_marquee(dir: &Path, broker_port: u16, extra: &str) -> Marquee {
     super::cache();
     let inbox = dir.join("inbox");
+    // marquee makes the folder too, but its status server may answer first, and a
+    // test that writes a poster at once must not race it.
+    std::fs::create_dir_all(&inbox).unwrap();
     let status_port = free_port();
     let config = dir.join("marquee.toml");
     std::fs::write(

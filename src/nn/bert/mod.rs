@@ -1,6 +1,9 @@
 //! The BERT encoder of all-MiniLM-L6-v2 (post-LN, exact erf GELU, LayerNorm eps 1e-12)
 //! and the sentence-transformers pooling: masked mean, then L2 normalisation.
 
+mod host;
+pub use host::HostBert;
+
 use crate::nn::cpu_ops::{attention, linear_gelu};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;

@@ -6,6 +6,9 @@
 //! A missing modality is a masked one: the same network scores poster-only,
 //! text-only and both, which is what modality dropout trains it for.
 
+mod host;
+pub use host::HostFusion;
+
 use crate::nn::cpu_ops::{attention, host_device, linear_gelu};
 use burn::module::Param;
 use burn::nn::transformer::{
@@ -213,7 +216,7 @@ impl EarlyFusion {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn dev() -> Device {
@@ -253,7 +256,7 @@ mod tests {
         assert_eq!(got, vec![3.0, 4.5, 7.5, 9.0]);
     }
 
-    fn config() -> FusionConfig {
+    pub(crate) fn config() -> FusionConfig {
         FusionConfig {
             image_dim: 8,
             image_grid: [3, 2],

@@ -1,0 +1,289 @@
+//! Building blocks for networks run on plain host slices: activations are token rows
+//! `[n, width]`, row-major f32, and each layer's weights are copied out of burn's
+//! modules once, at load, in the layout the kernels read.
+//!
+//! At batch 1 a burn op costs an allocation, a dispatch and a pass of its own; the
+//! small transformer and conv layers of the towers spend more on that than on their
+//! arithmetic. Here a linear layer is one GEMM into a buffer that already holds the
+//! bias, and each elementwise step (GELU, residual + LayerNorm) is one pass.
+
+use super::cpu_ops::{QkvRows, attention_rows, gelu_rows};
+use burn::nn::{LayerNorm, Linear};
+use burn::prelude::*;
+use rayon::prelude::*;
+
+/// A tensor's values on the host, as f32.
+pub fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 weights")
+}
+
+/// Below this many multiply-adds a GEMM runs on one thread: the hand-off costs more.
+const PARALLEL_WORK: usize = 1 << 18;
+
+/// `y = x w + b` for rows of `x`: `[n, cin] x [cin, cout]`.
+pub struct Dense {
+    /// `[cin, cout]`, row-major.
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    cin: usize,
+}
+
+impl Dense {
+    /// From weights already laid out `[cin, cout]` (burn's `Linear`).
+    pub fn new(w: Vec<f32>, bias: Vec<f32>) -> Self {
+        let cin = w.len() / bias.len();
+        assert_eq!(cin * bias.len(), w.len(), "weights are [cin, cout]");
+        Self { w, bias, cin }
+    }
+
+    /// From weights laid out `[cout, cin]` (a 1x1 conv's `[cout, cin, 1, 1]`).
+    pub fn from_out_in(w: Vec<f32>, bias: Vec<f32>) -> Self {
+        let cout = bias.len();
+        let cin = w.len() / cout;
+        let mut t = vec![0f32; w.len()];
+        for o in 0..cout {
+            for i in 0..cin {
+                t[i * cout + o] = w[o * cin + i];
+            }
+        }
+        Self::new(t, bias)
+    }
+
+    pub fn from_linear(l: &Linear) -> Self {
+        let w = host(l.weight.val());
+        let cout = l.weight.dims()[1];
+        let bias = l.bias.as_ref().map_or(vec![0.0; cout], |b| host(b.val()));
+        Self::new(w, bias)
+    }
+
+    /// Several layers over the same input as one: their outputs side by side
+    /// (a transformer's query, key and value projections in one GEMM).
+    pub fn side_by_side(parts: &[Dense]) -> Self {
+        let cin = parts[0].cin;
+        let cout: usize = parts.iter().map(Dense::cout).sum();
+        let mut w = Vec::with_capacity(cin * cout);
+        for i in 0..cin {
+            for p in parts {
+                assert_eq!(p.cin, cin, "side by side layers share their input");
+                w.extend_from_slice(&p.w[i * p.cout()..(i + 1) * p.cout()]);
+            }
+        }
+        let bias = parts.iter().flat_map(|p| p.bias.iter().copied()).collect();
+        Self::new(w, bias)
+    }
+
+    pub fn cout(&self) -> usize {
+        self.bias.len()
+    }
+
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let n = x.len() / self.cin;
+        let mut y: Vec<f32> = Vec::with_capacity(n * self.cout());
+        for _ in 0..n {
+            y.extend_from_slice(&self.bias);
+        }
+        self.accumulate(x, &mut y);
+        y
+    }
+
+    /// `gelu(x w + b)` (exact erf form), the bias added inside the GELU pass.
+    pub fn forward_gelu(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; x.len() / self.cin * self.cout()];
+        self.accumulate(x, &mut y);
+        let width = self.cout();
+        let rows_per_task = (1 << 14) / width + 1;
+        y.par_chunks_mut(rows_per_task * width)
+            .for_each(|rows| gelu_rows(rows, &self.bias));
+        y
+    }
+
+    /// `y += x w`.
+    fn accumulate(&self, x: &[f32], y: &mut [f32]) {
+        let (cin, cout) = (self.cin, self.cout());
+        let n = x.len() / cin;
+        assert_eq!((n * cin, n * cout), (x.len(), y.len()), "row counts agree");
+        let parallelism = if n * cin * cout >= PARALLEL_WORK {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: y is `n x cout`, x is `n x cin` and w is `cin x cout`, all row-major
+        // and contiguous, as the strides say (lengths checked above).
+        unsafe {
+            gemm::gemm(
+                n,
+                cout,
+                cin,
+                y.as_mut_ptr(),
+                1,
+                cout as isize,
+                true,
+                x.as_ptr(),
+                1,
+                cin as isize,
+                self.w.as_ptr(),
+                1,
+                cout as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+}
+
+/// Multi-head self-attention over the rows of one sequence: query, key and value as
+/// one GEMM, the host attention kernel reading their column blocks in place, then
+/// the output projection.
+pub struct SelfAttention {
+    qkv: Dense,
+    out: Dense,
+    heads: usize,
+}
+
+impl SelfAttention {
+    pub fn new(query: &Linear, key: &Linear, value: &Linear, out: &Linear, heads: usize) -> Self {
+        Self {
+            qkv: Dense::side_by_side(&[
+                Dense::from_linear(query),
+                Dense::from_linear(key),
+                Dense::from_linear(value),
+            ]),
+            out: Dense::from_linear(out),
+            heads,
+        }
+    }
+
+    /// `[n, d]` rows in, `[n, d]` rows out.
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let d = self.qkv.cout() / 3;
+        let n = x.len() / d;
+        let qkv = self.qkv.forward(x);
+        let rows = QkvRows {
+            q: &qkv,
+            k: &qkv[d..],
+            v: &qkv[2 * d..],
+            stride: 3 * d,
+        };
+        self.out
+            .forward(&attention_rows(rows, [1, n, d], self.heads))
+    }
+}
+
+/// LayerNorm over each row, as burn's (biased variance, eps inside the root).
+pub struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    /// `eps` is the module's own (burn keeps it private).
+    pub fn from_layer_norm(ln: &LayerNorm, eps: f64) -> Self {
+        let gamma = host(ln.gamma.val());
+        let beta = ln
+            .beta
+            .as_ref()
+            .map_or(vec![0.0; gamma.len()], |b| host(b.val()));
+        Self {
+            gamma,
+            beta,
+            eps: eps as f32,
+        }
+    }
+
+    /// `rows = norm(rows)`.
+    pub fn apply(&self, rows: &mut [f32]) {
+        for row in rows.chunks_exact_mut(self.gamma.len()) {
+            self.row(row);
+        }
+    }
+
+    /// `rows = norm(rows + residual)`: the post-LN residual step in one pass.
+    pub fn add_apply(&self, rows: &mut [f32], residual: &[f32]) {
+        let d = self.gamma.len();
+        for (row, res) in rows.chunks_exact_mut(d).zip(residual.chunks_exact(d)) {
+            row.iter_mut().zip(res).for_each(|(x, r)| *x += r);
+            self.row(row);
+        }
+    }
+
+    /// `norm(rows)` as a new buffer (the pre-LN branch input).
+    pub fn of(&self, rows: &[f32]) -> Vec<f32> {
+        let mut out = rows.to_vec();
+        self.apply(&mut out);
+        out
+    }
+
+    fn row(&self, row: &mut [f32]) {
+        let n = row.len() as f32;
+        let mean = row.iter().sum::<f32>() / n;
+        let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n;
+        let inv = 1.0 / (var + self.eps).sqrt();
+        for ((x, g), b) in row.iter_mut().zip(&self.gamma).zip(&self.beta) {
+            *x = (*x - mean) * inv * g + b;
+        }
+    }
+}
+
+/// `acc += x`, element-wise (a residual connection).
+pub fn add_into(acc: &mut [f32], x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::cpu_ops::tests::rel_l2;
+    use burn::nn::{LayerNormConfig, LinearConfig};
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn dense_and_norm_equal_burns_modules() {
+        let device = Device::flex();
+        device.seed(11);
+        let (a, b, c) = (
+            LinearConfig::new(24, 7).init(&device),
+            LinearConfig::new(24, 5).init(&device),
+            LinearConfig::new(24, 9).init(&device),
+        );
+        let x = Tensor::<2>::random([13, 24], Distribution::Uniform(-2.0, 2.0), &device);
+        let xs = host(x.clone());
+        let fused = Dense::side_by_side(&[
+            Dense::from_linear(&a),
+            Dense::from_linear(&b),
+            Dense::from_linear(&c),
+        ])
+        .forward(&xs);
+        let want = host(Tensor::cat(
+            vec![
+                a.forward(x.clone()),
+                b.forward(x.clone()),
+                c.forward(x.clone()),
+            ],
+            1,
+        ));
+        assert!(rel_l2(&fused, &want) < 1e-6);
+
+        let gelu = Dense::from_linear(&a).forward_gelu(&xs);
+        let want = host(burn::tensor::activation::gelu(a.forward(x.clone())));
+        assert!(rel_l2(&gelu, &want) < 1e-6);
+
+        let mut ln = LayerNormConfig::new(24).with_epsilon(1e-12).init(&device);
+        ln.gamma = ln
+            .gamma
+            .map(|g| g + Tensor::random([24], Distribution::Default, &device));
+        let norm = Norm::from_layer_norm(&ln, 1e-12);
+        let r = Tensor::<2>::random([13, 24], Distribution::Default, &device);
+        let mut got = xs.clone();
+        norm.add_apply(&mut got, &host(r.clone()));
+        let want = host(ln.forward(x + r));
+        assert!(rel_l2(&got, &want) < 1e-6);
+    }
+}
