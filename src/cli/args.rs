@@ -7,6 +7,8 @@ use marquee::backend::Backend;
 use marquee::caption::remote::Protocol;
 use marquee::caption::stage::Mode;
 use marquee::infer::task::Task;
+use marquee::train::fusion::{PositiveWeight, Schedule};
+use marquee::train::recipe::Until;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -114,6 +116,16 @@ pub struct TrainArgs {
     /// Only extract (and cache) the frozen features, then stop.
     #[arg(long)]
     pub extract_only: bool,
+    /// Stop early, for experiments: after the logistic-regression peers, or after the
+    /// single-modality networks too. Nothing is bundled.
+    #[arg(long, value_enum, conflicts_with = "extract_only")]
+    pub only: Option<OnlyArg>,
+    /// Learning-rate schedule of the networks.
+    #[arg(long, value_enum, default_value = "constant")]
+    pub schedule: ScheduleArg,
+    /// Weight of each genre's positives in the networks' loss.
+    #[arg(long, value_enum, default_value = "one")]
+    pub positives: PositivesArg,
     #[command(flatten)]
     pub captions: CaptionSourceArgs,
 }
@@ -289,6 +301,57 @@ impl From<BackendArg> for Backend {
             BackendArg::Flex => Backend::Flex,
             BackendArg::Ndarray => Backend::Ndarray,
             BackendArg::Wgpu => Backend::Wgpu,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnlyArg {
+    /// The logistic-regression peers on the frozen features.
+    Peers,
+    /// The peers and the single-modality networks (poster-only, text-only, late fusion).
+    Ablations,
+}
+
+impl From<OnlyArg> for Until {
+    fn from(o: OnlyArg) -> Self {
+        match o {
+            OnlyArg::Peers => Until::Peers,
+            OnlyArg::Ablations => Until::Ablations,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScheduleArg {
+    /// The same rate throughout.
+    Constant,
+    /// A linear warm-up over the first epoch, then a cosine decay to a tenth.
+    WarmupCosine,
+}
+
+impl From<ScheduleArg> for Schedule {
+    fn from(s: ScheduleArg) -> Self {
+        match s {
+            ScheduleArg::Constant => Schedule::Constant,
+            ScheduleArg::WarmupCosine => Schedule::WarmupCosine,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PositivesArg {
+    /// Plain binary cross-entropy.
+    One,
+    /// sqrt(negatives / positives) per genre, within 1..=10.
+    SqrtRatio,
+}
+
+impl From<PositivesArg> for PositiveWeight {
+    fn from(p: PositivesArg) -> Self {
+        match p {
+            PositivesArg::One => PositiveWeight::One,
+            PositivesArg::SqrtRatio => PositiveWeight::SqrtRatio,
         }
     }
 }

@@ -9,7 +9,8 @@ use marquee::caption::remote::RemoteConfig;
 use marquee::caption::stage::{CaptionConfig, Mode, open};
 use marquee::infer::Captioner;
 use marquee::train::fusion::Role;
-use marquee::train::recipe::{self, Ablation, RecipeOptions};
+use marquee::train::peers::PeerReport;
+use marquee::train::recipe::{self, Ablation, RecipeOptions, Until};
 use marquee::util::progress::note;
 use serde::Serialize;
 use std::fmt;
@@ -22,7 +23,9 @@ pub enum TrainReport {
     Extracted { extracted: bool },
     /// `--captions-only`: the captioned manifest.
     Captioned { manifest: PathBuf },
-    /// The ablation table on val.
+    /// `--only peers`: the peers' rows and threshold spread.
+    Peers(PeerReport),
+    /// The ablation table on val (the peers' rows first).
     Trained(Vec<Ablation>),
 }
 
@@ -32,31 +35,51 @@ impl fmt::Display for TrainReport {
             TrainReport::Extracted { .. } => return Ok(()),
             TrainReport::Captioned { manifest } => return write!(f, "{}", manifest.display()),
             TrainReport::Trained(rows) => rows,
+            TrainReport::Peers(p) => {
+                table(f, &p.ablations)?;
+                writeln!(
+                    f,
+                    "\nthreshold spread over {} folds (sd of the per-fold thresholds):",
+                    p.folds
+                )?;
+                for s in &p.spread {
+                    write!(
+                        f,
+                        "\n{:<72} mean sd {:.3}, max {:.3} ({})",
+                        s.peer, s.mean_sd, s.max_sd, s.max_sd_genre
+                    )?;
+                }
+                return Ok(());
+            }
         };
-        writeln!(
-            f,
-            "val split (never used for training or tuning); F1 micro / macro / weighted / samples:"
-        )?;
+        table(f, rows)
+    }
+}
+
+fn table(f: &mut fmt::Formatter, rows: &[Ablation]) -> fmt::Result {
+    writeln!(
+        f,
+        "val split (never used for training or tuning); F1 micro / macro / weighted / samples:"
+    )?;
+    write!(
+        f,
+        "{:<72} {:>7} {:>7} {:>7} {:>7} {:>16}",
+        "model", "micro", "macro", "weight", "samples", "text-less macro"
+    )?;
+    for r in rows {
+        let v = &r.val;
+        let less = r
+            .val_text_less
+            .as_ref()
+            .map(|t| format!("{:.4}", t.macro_f1))
+            .unwrap_or_else(|| "-".into());
         write!(
             f,
-            "{:<62} {:>7} {:>7} {:>7} {:>7} {:>16}",
-            "model", "micro", "macro", "weight", "samples", "text-less macro"
+            "\n{:<72} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>16}",
+            r.name, v.micro_f1, v.macro_f1, v.weighted_f1, v.samples_f1, less
         )?;
-        for r in rows {
-            let v = &r.val;
-            let less = r
-                .val_text_less
-                .as_ref()
-                .map(|t| format!("{:.4}", t.macro_f1))
-                .unwrap_or_else(|| "-".into());
-            write!(
-                f,
-                "\n{:<62} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>16}",
-                r.name, v.micro_f1, v.macro_f1, v.weighted_f1, v.samples_f1, less
-            )?;
-        }
-        Ok(())
     }
+    Ok(())
 }
 
 pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
@@ -73,6 +96,11 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
     };
     opts.fusion.epochs = a.epochs;
     opts.fusion.seed = a.seed;
+    opts.fusion.schedule = a.schedule.into();
+    opts.fusion.positives = a.positives.into();
+    if let Some(only) = a.only {
+        opts.until = only.into();
+    }
     let work = a.work.unwrap_or_else(|| g.cache.root().join("train"));
     let start = std::time::Instant::now();
     let (manifest, caption_source) = match captioner(&a.captions, &device)? {
@@ -102,22 +130,33 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
         }
     };
     let run = recipe::run(&manifest, &g.cache, &device, &opts)?;
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    std::fs::write(
+        work.join("ablations.json"),
+        serde_json::to_string_pretty(&run.ablations)?,
+    )?;
+    std::fs::write(
+        work.join("peers.json"),
+        serde_json::to_string_pretty(&run.peers)?,
+    )?;
+    let Some((teacher, student)) = run.networks else {
+        return Ok(match opts.until {
+            Until::Peers => TrainReport::Peers(run.peers),
+            _ => TrainReport::Trained(run.ablations),
+        });
+    };
     let facts = serde_json::json!({
         "manifest": manifest.display().to_string(),
         "split": "posters-v1 train (1 film in 10 held out as tune); val untouched",
         "options": opts, "captions": caption_source,
     });
-    run.teacher
+    teacher
         .into_model(Role::Teacher, facts.clone())
         .save(&work.join("teacher"))?;
     let student_raw = work.join("student");
-    run.student
+    student
         .into_model(Role::Student, facts)
         .save(&student_raw)?;
-    std::fs::write(
-        work.join("ablations.json"),
-        serde_json::to_string_pretty(&run.ablations)?,
-    )?;
     let bundled = bundle_student(&student_raw, &manifest, &g.cache, &a.out, &device)?;
     note(&bundled.to_string());
     note(&format!(

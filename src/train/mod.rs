@@ -6,6 +6,7 @@ pub mod captions;
 pub mod fusion;
 pub mod manifest;
 pub mod metrics;
+pub mod peers;
 pub mod recipe;
 pub mod tokens;
 
@@ -23,7 +24,7 @@ use std::path::Path;
 use std::time::Instant;
 
 /// One training film in this many is held out to pick the epoch and tune thresholds.
-const TUNE_EVERY: u64 = 10;
+pub(crate) const TUNE_EVERY: u64 = 10;
 
 /// Splits training rows by film into (fit, tune): val is never used for any choice.
 pub fn fit_tune_split(rows: &[Row]) -> (Vec<Row>, Vec<Row>) {

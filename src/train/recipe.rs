@@ -7,6 +7,7 @@ use super::fit_tune_split;
 use super::fusion::{self, FusionOptions, Role, Trained, View};
 use super::manifest::{Manifest, Row, multi_hot};
 use super::metrics::{Report, decide_all, report, tune_thresholds};
+use super::peers::{self, PeerData, PeerReport, Pooled, fold_of};
 use super::tokens::{STUDENT_INPUT, STUDENT_TEXT_LAYERS, TEACHER_INPUT, TEACHER_TEXT_LAYERS};
 use super::tokens::{TokenSet, extract_tokens};
 use crate::infer::labels::labels;
@@ -29,6 +30,20 @@ pub struct RecipeOptions {
     /// Use only the first N fit rows (smoke tests); 0 = all.
     pub fit_limit: usize,
     pub fusion: FusionOptions,
+    /// How far the recipe goes.
+    pub until: Until,
+}
+
+/// The last step a run takes (experiments stop early; only `Student` bundles a model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Until {
+    /// The logistic-regression peers.
+    Peers,
+    /// The peers, the single-modality networks and their late fusion.
+    Ablations,
+    /// Everything: the teacher and the distilled student too.
+    Student,
 }
 
 impl Default for RecipeOptions {
@@ -39,6 +54,7 @@ impl Default for RecipeOptions {
             hard_weight: 0.5,
             fit_limit: 0,
             fusion: FusionOptions::default(),
+            until: Until::Student,
         }
     }
 }
@@ -54,11 +70,13 @@ pub struct Ablation {
     pub train_seconds: f64,
 }
 
-/// The trained networks that the export step needs.
+/// The ablation table, and the trained networks that the export step needs.
 pub struct RecipeOutput {
+    /// The peers' rows first, then the networks'.
     pub ablations: Vec<Ablation>,
-    pub teacher: Ensemble,
-    pub student: Ensemble,
+    pub peers: PeerReport,
+    /// The teacher and the student, when the run goes that far.
+    pub networks: Option<(Ensemble, Ensemble)>,
 }
 
 /// Networks whose sigmoid scores are averaged, with their thresholds.
@@ -143,15 +161,23 @@ fn eval(scores: &[f32], thresholds: &[f32], truth: &[u8], labels: &[String]) -> 
     report(&decide_all(scores, thresholds), truth, labels)
 }
 
-pub fn run(
+/// The three splits' token features, extracted once (or read from the cache).
+struct Data {
+    fit_rows: Vec<Row>,
+    tune_rows: Vec<Row>,
+    fit: Part,
+    tune: Part,
+    val: Part,
+}
+
+fn load(
     manifest_path: &Path,
     cache: &CacheDir,
     device: &Device,
     opts: &RecipeOptions,
-) -> Result<RecipeOutput> {
+    labels: &[String],
+) -> Result<Data> {
     let manifest = Manifest::load(manifest_path)?;
-    let labels = labels();
-    let k = labels.len();
     let (mut fit_rows, tune_rows) = fit_tune_split(&manifest.split(Some("train")));
     if opts.fit_limit > 0 {
         fit_rows.truncate(opts.fit_limit);
@@ -175,19 +201,74 @@ pub fn run(
     let val = Part::new(
         extract_tokens(&towers, device, &manifest, &val_rows, &dir, true)?,
         &val_rows,
-        &labels,
+        labels,
     );
     let tune = Part::new(
         extract_tokens(&towers, device, &manifest, &tune_rows, &dir, true)?,
         &tune_rows,
-        &labels,
+        labels,
     );
     let fit = Part::new(
         extract_tokens(&towers, device, &manifest, &fit_rows, &dir, false)?,
         &fit_rows,
-        &labels,
+        labels,
     );
-    drop(towers);
+    Ok(Data {
+        fit_rows,
+        tune_rows,
+        fit,
+        tune,
+        val,
+    })
+}
+
+/// The logistic-regression peers on the frozen features (`peers.rs`).
+fn peers(data: &Data, labels: &[String]) -> Result<PeerReport> {
+    let train = Pooled::concat(&Pooled::of(&data.fit.set), &Pooled::of(&data.tune.set));
+    let nf = data.fit.set.n;
+    let fit: Vec<usize> = (0..nf).collect();
+    let tune: Vec<usize> = (nf..train.n).collect();
+    let fold: Vec<usize> = data
+        .fit_rows
+        .iter()
+        .chain(&data.tune_rows)
+        .map(|r| fold_of(&r.film))
+        .collect();
+    let y_train = [&data.fit.y[..], &data.tune.y[..]].concat();
+    peers::run(
+        &PeerData {
+            train: &train,
+            y_train: &y_train,
+            fit: &fit,
+            tune: &tune,
+            fold: &fold,
+            val: &Pooled::of(&data.val.set),
+            y_val: &data.val.y,
+        },
+        labels,
+        note,
+    )
+}
+
+pub fn run(
+    manifest_path: &Path,
+    cache: &CacheDir,
+    device: &Device,
+    opts: &RecipeOptions,
+) -> Result<RecipeOutput> {
+    let labels = labels();
+    let k = labels.len();
+    let data = load(manifest_path, cache, device, opts, &labels)?;
+    let peer_report = peers(&data, &labels)?;
+    let early = |ablations: Vec<Ablation>, peers: PeerReport| RecipeOutput {
+        ablations,
+        peers,
+        networks: None,
+    };
+    if opts.until == Until::Peers {
+        return Ok(early(peer_report.ablations.clone(), peer_report));
+    }
+    let Data { fit, tune, val, .. } = data;
 
     let hard =
         |p: &Part, idx: &[usize]| -> Vec<f32> { p.y_of(idx).iter().map(|&v| v as f32).collect() };
@@ -224,7 +305,7 @@ pub fn run(
     let y_tune_text = tune.y_of(&tune.with_text);
     let y_tune_all = tune.y_of(&tune.all);
     let y_val = val.y_of(&val.all);
-    let mut ablations = Vec::new();
+    let mut ablations = peer_report.ablations.clone();
 
     // Single-modality models and their late fusion.
     let c_poster = fusion::config(Role::Teacher, true, false, k);
@@ -283,6 +364,10 @@ pub fn run(
         best_epochs: vec![],
         train_seconds: 0.0,
     });
+
+    if opts.until == Until::Ablations {
+        return Ok(early(ablations, peer_report));
+    }
 
     // The early-fusion teacher: an ensemble of seeds, scored with a mirror-image view too.
     let c_teacher = fusion::config(Role::Teacher, true, true, k);
@@ -380,8 +465,8 @@ pub fn run(
     };
     Ok(RecipeOutput {
         ablations,
-        teacher: teacher_e,
-        student: student_e,
+        peers: peer_report,
+        networks: Some((teacher_e, student_e)),
     })
 }
 

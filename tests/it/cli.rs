@@ -207,9 +207,33 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names.len(), 5, "{names:?}");
-    assert!(names[3].starts_with("early-fusion teacher"), "{names:?}");
-    assert!(names[4].starts_with("early-fusion student"), "{names:?}");
+    // The logistic-regression peers first (tune-film and out-of-fold thresholds),
+    // then the networks.
+    assert_eq!(names.len(), 11, "{names:?}");
+    assert!(
+        names[..6].iter().all(|n| n.starts_with("LR peer")),
+        "{names:?}"
+    );
+    assert!(names[3..6].iter().all(|n| n.ends_with("5-fold thresholds")));
+    assert!(names[9].starts_with("early-fusion teacher"), "{names:?}");
+    assert!(names[10].starts_with("early-fusion student"), "{names:?}");
+    for r in runs.as_array().unwrap() {
+        let macro_f1 = r["val"]["macro_f1"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&macro_f1), "{r}");
+    }
+    let peers: Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("peers.json")).unwrap()).unwrap();
+    let spread = peers["spread"].as_array().unwrap();
+    assert_eq!(spread.len(), 3);
+    for s in spread {
+        let genres = s["per_genre"].as_object().unwrap();
+        assert_eq!(genres.len(), 18);
+        assert!(
+            genres.values().all(|t| t.as_array().unwrap().len() == 5),
+            "{s}"
+        );
+        assert!(s["mean_sd"].as_f64().unwrap() <= s["max_sd"].as_f64().unwrap());
+    }
     let spec: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
     assert_eq!(spec["thresholds"].as_array().unwrap().len(), 18);
