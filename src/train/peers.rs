@@ -21,6 +21,7 @@ use super::recipe::Ablation;
 use super::tokens::TokenSet;
 use crate::infer::TEXT_DIM;
 use crate::nn::efficientnet::FEATURE_DIM;
+use crate::util::progress::note;
 use anyhow::{Context, Result};
 use linfa::DatasetBase;
 use linfa::traits::Fit;
@@ -274,6 +275,9 @@ pub struct PeerData<'a> {
     pub y_val: &'a [u8],
 }
 
+/// The peers, in the order `Pair::scores` returns them.
+const TEXT: usize = 0;
+const POSTER: usize = 1;
 const NAMES: [&str; 3] = [
     "LR peer: text (MiniLM-L6 mean-pool)",
     "LR peer: poster (EfficientNet-Lite0 pooled, 224x336)",
@@ -282,48 +286,43 @@ const NAMES: [&str; 3] = [
 
 /// Fits and scores the peers two ways: thresholds on the tune films (as the
 /// networks), and on out-of-fold scores over all training films.
-pub fn run(d: &PeerData, labels: &[String], progress: impl Fn(&str)) -> Result<PeerReport> {
+pub fn run(d: &PeerData, labels: &[String]) -> Result<PeerReport> {
     let k = labels.len();
     let val_rows: Vec<usize> = (0..d.val.n).collect();
-    let y_of = |y: &[u8], rows: &[usize]| -> Vec<u8> {
-        rows.iter()
-            .flat_map(|&r| y[r * k..(r + 1) * k].iter().copied())
-            .collect()
-    };
     let eval = |s: &[f32], t: &[f32]| report(&decide_all(s, t), d.y_val, labels);
-    let rows_for = |peer: usize, rows: &[usize]| match peer {
-        1 => rows.to_vec(),
-        _ => d.train.with_text(rows),
-    };
-    // Per peer: the threshold-tuning rows and their scores, the val scores.
-    let pick = |s: &[Vec<f32>; 3], rows: &[usize], peer: usize| -> Vec<f32> {
-        let keep = rows_for(peer, rows);
-        let pos: BTreeMap<usize, usize> = rows.iter().enumerate().map(|(i, &r)| (r, i)).collect();
-        keep.iter()
-            .flat_map(|r| s[peer][pos[r] * k..(pos[r] + 1) * k].iter().copied())
-            .collect()
+    // Thresholds of one peer from its scores `s` of training `rows` (row i of `s` is
+    // rows[i]); the text and late-fusion peers are tuned on the rows with text, as
+    // the networks are.
+    let tuned = |s: &[f32], rows: &[usize], peer: usize| -> Vec<f32> {
+        let keep: Vec<usize> = (0..rows.len())
+            .filter(|&i| peer == POSTER || d.train.has_text[rows[i]])
+            .collect();
+        let scores: Vec<f32> = keep
+            .iter()
+            .flat_map(|&i| s[i * k..(i + 1) * k].iter().copied())
+            .collect();
+        let truth: Vec<u8> = keep
+            .iter()
+            .flat_map(|&i| d.y_train[rows[i] * k..(rows[i] + 1) * k].iter().copied())
+            .collect();
+        tune_thresholds(&scores, &truth, k)
     };
     let mut ablations = Vec::new();
 
     // As the networks: fit on the fit films, thresholds on the tune films.
-    progress("LR peers: fit films, thresholds on the tune films");
+    note("LR peers: fit films, thresholds on the tune films");
     let start = Instant::now();
     let pair = Pair::fit(d.train, d.fit, d.y_train, k)?;
     let tune_s = pair.scores(d.train, d.tune);
     let val_s = pair.scores(d.val, &val_rows);
-    let t: Vec<Vec<f32>> = (0..3)
-        .map(|p| {
-            let rows = rows_for(p, d.tune);
-            tune_thresholds(&pick(&tune_s, d.tune, p), &y_of(d.y_train, &rows), k)
-        })
-        .collect();
+    let t: Vec<Vec<f32>> = (0..3).map(|p| tuned(&tune_s[p], d.tune, p)).collect();
     let seconds = start.elapsed().as_secs_f64();
-    let poster_val = eval(&val_s[1], &t[1]);
+    let poster_val = eval(&val_s[POSTER], &t[POSTER]);
     for p in 0..3 {
         ablations.push(row(
             NAMES[p].into(),
             eval(&val_s[p], &t[p]),
-            (p > 0).then(|| poster_val.clone()),
+            (p != TEXT).then(|| poster_val.clone()),
             seconds,
         ));
     }
@@ -334,7 +333,7 @@ pub fn run(d: &PeerData, labels: &[String], progress: impl Fn(&str)) -> Result<P
     let mut oof: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0f32; d.train.n * k]);
     let mut fold_thresholds: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
     for f in 0..FOLDS {
-        progress(&format!("LR peers: fold {}/{FOLDS}", f + 1));
+        note(&format!("LR peers: fold {}/{FOLDS}", f + 1));
         let (held, kept): (Vec<usize>, Vec<usize>) =
             all.iter().copied().partition(|&r| d.fold[r] == f);
         if held.is_empty() || kept.is_empty() {
@@ -347,29 +346,19 @@ pub fn run(d: &PeerData, labels: &[String], progress: impl Fn(&str)) -> Result<P
             }
         }
         for (p, ft) in fold_thresholds.iter_mut().enumerate() {
-            let rows = rows_for(p, &held);
-            ft.push(tune_thresholds(
-                &pick(&s, &held, p),
-                &y_of(d.y_train, &rows),
-                k,
-            ));
+            ft.push(tuned(&s[p], &held, p));
         }
     }
-    progress("LR peers: all training films, out-of-fold thresholds");
-    let t_oof: Vec<Vec<f32>> = (0..3)
-        .map(|p| {
-            let rows = rows_for(p, &all);
-            tune_thresholds(&pick(&oof, &all, p), &y_of(d.y_train, &rows), k)
-        })
-        .collect();
+    note("LR peers: all training films, out-of-fold thresholds");
+    let t_oof: Vec<Vec<f32>> = (0..3).map(|p| tuned(&oof[p], &all, p)).collect();
     let full = Pair::fit(d.train, &all, d.y_train, k)?.scores(d.val, &val_rows);
     let seconds = start.elapsed().as_secs_f64();
-    let poster_val = eval(&full[1], &t_oof[1]);
+    let poster_val = eval(&full[POSTER], &t_oof[POSTER]);
     for p in 0..3 {
         ablations.push(row(
             format!("{}, {FOLDS}-fold thresholds", NAMES[p]),
             eval(&full[p], &t_oof[p]),
-            (p > 0).then(|| poster_val.clone()),
+            (p != TEXT).then(|| poster_val.clone()),
             seconds,
         ));
     }

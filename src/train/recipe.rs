@@ -246,7 +246,6 @@ fn peers(data: &Data, labels: &[String]) -> Result<PeerReport> {
             y_val: &data.val.y,
         },
         labels,
-        note,
     )
 }
 
