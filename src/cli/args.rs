@@ -120,11 +120,14 @@ pub struct TrainArgs {
     /// single-modality networks too. Nothing is bundled.
     #[arg(long, value_enum, conflicts_with = "extract_only")]
     pub only: Option<OnlyArg>,
+    /// Epochs without a better tune macro-F1 before a network stops.
+    #[arg(long, default_value_t = 3, value_parser = in_range::<1, 1000>)]
+    pub patience: usize,
     /// Learning-rate schedule of the networks.
-    #[arg(long, value_enum, default_value = "constant")]
+    #[arg(long, value_enum, default_value = "warmup-cosine")]
     pub schedule: ScheduleArg,
     /// Weight of each genre's positives in the networks' loss.
-    #[arg(long, value_enum, default_value = "one")]
+    #[arg(long, value_enum, default_value = "sqrt-ratio")]
     pub positives: PositivesArg,
     #[command(flatten)]
     pub captions: CaptionSourceArgs,

@@ -37,6 +37,15 @@ impl fmt::Display for TrainReport {
             TrainReport::Trained(rows) => rows,
             TrainReport::Peers(p) => {
                 table(f, &p.ablations)?;
+                writeln!(f, "\nalpha chosen on the tune films' macro-F1:")?;
+                for a in &p.alpha_search {
+                    write!(
+                        f,
+                        "\n{:<72} alpha {:>7} tune macro {:.4}",
+                        a.peer, a.alpha, a.tune_macro_f1
+                    )?;
+                }
+                writeln!(f)?;
                 writeln!(
                     f,
                     "\nthreshold spread over {} folds (sd of the per-fold thresholds):",
@@ -96,6 +105,7 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
     };
     opts.fusion.epochs = a.epochs;
     opts.fusion.seed = a.seed;
+    opts.fusion.patience = a.patience;
     opts.fusion.schedule = a.schedule.into();
     opts.fusion.positives = a.positives.into();
     if let Some(only) = a.only {

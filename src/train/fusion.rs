@@ -111,11 +111,11 @@ impl Default for FusionOptions {
             lr: 1e-3,
             weight_decay: 0.05,
             seed: 42,
-            patience: 2,
+            patience: 3,
             text_dropout: 0.3,
             image_dropout: 0.1,
-            schedule: Schedule::Constant,
-            positives: PositiveWeight::One,
+            schedule: Schedule::WarmupCosine,
+            positives: PositiveWeight::SqrtRatio,
         }
     }
 }

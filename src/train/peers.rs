@@ -8,11 +8,14 @@
 //!   network's own global pooling);
 //! - late fusion: the mean of the two probabilities (the poster's alone without text).
 //!
-//! One L2-regularised logistic regression per genre: linfa-logistic's L-BFGS with
-//! alpha 1 on standardised features (scikit-learn's defaults, C = 1). Thresholds are
-//! tuned exactly as the networks' are, on the held-out tune films. Beside them, the
-//! same peers with thresholds tuned on out-of-fold scores over all training films
-//! (k-fold by film), and how far the per-fold thresholds move.
+//! One L2-regularised logistic regression per genre: linfa-logistic's L-BFGS on
+//! standardised features. Each peer picks its L2 weight (alpha) from a grid by its
+//! macro-F1 on the held-out tune films, the way the networks pick their epoch:
+//! scikit-learn's default (alpha 1) is far too weak for 384 and 1280 dense features
+//! and 1-3 % positives (docs/accuracy.md). Thresholds are tuned exactly as the
+//! networks' are, on the tune films. Beside them, the same peers with thresholds
+//! tuned on out-of-fold scores over all training films (k-fold by film), and how far
+//! the per-fold thresholds move.
 
 use super::TUNE_EVERY;
 use super::manifest::stable_hash;
@@ -34,8 +37,9 @@ use std::time::Instant;
 
 /// Folds of the out-of-fold threshold tuning.
 pub const FOLDS: usize = 5;
-/// L2 weight on standardised features (scikit-learn's C = 1).
-const ALPHA: f64 = 1.0;
+/// L2 weights on standardised features that each peer chooses from (scikit-learn's
+/// C = 1 down to C = 1e-4).
+pub const ALPHAS: [f64; 5] = [1.0, 10.0, 100.0, 1000.0, 10000.0];
 /// L-BFGS iterations per genre (scikit-learn's default for lbfgs).
 const MAX_ITERATIONS: u64 = 100;
 
@@ -126,7 +130,7 @@ struct Peer {
 
 impl Peer {
     /// Fits on `rows` of `x` (`[n, dim]`), with labels `y` (`[n, k]`).
-    fn fit(x: &[f32], dim: usize, rows: &[usize], y: &[u8], k: usize) -> Result<Self> {
+    fn fit(x: &[f32], dim: usize, rows: &[usize], y: &[u8], k: usize, alpha: f64) -> Result<Self> {
         let (mut mean, mut var) = (vec![0f64; dim], vec![0f64; dim]);
         for &r in rows {
             for (m, &v) in mean.iter_mut().zip(&x[r * dim..(r + 1) * dim]) {
@@ -163,7 +167,7 @@ impl Peer {
                 }
                 let data = DatasetBase::new(records.view(), target);
                 LogisticRegression::default()
-                    .alpha(ALPHA)
+                    .alpha(alpha)
                     .max_iterations(MAX_ITERATIONS)
                     .fit(&data)
                     .map(GenreFit::Lr)
@@ -210,10 +214,11 @@ struct Pair {
 }
 
 impl Pair {
-    fn fit(p: &Pooled, rows: &[usize], y: &[u8], k: usize) -> Result<Self> {
+    /// `alpha`: the text peer's, then the poster peer's.
+    fn fit(p: &Pooled, rows: &[usize], y: &[u8], k: usize, alpha: [f64; 2]) -> Result<Self> {
         Ok(Pair {
-            text: Peer::fit(&p.text, TEXT_DIM, &p.with_text(rows), y, k)?,
-            poster: Peer::fit(&p.poster, FEATURE_DIM, rows, y, k)?,
+            text: Peer::fit(&p.text, TEXT_DIM, &p.with_text(rows), y, k, alpha[TEXT])?,
+            poster: Peer::fit(&p.poster, FEATURE_DIM, rows, y, k, alpha[POSTER])?,
         })
     }
 
@@ -254,10 +259,22 @@ pub struct ThresholdSpread {
     pub per_genre: BTreeMap<String, Vec<f32>>,
 }
 
-/// The peers' rows of the ablation table, and the threshold spread of each peer.
+/// One point of the alpha grid: a peer's macro-F1 on the tune films.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlphaTrial {
+    pub peer: String,
+    pub alpha: f64,
+    pub tune_macro_f1: f64,
+}
+
+/// The peers' rows of the ablation table, the alpha each peer chose, and the
+/// threshold spread of each peer.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerReport {
     pub ablations: Vec<Ablation>,
+    /// The text peer's alpha, then the poster peer's.
+    pub alpha: [f64; 2],
+    pub alpha_search: Vec<AlphaTrial>,
     pub folds: usize,
     pub spread: Vec<ThresholdSpread>,
 }
@@ -291,9 +308,9 @@ pub fn run(d: &PeerData, labels: &[String]) -> Result<PeerReport> {
     let val_rows: Vec<usize> = (0..d.val.n).collect();
     let eval = |s: &[f32], t: &[f32]| report(&decide_all(s, t), d.y_val, labels);
     // Thresholds of one peer from its scores `s` of training `rows` (row i of `s` is
-    // rows[i]); the text and late-fusion peers are tuned on the rows with text, as
-    // the networks are.
-    let tuned = |s: &[f32], rows: &[usize], peer: usize| -> Vec<f32> {
+    // rows[i]), and the macro-F1 they reach on those rows; the text and late-fusion
+    // peers are tuned on the rows with text, as the networks are.
+    let tuned = |s: &[f32], rows: &[usize], peer: usize| -> (Vec<f32>, f64) {
         let keep: Vec<usize> = (0..rows.len())
             .filter(|&i| peer == POSTER || d.train.has_text[rows[i]])
             .collect();
@@ -305,17 +322,45 @@ pub fn run(d: &PeerData, labels: &[String]) -> Result<PeerReport> {
             .iter()
             .flat_map(|&i| d.y_train[rows[i] * k..(rows[i] + 1) * k].iter().copied())
             .collect();
-        tune_thresholds(&scores, &truth, k)
+        let t = tune_thresholds(&scores, &truth, k);
+        let f1 = report(&decide_all(&scores, &t), &truth, labels).macro_f1;
+        (t, f1)
     };
     let mut ablations = Vec::new();
 
-    // As the networks: fit on the fit films, thresholds on the tune films.
-    note("LR peers: fit films, thresholds on the tune films");
+    // As the networks: fit on the fit films, alpha and thresholds on the tune films.
     let start = Instant::now();
-    let pair = Pair::fit(d.train, d.fit, d.y_train, k)?;
+    let mut alpha_search = Vec::new();
+    // Per peer: (tune macro-F1, alpha, the fitted peer).
+    let mut best: [Option<(f64, f64, Peer)>; 2] = [None, None];
+    for (i, &alpha) in ALPHAS.iter().enumerate() {
+        note(&format!(
+            "LR peers: alpha {alpha} ({}/{}), fit films, tune-film macro-F1",
+            i + 1,
+            ALPHAS.len()
+        ));
+        let pair = Pair::fit(d.train, d.fit, d.y_train, k, [alpha; 2])?;
+        let s = pair.scores(d.train, d.tune);
+        for (p, peer) in [(TEXT, pair.text), (POSTER, pair.poster)] {
+            let f1 = tuned(&s[p], d.tune, p).1;
+            alpha_search.push(AlphaTrial {
+                peer: NAMES[p].into(),
+                alpha,
+                tune_macro_f1: f1,
+            });
+            if best[p].as_ref().is_none_or(|b| f1 > b.0) {
+                best[p] = Some((f1, alpha, peer));
+            }
+        }
+    }
+    let [Some((_, alpha_text, text)), Some((_, alpha_poster, poster))] = best else {
+        unreachable!("the alpha grid is not empty");
+    };
+    let alpha = [alpha_text, alpha_poster];
+    let pair = Pair { text, poster };
     let tune_s = pair.scores(d.train, d.tune);
     let val_s = pair.scores(d.val, &val_rows);
-    let t: Vec<Vec<f32>> = (0..3).map(|p| tuned(&tune_s[p], d.tune, p)).collect();
+    let t: Vec<Vec<f32>> = (0..3).map(|p| tuned(&tune_s[p], d.tune, p).0).collect();
     let seconds = start.elapsed().as_secs_f64();
     let poster_val = eval(&val_s[POSTER], &t[POSTER]);
     for p in 0..3 {
@@ -339,19 +384,19 @@ pub fn run(d: &PeerData, labels: &[String]) -> Result<PeerReport> {
         if held.is_empty() || kept.is_empty() {
             continue;
         }
-        let s = Pair::fit(d.train, &kept, d.y_train, k)?.scores(d.train, &held);
+        let s = Pair::fit(d.train, &kept, d.y_train, k, alpha)?.scores(d.train, &held);
         for (i, &r) in held.iter().enumerate() {
             for p in 0..3 {
                 oof[p][r * k..(r + 1) * k].copy_from_slice(&s[p][i * k..(i + 1) * k]);
             }
         }
         for (p, ft) in fold_thresholds.iter_mut().enumerate() {
-            ft.push(tuned(&s[p], &held, p));
+            ft.push(tuned(&s[p], &held, p).0);
         }
     }
     note("LR peers: all training films, out-of-fold thresholds");
-    let t_oof: Vec<Vec<f32>> = (0..3).map(|p| tuned(&oof[p], &all, p)).collect();
-    let full = Pair::fit(d.train, &all, d.y_train, k)?.scores(d.val, &val_rows);
+    let t_oof: Vec<Vec<f32>> = (0..3).map(|p| tuned(&oof[p], &all, p).0).collect();
+    let full = Pair::fit(d.train, &all, d.y_train, k, alpha)?.scores(d.val, &val_rows);
     let seconds = start.elapsed().as_secs_f64();
     let poster_val = eval(&full[POSTER], &t_oof[POSTER]);
     for p in 0..3 {
@@ -367,6 +412,8 @@ pub fn run(d: &PeerData, labels: &[String]) -> Result<PeerReport> {
         .collect();
     Ok(PeerReport {
         ablations,
+        alpha,
+        alpha_search,
         folds: FOLDS,
         spread,
     })
@@ -427,7 +474,7 @@ mod tests {
         let present = (0..n).filter(|&r| y[r * k] == 1).count();
         assert!(present > 20 && present < n / 2, "{present}");
         let rows: Vec<usize> = (0..n).collect();
-        let peer = Peer::fit(&x, dim, &rows, &y, k).unwrap();
+        let peer = Peer::fit(&x, dim, &rows, &y, k, 1.0).unwrap();
         let s = peer.scores(&x, &rows);
         let right = (0..n)
             .filter(|&r| (s[r * k] > 0.5) == (y[r * k] == 1))

@@ -223,6 +223,30 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     }
     let peers: Value =
         serde_json::from_str(&std::fs::read_to_string(work.join("peers.json")).unwrap()).unwrap();
+    // Each of the two peers chose the alpha of its best tune-film macro-F1.
+    let trials = peers["alpha_search"].as_array().unwrap();
+    assert_eq!(trials.len(), 10, "{trials:?}");
+    for (p, prefix) in ["LR peer: text", "LR peer: poster"].iter().enumerate() {
+        let mine: Vec<&Value> = trials
+            .iter()
+            .filter(|t| t["peer"].as_str().unwrap().starts_with(prefix))
+            .collect();
+        assert_eq!(mine.len(), 5, "{prefix}");
+        let best = mine
+            .iter()
+            .map(|t| t["tune_macro_f1"].as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        let chosen = peers["alpha"][p].as_f64().unwrap();
+        let at_chosen = mine
+            .iter()
+            .find(|t| t["alpha"].as_f64().unwrap() == chosen)
+            .unwrap_or_else(|| panic!("{prefix}: alpha {chosen} is not in the grid"));
+        assert_eq!(
+            at_chosen["tune_macro_f1"].as_f64().unwrap(),
+            best,
+            "{prefix}"
+        );
+    }
     let spread = peers["spread"].as_array().unwrap();
     assert_eq!(spread.len(), 3);
     for s in spread {
