@@ -8,7 +8,7 @@ use marquee::caption::remote::Protocol;
 use marquee::caption::stage::Mode;
 use marquee::infer::task::Task;
 use marquee::train::fusion::{PositiveWeight, Schedule};
-use marquee::train::recipe::Until;
+use marquee::train::recipe::{Thresholds, Until};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -129,6 +129,13 @@ pub struct TrainArgs {
     /// Weight of each genre's positives in the networks' loss.
     #[arg(long, value_enum, default_value = "sqrt-ratio")]
     pub positives: PositivesArg,
+    /// Where the student's thresholds are tuned.
+    #[arg(long, value_enum, default_value = "tune")]
+    pub thresholds: ThresholdsArg,
+    /// Distil the student from this trained teacher (an earlier run's WORK/teacher)
+    /// instead of fitting the peers, the single-modality networks and a teacher.
+    #[arg(long, conflicts_with_all = ["only", "extract_only"])]
+    pub teacher: Option<PathBuf>,
     #[command(flatten)]
     pub captions: CaptionSourceArgs,
 }
@@ -314,6 +321,23 @@ pub enum OnlyArg {
     Peers,
     /// The peers and the single-modality networks (poster-only, text-only, late fusion).
     Ablations,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ThresholdsArg {
+    /// On the tune films alone.
+    Tune,
+    /// On the tune films and out-of-fold scores of all fit films (5 more students).
+    OutOfFold,
+}
+
+impl From<ThresholdsArg> for Thresholds {
+    fn from(t: ThresholdsArg) -> Self {
+        match t {
+            ThresholdsArg::Tune => Thresholds::Tune,
+            ThresholdsArg::OutOfFold => Thresholds::OutOfFold,
+        }
+    }
 }
 
 impl From<OnlyArg> for Until {

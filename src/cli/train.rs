@@ -106,6 +106,8 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
     opts.fusion.epochs = a.epochs;
     opts.fusion.seed = a.seed;
     opts.fusion.patience = a.patience;
+    opts.thresholds = a.thresholds.into();
+    opts.teacher_from = a.teacher;
     opts.fusion.schedule = a.schedule.into();
     opts.fusion.positives = a.positives.into();
     if let Some(only) = a.only {
@@ -145,13 +147,15 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
         work.join("ablations.json"),
         serde_json::to_string_pretty(&run.ablations)?,
     )?;
-    std::fs::write(
-        work.join("peers.json"),
-        serde_json::to_string_pretty(&run.peers)?,
-    )?;
+    if let Some(peers) = &run.peers {
+        std::fs::write(
+            work.join("peers.json"),
+            serde_json::to_string_pretty(peers)?,
+        )?;
+    }
     let Some((teacher, student)) = run.networks else {
-        return Ok(match opts.until {
-            Until::Peers => TrainReport::Peers(run.peers),
+        return Ok(match (opts.until, run.peers) {
+            (Until::Peers, Some(peers)) => TrainReport::Peers(peers),
             _ => TrainReport::Trained(run.ablations),
         });
     };

@@ -7,7 +7,7 @@ use super::fit_tune_split;
 use super::fusion::{self, FusionOptions, Role, Trained, View};
 use super::manifest::{Manifest, Row, multi_hot};
 use super::metrics::{Report, decide_all, report, tune_thresholds};
-use super::peers::{self, PeerData, PeerReport, Pooled, fold_of};
+use super::peers::{self, FOLDS, PeerData, PeerReport, Pooled, fold_of};
 use super::tokens::{STUDENT_INPUT, STUDENT_TEXT_LAYERS, TEACHER_INPUT, TEACHER_TEXT_LAYERS};
 use super::tokens::{TokenSet, extract_tokens};
 use crate::infer::labels::labels;
@@ -19,7 +19,7 @@ use crate::util::progress::note;
 use anyhow::{Result, bail};
 use burn::prelude::*;
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RecipeOptions {
@@ -32,6 +32,22 @@ pub struct RecipeOptions {
     pub fusion: FusionOptions,
     /// How far the recipe goes.
     pub until: Until,
+    /// Where the student's thresholds are tuned.
+    pub thresholds: Thresholds,
+    /// Distil from this trained teacher (an earlier run's `WORK/teacher`) instead of
+    /// fitting the peers, the single-modality networks and a teacher.
+    pub teacher_from: Option<PathBuf>,
+}
+
+/// Where the student's per-genre thresholds are tuned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Thresholds {
+    /// On the tune films alone (981 rows), as every other network's.
+    Tune,
+    /// On the tune films and on out-of-fold scores of all fit films: one more
+    /// student per fold, each trained without the films it scores.
+    OutOfFold,
 }
 
 /// The last step a run takes (experiments stop early; only `Student` bundles a model).
@@ -55,6 +71,8 @@ impl Default for RecipeOptions {
             fit_limit: 0,
             fusion: FusionOptions::default(),
             until: Until::Student,
+            thresholds: Thresholds::Tune,
+            teacher_from: None,
         }
     }
 }
@@ -74,7 +92,8 @@ pub struct Ablation {
 pub struct RecipeOutput {
     /// The peers' rows first, then the networks'.
     pub ablations: Vec<Ablation>,
-    pub peers: PeerReport,
+    /// None when the run distils from an earlier teacher.
+    pub peers: Option<PeerReport>,
     /// The teacher and the student, when the run goes that far.
     pub networks: Option<(Ensemble, Ensemble)>,
 }
@@ -258,16 +277,29 @@ pub fn run(
     let labels = labels();
     let k = labels.len();
     let data = load(manifest_path, cache, device, opts, &labels)?;
-    let peer_report = peers(&data, &labels)?;
-    let early = |ablations: Vec<Ablation>, peers: PeerReport| RecipeOutput {
+    let peer_report = match opts.teacher_from {
+        None => Some(peers(&data, &labels)?),
+        Some(_) => None,
+    };
+    let early = |ablations: Vec<Ablation>, peers: Option<PeerReport>| RecipeOutput {
         ablations,
         peers,
         networks: None,
     };
+    let mut ablations = peer_report
+        .as_ref()
+        .map(|p| p.ablations.clone())
+        .unwrap_or_default();
     if opts.until == Until::Peers {
-        return Ok(early(peer_report.ablations.clone(), peer_report));
+        return Ok(early(ablations, peer_report));
     }
-    let Data { fit, tune, val, .. } = data;
+    let Data {
+        fit_rows,
+        fit,
+        tune,
+        val,
+        ..
+    } = data;
 
     let hard =
         |p: &Part, idx: &[usize]| -> Vec<f32> { p.y_of(idx).iter().map(|&v| v as f32).collect() };
@@ -304,86 +336,101 @@ pub fn run(
     let y_tune_text = tune.y_of(&tune.with_text);
     let y_tune_all = tune.y_of(&tune.all);
     let y_val = val.y_of(&val.all);
-    let mut ablations = peer_report.ablations.clone();
 
     // Single-modality models and their late fusion.
-    let c_poster = fusion::config(Role::Teacher, true, false, k);
-    let poster = train_one(
-        &c_poster,
-        Role::Teacher,
-        &fit.all,
-        &hard(&fit, &fit.all),
-        opts.seed,
-        "poster-only",
-    );
-    let c_text = fusion::config(Role::Teacher, false, true, k);
-    let text = train_one(
-        &c_text,
-        Role::Teacher,
-        &fit.with_text,
-        &hard(&fit, &fit.with_text),
-        opts.seed,
-        "text-only",
-    );
-    // One network, plain view, text as given.
-    let single = |m: &EarlyFusion, c: &FusionConfig, p: &Part, rows: &[usize]| {
-        ensemble_scores(&[m], c, p, rows, Role::Teacher, false, false, device)
-    };
-    let s_poster_tune = single(&poster.model, &c_poster, &tune, &tune.with_text);
-    let s_text_tune = single(&text.model, &c_text, &tune, &tune.with_text);
-    let s_poster_val = single(&poster.model, &c_poster, &val, &val.all);
-    let s_text_val = single(&text.model, &c_text, &val, &val.all);
-    let t_poster = tuned(
-        &single(&poster.model, &c_poster, &tune, &tune.all),
-        &y_tune_all,
-        k,
-    );
-    ablations.push(Ablation {
-        name: "poster-only".into(),
-        val: eval(&s_poster_val, &t_poster, &y_val, &labels),
-        val_text_less: Some(eval(&s_poster_val, &t_poster, &y_val, &labels)),
-        best_epochs: vec![poster.best_epoch],
-        train_seconds: poster.seconds,
-    });
-    ablations.push(Ablation {
-        name: "text-only".into(),
-        val: eval(&s_text_val, &text.thresholds, &y_val, &labels),
-        val_text_less: None,
-        best_epochs: vec![text.best_epoch],
-        train_seconds: text.seconds,
-    });
-    let late = |a: &[f32], b: &[f32]| -> Vec<f32> {
-        a.iter().zip(b).map(|(x, y)| 0.5 * (x + y)).collect()
-    };
-    let t_late = tuned(&late(&s_poster_tune, &s_text_tune), &y_tune_text, k);
-    ablations.push(Ablation {
-        name: "late fusion (mean of the two)".into(),
-        val: eval(&late(&s_poster_val, &s_text_val), &t_late, &y_val, &labels),
-        val_text_less: Some(eval(&s_poster_val, &t_poster, &y_val, &labels)),
-        best_epochs: vec![],
-        train_seconds: 0.0,
-    });
-
+    if opts.teacher_from.is_none() {
+        let c_poster = fusion::config(Role::Teacher, true, false, k);
+        let poster = train_one(
+            &c_poster,
+            Role::Teacher,
+            &fit.all,
+            &hard(&fit, &fit.all),
+            opts.seed,
+            "poster-only",
+        );
+        let c_text = fusion::config(Role::Teacher, false, true, k);
+        let text = train_one(
+            &c_text,
+            Role::Teacher,
+            &fit.with_text,
+            &hard(&fit, &fit.with_text),
+            opts.seed,
+            "text-only",
+        );
+        // One network, plain view, text as given.
+        let single = |m: &EarlyFusion, c: &FusionConfig, p: &Part, rows: &[usize]| {
+            ensemble_scores(&[m], c, p, rows, Role::Teacher, false, false, device)
+        };
+        let s_poster_tune = single(&poster.model, &c_poster, &tune, &tune.with_text);
+        let s_text_tune = single(&text.model, &c_text, &tune, &tune.with_text);
+        let s_poster_val = single(&poster.model, &c_poster, &val, &val.all);
+        let s_text_val = single(&text.model, &c_text, &val, &val.all);
+        let t_poster = tuned(
+            &single(&poster.model, &c_poster, &tune, &tune.all),
+            &y_tune_all,
+            k,
+        );
+        ablations.push(Ablation {
+            name: "poster-only".into(),
+            val: eval(&s_poster_val, &t_poster, &y_val, &labels),
+            val_text_less: Some(eval(&s_poster_val, &t_poster, &y_val, &labels)),
+            best_epochs: vec![poster.best_epoch],
+            train_seconds: poster.seconds,
+        });
+        ablations.push(Ablation {
+            name: "text-only".into(),
+            val: eval(&s_text_val, &text.thresholds, &y_val, &labels),
+            val_text_less: None,
+            best_epochs: vec![text.best_epoch],
+            train_seconds: text.seconds,
+        });
+        let late = |a: &[f32], b: &[f32]| -> Vec<f32> {
+            a.iter().zip(b).map(|(x, y)| 0.5 * (x + y)).collect()
+        };
+        let t_late = tuned(&late(&s_poster_tune, &s_text_tune), &y_tune_text, k);
+        ablations.push(Ablation {
+            name: "late fusion (mean of the two)".into(),
+            val: eval(&late(&s_poster_val, &s_text_val), &t_late, &y_val, &labels),
+            val_text_less: Some(eval(&s_poster_val, &t_poster, &y_val, &labels)),
+            best_epochs: vec![],
+            train_seconds: 0.0,
+        });
+    }
     if opts.until == Until::Ablations {
         return Ok(early(ablations, peer_report));
     }
 
     // The early-fusion teacher: an ensemble of seeds, scored with a mirror-image view too.
-    let c_teacher = fusion::config(Role::Teacher, true, true, k);
     let y_fit_all = hard(&fit, &fit.all);
-    let members: Vec<Trained> = (0..opts.teacher_members)
-        .map(|m| {
-            train_one(
-                &c_teacher,
-                Role::Teacher,
-                &fit.all,
-                &y_fit_all,
-                opts.seed + m as u64,
-                &format!("teacher {}/{}", m + 1, opts.teacher_members),
-            )
-        })
-        .collect();
-    let refs: Vec<&EarlyFusion> = members.iter().map(|t| &t.model).collect();
+    let (c_teacher, members, best_epochs, seconds) = match &opts.teacher_from {
+        Some(dir) => {
+            let t = ModelDir::load(dir, device)?;
+            if t.spec.image_input != TEACHER_INPUT || t.spec.text_layers != TEACHER_TEXT_LAYERS {
+                bail!("{} is not a teacher of this recipe", dir.display());
+            }
+            (t.spec.fusion, t.members, vec![], 0.0)
+        }
+        None => {
+            let c_teacher = fusion::config(Role::Teacher, true, true, k);
+            let trained: Vec<Trained> = (0..opts.teacher_members)
+                .map(|m| {
+                    train_one(
+                        &c_teacher,
+                        Role::Teacher,
+                        &fit.all,
+                        &y_fit_all,
+                        opts.seed + m as u64,
+                        &format!("teacher {}/{}", m + 1, opts.teacher_members),
+                    )
+                })
+                .collect();
+            let epochs = trained.iter().map(|t| t.best_epoch).collect();
+            let seconds = trained.iter().map(|t| t.seconds).sum();
+            let models = trained.into_iter().map(|t| t.model).collect();
+            (c_teacher, models, epochs, seconds)
+        }
+    };
+    let refs: Vec<&EarlyFusion> = members.iter().collect();
     let teacher = finish(
         &refs,
         &c_teacher,
@@ -393,17 +440,18 @@ pub fn run(
         &val,
         &y_val,
         &labels,
+        None,
         device,
     );
     ablations.push(Ablation {
         name: format!(
             "early-fusion teacher ({} members, flip TTA, 224x336, MiniLM-L6)",
-            opts.teacher_members
+            members.len()
         ),
         val: teacher.1,
         val_text_less: Some(teacher.2),
-        best_epochs: members.iter().map(|t| t.best_epoch).collect(),
-        train_seconds: members.iter().map(|t| t.seconds).sum(),
+        best_epochs,
+        train_seconds: seconds,
     });
 
     // The student, on the teacher's soft labels for every training poster.
@@ -432,6 +480,52 @@ pub fn run(
         opts.seed,
         "student",
     );
+    // Out of fold: each fold's student is trained without the fit films it scores.
+    let oof = (opts.thresholds == Thresholds::OutOfFold).then(|| {
+        let fold: Vec<usize> = fit_rows.iter().map(|r| fold_of(&r.film)).collect();
+        let mut with_text = vec![0f32; fit.with_text.len() * k];
+        let mut text_less = vec![0f32; fit.all.len() * k];
+        for f in 0..FOLDS {
+            let kept: Vec<usize> = fit.all.iter().copied().filter(|&r| fold[r] != f).collect();
+            let t: Vec<f32> = kept
+                .iter()
+                .flat_map(|&r| targets[r * k..(r + 1) * k].iter().copied())
+                .collect();
+            let m = train_one(
+                &c_student,
+                Role::Student,
+                &kept,
+                &t,
+                opts.seed,
+                &format!("student, fold {}/{FOLDS}", f + 1),
+            )
+            .model;
+            for (rows, text_hidden, out) in [
+                (&fit.with_text, false, &mut with_text),
+                (&fit.all, true, &mut text_less),
+            ] {
+                let held: Vec<usize> = (0..rows.len()).filter(|&i| fold[rows[i]] == f).collect();
+                let held_rows: Vec<usize> = held.iter().map(|&i| rows[i]).collect();
+                let s = fusion::score(
+                    &m,
+                    &c_student,
+                    &fit.set,
+                    &held_rows,
+                    Role::Student,
+                    View::Plain,
+                    text_hidden,
+                    device,
+                );
+                for (j, &i) in held.iter().enumerate() {
+                    out[i * k..(i + 1) * k].copy_from_slice(&s[j * k..(j + 1) * k]);
+                }
+            }
+        }
+        OutOfFold {
+            with_text: (with_text, fit.y_of(&fit.with_text)),
+            text_less: (text_less, fit.y_of(&fit.all)),
+        }
+    });
     let student = finish(
         &[&st.model],
         &c_student,
@@ -441,10 +535,16 @@ pub fn run(
         &val,
         &y_val,
         &labels,
+        oof.as_ref(),
         device,
     );
     ablations.push(Ablation {
-        name: "early-fusion student (160x240, MiniLM-L3)".into(),
+        name: match opts.thresholds {
+            Thresholds::Tune => "early-fusion student (160x240, MiniLM-L3)".into(),
+            Thresholds::OutOfFold => {
+                format!("early-fusion student (160x240, MiniLM-L3), {FOLDS}-fold thresholds")
+            }
+        },
         val: student.1,
         val_text_less: Some(student.2),
         best_epochs: vec![st.best_epoch],
@@ -454,7 +554,7 @@ pub fn run(
         thresholds: teacher.0.0,
         thresholds_text_less: teacher.0.1,
         config: c_teacher,
-        members: members.into_iter().map(|t| t.model).collect(),
+        members,
     };
     let student_e = Ensemble {
         thresholds: student.0.0,
@@ -506,7 +606,15 @@ impl Ensemble {
     }
 }
 
-/// Tunes both threshold sets on tune rows and reports val with and without text.
+/// Out-of-fold scores of the fit rows, with their labels: the rows with text as
+/// given, and all rows with the text hidden.
+struct OutOfFold {
+    with_text: (Vec<f32>, Vec<u8>),
+    text_less: (Vec<f32>, Vec<u8>),
+}
+
+/// Tunes both threshold sets on tune rows (and out-of-fold fit rows, when given) and
+/// reports val with and without text.
 #[allow(clippy::too_many_arguments)]
 fn finish(
     e: &[&EarlyFusion],
@@ -517,13 +625,18 @@ fn finish(
     val: &Part,
     y_val: &[u8],
     labels: &[String],
+    oof: Option<&OutOfFold>,
     device: &Device,
 ) -> ((Vec<f32>, Vec<f32>), Report, Report) {
     let k = labels.len();
+    let with_oof = |s: Vec<f32>, y: Vec<u8>, extra: Option<&(Vec<f32>, Vec<u8>)>| match extra {
+        Some((xs, xy)) => tuned(&[s, xs.clone()].concat(), &[y, xy.clone()].concat(), k),
+        None => tuned(&s, &y, k),
+    };
     let s = ensemble_scores(e, c, tune, &tune.with_text, role, tta, false, device);
-    let t = tuned(&s, &tune.y_of(&tune.with_text), k);
+    let t = with_oof(s, tune.y_of(&tune.with_text), oof.map(|o| &o.with_text));
     let s_less = ensemble_scores(e, c, tune, &tune.all, role, tta, true, device);
-    let t_less = tuned(&s_less, &tune.y_of(&tune.all), k);
+    let t_less = with_oof(s_less, tune.y_of(&tune.all), oof.map(|o| &o.text_less));
     let v = ensemble_scores(e, c, val, &val.all, role, tta, false, device);
     let v_less = ensemble_scores(e, c, val, &val.all, role, tta, true, device);
     (

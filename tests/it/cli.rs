@@ -280,6 +280,47 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["n"], 12);
+
+    // A student alone, distilled from that teacher, with out-of-fold thresholds.
+    let (out2, work2) = (dir.join("model-oof"), dir.join("work-oof"));
+    let train_from = |teacher: &Path| {
+        marquee(&[
+            "train",
+            "--manifest",
+            m,
+            "--out",
+            out2.to_str().unwrap(),
+            "--work",
+            work2.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--thresholds",
+            "out-of-fold",
+            "--json",
+        ])
+    };
+    let o = train_from(&work.join("teacher"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let runs: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names[0].starts_with("early-fusion teacher"), "{names:?}");
+    assert!(names[1].ends_with("5-fold thresholds"), "{names:?}");
+    assert!(!work2.join("peers.json").exists());
+    assert!(out2.join("model.json").is_file());
+    // The student is not a teacher: a one-line error, nothing written.
+    std::fs::remove_dir_all(&out2).unwrap();
+    let o = train_from(&out);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is not a teacher"), "{}", stderr(&o));
+    assert!(!out2.exists());
 }
 
 #[test]
