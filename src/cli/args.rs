@@ -130,7 +130,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "sqrt-ratio")]
     pub positives: PositivesArg,
     /// Where the student's thresholds are tuned.
-    #[arg(long, value_enum, default_value = "tune")]
+    #[arg(long, value_enum, default_value = "out-of-fold")]
     pub thresholds: ThresholdsArg,
     /// Distil the student from this trained teacher (an earlier run's WORK/teacher)
     /// instead of fitting the peers, the single-modality networks and a teacher.

@@ -71,7 +71,7 @@ impl Default for RecipeOptions {
             fit_limit: 0,
             fusion: FusionOptions::default(),
             until: Until::Student,
-            thresholds: Thresholds::Tune,
+            thresholds: Thresholds::OutOfFold,
             teacher_from: None,
         }
     }

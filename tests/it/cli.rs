@@ -178,6 +178,15 @@ fn eval_reports_the_contract_keys() {
     assert_eq!(v["per_genre"].as_object().unwrap().len(), 18);
 }
 
+/// The model names of `train --json`'s ablation table, in order.
+fn row_names(runs: &Value) -> Vec<String> {
+    runs.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn train_writes_a_self_contained_student_that_eval_loads() {
     let dir = common::tmpdir("train");
@@ -201,12 +210,7 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let runs: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let names: Vec<&str> = runs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["name"].as_str().unwrap())
-        .collect();
+    let names = row_names(&runs);
     // The logistic-regression peers first (tune-film and out-of-fold thresholds),
     // then the networks.
     assert_eq!(names.len(), 11, "{names:?}");
@@ -303,13 +307,7 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     };
     let o = train_from(&work.join("teacher"));
     assert!(o.status.success(), "{}", stderr(&o));
-    let runs: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let names: Vec<&str> = runs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["name"].as_str().unwrap())
-        .collect();
+    let names = row_names(&serde_json::from_slice(&o.stdout).unwrap());
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names[0].starts_with("early-fusion teacher"), "{names:?}");
     assert!(names[1].ends_with("5-fold thresholds"), "{names:?}");
