@@ -40,8 +40,8 @@ def log(msg):
 def export(args, out):
     """Weights from `marquee models export`, then ONNX graphs, cached by the weights' hash."""
     spec = json.loads((args.model / "model.json").read_text())
-    if spec["members"] != 1 or spec.get("tta_flip"):
-        sys.exit("compare: the peer graphs cover one fusion member without flip TTA")
+    if spec.get("tta_flip"):
+        sys.exit("compare: the peer graphs cover fusion members without flip TTA")
     weights = out / "weights"
     subprocess.run([args.marquee, "models", "export", "--model", str(args.model), "--out", str(weights)],
                    check=True, stdout=subprocess.DEVNULL)
@@ -52,7 +52,8 @@ def export(args, out):
     onnx_dir = out / f"onnx-{tag}"
     size = spec["image_input"]
     fc = spec["fusion"]
-    if not (onnx_dir / "fusion.onnx").is_file():
+    members = spec["members"]
+    if not (onnx_dir / f"fusion_{members - 1}.onnx").is_file():
         log(f"compare: building ONNX graphs in {onnx_dir}")
         onnx_dir.mkdir(parents=True, exist_ok=True)
         img, cells = graphs.efficientnet(load_file(weights / "image_tower.safetensors"),
@@ -60,8 +61,9 @@ def export(args, out):
         onnx.save(img, onnx_dir / "image_tower.onnx")
         onnx.save(graphs.minilm(load_file(weights / "text_tower.safetensors"), spec["text_layers"]),
                   onnx_dir / "text_tower.onnx")
-        onnx.save(graphs.fusion(load_file(weights / "fusion_0.safetensors"), cells, fc["layers"],
-                                fc["heads"], fc["d_model"]), onnx_dir / "fusion.onnx")
+        for i in range(members):
+            onnx.save(graphs.fusion(load_file(weights / f"fusion_{i}.safetensors"), cells, fc["layers"],
+                                    fc["heads"], fc["d_model"]), onnx_dir / f"fusion_{i}.onnx")
     return onnx_dir, spec
 
 
@@ -97,13 +99,13 @@ def gflops(spec, text_len):
     text = lambda n: encoder(n, 384, 1536, spec["text_layers"]) / 1e9
     fc = spec["fusion"]
     n = 1 + cells + text_len
-    fusion = (2 * cells * 1280 * fc["d_model"] + 2 * text_len * 384 * fc["d_model"]
-              + encoder(n, fc["d_model"], fc["d_ff"], fc["layers"])) / 1e9
+    fusion = spec["members"] * (2 * cells * 1280 * fc["d_model"] + 2 * text_len * 384 * fc["d_model"]
+                                + encoder(n, fc["d_model"], fc["d_ff"], fc["layers"])) / 1e9
     return {"image_tower": image, "text_tower": text(text_len), "text_tower_128": text(128), "fusion": fusion}
 
 
 class Peer:
-    def __init__(self, onnx_dir, model_dir, threads):
+    def __init__(self, onnx_dir, model_dir, threads, members):
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -115,7 +117,8 @@ class Peer:
         t = time.perf_counter()
         self.image = ort.InferenceSession(str(onnx_dir / "image_tower.onnx"), so, providers=["CPUExecutionProvider"])
         self.text = ort.InferenceSession(str(onnx_dir / "text_tower.onnx"), so, providers=["CPUExecutionProvider"])
-        self.fusion = ort.InferenceSession(str(onnx_dir / "fusion.onnx"), so, providers=["CPUExecutionProvider"])
+        self.members = [ort.InferenceSession(str(onnx_dir / f"fusion_{i}.onnx"), so,
+                                             providers=["CPUExecutionProvider"]) for i in range(members)]
         # For the overlapped pipeline: the text session runs here while the image
         # session runs on the caller's thread (ORT releases the GIL inside run).
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -123,6 +126,15 @@ class Peer:
         self.tok.no_padding()
         self.tok.enable_truncation(128)
         self.load_ms = (time.perf_counter() - t) * 1e3
+
+    def fusion(self, tokens, hidden, overlapped=False):
+        """The members' sigmoid scores averaged, as Marquee averages them; overlapped,
+        the other members run on the pool's thread, as Marquee runs them side by side."""
+        feed = {"image": tokens, "text": hidden}
+        rest = [self.pool.submit(m.run, None, feed) for m in self.members[1:]] if overlapped else []
+        runs = [self.members[0].run(None, feed)[0]]
+        runs += [f.result()[0] for f in rest] if overlapped else [m.run(None, feed)[0] for m in self.members[1:]]
+        return sum(runs) / len(runs)
 
     def preprocess(self, img, width, height):
         if img.size != (width, height):
@@ -152,7 +164,7 @@ class Peer:
         lap("tokenize")
         hidden = self.text.run(None, {"ids": ids})[0]
         lap("text_tower")
-        scores = self.fusion.run(None, {"image": tokens, "text": hidden})[0]
+        scores = self.fusion(tokens, hidden)
         lap("fusion")
         times["total"] = (time.perf_counter() - t0) * 1e3
         return scores[0], times, ids.shape[1]
@@ -168,7 +180,7 @@ class Peer:
         text = self.pool.submit(self.text.run, None, {"ids": ids})
         tokens = self.image.run(None, {"image": x})[0]
         hidden = text.result()[0]
-        scores = self.fusion.run(None, {"image": tokens, "text": hidden})[0]
+        scores = self.fusion(tokens, hidden, overlapped=True)
         return scores[0], (time.perf_counter() - t0) * 1e3
 
     def text128(self, overview):
@@ -272,7 +284,7 @@ def main():
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     onnx_dir, spec = export(args, args.out)
-    peer = Peer(onnx_dir, args.model, args.threads)
+    peer = Peer(onnx_dir, args.model, args.threads, spec["members"])
     rel = parity(args, peer, spec, args.out, args.overview)
     log(f"compare: ONNX graphs match Marquee's scores (rel L2 {rel:.1e})")
     poster = args.poster.read_bytes()

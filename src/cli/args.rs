@@ -110,6 +110,9 @@ pub struct TrainArgs {
     /// Networks in the teacher ensemble.
     #[arg(long, default_value_t = 2, value_parser = in_range::<1, 16>)]
     pub teacher_members: usize,
+    /// Networks in the student ensemble (the shipped model).
+    #[arg(long, default_value_t = 2, value_parser = in_range::<1, 4>)]
+    pub student_members: usize,
     /// Use only the first N training rows (smoke tests); 0 = all.
     #[arg(long, default_value_t = 0)]
     pub fit_limit: usize,
@@ -129,6 +132,10 @@ pub struct TrainArgs {
     /// Weight of each genre's positives in the networks' loss.
     #[arg(long, value_enum, default_value = "sqrt-ratio")]
     pub positives: PositivesArg,
+    /// Share of the student's training rows with an overview whose overview is
+    /// hidden in a step, so that it learns the kiosk case (poster only).
+    #[arg(long, default_value_t = 0.5, value_parser = share)]
+    pub student_text_dropout: f64,
     /// Where the student's thresholds are tuned.
     #[arg(long, value_enum, default_value = "out-of-fold")]
     pub thresholds: ThresholdsArg,
@@ -285,6 +292,19 @@ fn in_range<const LO: usize, const HI: usize>(s: &str) -> Result<usize, String> 
         Ok(n)
     } else {
         Err(format!("{n} is outside {LO}..={HI}"))
+    }
+}
+
+/// A share within 0..=0.9 (a higher one would starve the text path).
+fn share(s: &str) -> Result<f64, String> {
+    let x: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=0.9).contains(&x) {
+        Ok(x)
+    } else {
+        Err(format!("{x} is outside 0..=0.9"))
     }
 }
 

@@ -100,6 +100,8 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
     let mut opts = RecipeOptions {
         seed: a.seed,
         teacher_members: a.teacher_members,
+        student_members: a.student_members,
+        student_text_dropout: a.student_text_dropout,
         fit_limit: a.fit_limit,
         ..Default::default()
     };

@@ -14,6 +14,7 @@ use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 use image::RgbImage;
+use rayon::prelude::*;
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -251,29 +252,41 @@ impl Classifier {
         let k = spec.fusion.classes;
         let mut scores = vec![0f32; k];
         let weight = 1.0 / (views.len() * self.model.members.len()) as f32;
-        for (i, m) in self.model.members.iter().enumerate() {
-            for v in &views {
-                let p = match self.fusion_host.get(i) {
-                    Some(host) => host
-                        .forward(v, &text)
-                        .into_iter()
-                        .map(|z| 1.0 / (1.0 + (-z).exp()))
-                        .collect(),
-                    None => {
-                        let row = FusionRow {
-                            image: &v[..],
-                            hide_image: false,
-                            text: &text[..],
-                        };
-                        sigmoid(m.forward(batch(&[row], cells, dev)))
-                            .into_data()
-                            .try_to_vec::<f32>()
-                            .expect("f32 scores")
-                    }
-                };
-                for (a, b) in scores.iter_mut().zip(p) {
-                    *a += b * weight;
-                }
+        let probs: Vec<Vec<f32>> = if self.fusion_host.is_empty() {
+            let members = self.model.members.iter();
+            members
+                .flat_map(|m| views.iter().map(move |v| (m, v)))
+                .map(|(m, v)| {
+                    let row = FusionRow {
+                        image: &v[..],
+                        hide_image: false,
+                        text: &text[..],
+                    };
+                    sigmoid(m.forward(batch(&[row], cells, dev)))
+                        .into_data()
+                        .try_to_vec::<f32>()
+                        .expect("f32 scores")
+                })
+                .collect()
+        } else {
+            let host = |(h, v): (&HostFusion, &Vec<f32>)| -> Vec<f32> {
+                let z = h.forward(v, &text);
+                z.into_iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect()
+            };
+            let runs: Vec<(&HostFusion, &Vec<f32>)> = self
+                .fusion_host
+                .iter()
+                .flat_map(|h| views.iter().map(move |v| (h, v)))
+                .collect();
+            match schedule {
+                // Members are independent, and one is too small to keep two cores busy.
+                Schedule::Overlapped => runs.into_par_iter().map(host).collect(),
+                Schedule::Sequential => runs.into_iter().map(host).collect(),
+            }
+        };
+        for p in probs {
+            for (a, b) in scores.iter_mut().zip(p) {
+                *a += b * weight;
             }
         }
         lap(&mut timings, "fusion", t);

@@ -25,6 +25,12 @@ use std::path::{Path, PathBuf};
 pub struct RecipeOptions {
     pub seed: u64,
     pub teacher_members: usize,
+    /// Networks in the student ensemble (seeds `seed`, `seed + 1`, ...).
+    pub student_members: usize,
+    /// The student's share of text rows trained without their text: higher than the
+    /// other networks' (`fusion.text_dropout`), because the student alone serves the
+    /// kiosk, where no overview comes with the poster.
+    pub student_text_dropout: f64,
     /// Weight of the hard labels in the student's targets (the rest is the teacher's).
     pub hard_weight: f32,
     /// Use only the first N fit rows (smoke tests); 0 = all.
@@ -67,6 +73,8 @@ impl Default for RecipeOptions {
         Self {
             seed: 42,
             teacher_members: 2,
+            student_members: 2,
+            student_text_dropout: 0.5,
             hard_weight: 0.5,
             fit_limit: 0,
             fusion: FusionOptions::default(),
@@ -318,6 +326,10 @@ pub fn run(
         let y_sel = tune.y_of(sel);
         let o = FusionOptions {
             seed,
+            text_dropout: match role {
+                Role::Student => opts.student_text_dropout,
+                Role::Teacher => opts.fusion.text_dropout,
+            },
             ..opts.fusion.clone()
         };
         fusion::train(
@@ -332,6 +344,20 @@ pub fn run(
             name,
             device,
         )
+    };
+    // `members` networks on all fit rows, seeds `seed`, `seed + 1`, ...
+    let ensemble = |c: &FusionConfig,
+                    role: Role,
+                    targets: &[f32],
+                    members: usize,
+                    name: &str|
+     -> Vec<Trained> {
+        (0..members)
+            .map(|m| {
+                let name = format!("{name} {}/{members}", m + 1);
+                train_one(c, role, &fit.all, targets, opts.seed + m as u64, &name)
+            })
+            .collect()
     };
     let y_tune_text = tune.y_of(&tune.with_text);
     let y_tune_all = tune.y_of(&tune.all);
@@ -412,18 +438,13 @@ pub fn run(
         }
         None => {
             let c_teacher = fusion::config(Role::Teacher, true, true, k);
-            let trained: Vec<Trained> = (0..opts.teacher_members)
-                .map(|m| {
-                    train_one(
-                        &c_teacher,
-                        Role::Teacher,
-                        &fit.all,
-                        &y_fit_all,
-                        opts.seed + m as u64,
-                        &format!("teacher {}/{}", m + 1, opts.teacher_members),
-                    )
-                })
-                .collect();
+            let trained = ensemble(
+                &c_teacher,
+                Role::Teacher,
+                &y_fit_all,
+                opts.teacher_members,
+                "teacher",
+            );
             let epochs = trained.iter().map(|t| t.best_epoch).collect();
             let seconds = trained.iter().map(|t| t.seconds).sum();
             let models = trained.into_iter().map(|t| t.model).collect();
@@ -472,15 +493,16 @@ pub fn run(
         .map(|(h, s)| opts.hard_weight * h + (1.0 - opts.hard_weight) * s)
         .collect();
     let c_student = fusion::config(Role::Student, true, true, k);
-    let st = train_one(
+    let students = ensemble(
         &c_student,
         Role::Student,
-        &fit.all,
         &targets,
-        opts.seed,
+        opts.student_members,
         "student",
     );
     // Out of fold: each fold's student is trained without the fit films it scores.
+    // One network per fold keeps the recipe inside its time budget; the tune films
+    // are scored by the whole ensemble.
     let oof = (opts.thresholds == Thresholds::OutOfFold).then(|| {
         let fold: Vec<usize> = fit_rows.iter().map(|r| fold_of(&r.film)).collect();
         let mut with_text = vec![0f32; fit.with_text.len() * k];
@@ -526,8 +548,9 @@ pub fn run(
             text_less: (text_less, fit.y_of(&fit.all)),
         }
     });
+    let student_refs: Vec<&EarlyFusion> = students.iter().map(|t| &t.model).collect();
     let student = finish(
-        &[&st.model],
+        &student_refs,
         &c_student,
         Role::Student,
         false,
@@ -539,16 +562,18 @@ pub fn run(
         device,
     );
     ablations.push(Ablation {
-        name: match opts.thresholds {
-            Thresholds::Tune => "early-fusion student (160x240, MiniLM-L3)".into(),
-            Thresholds::OutOfFold => {
-                format!("early-fusion student (160x240, MiniLM-L3), {FOLDS}-fold thresholds")
+        name: format!(
+            "early-fusion student ({} members, 160x240, MiniLM-L3){}",
+            students.len(),
+            match opts.thresholds {
+                Thresholds::Tune => String::new(),
+                Thresholds::OutOfFold => format!(", {FOLDS}-fold thresholds"),
             }
-        },
+        ),
         val: student.1,
         val_text_less: Some(student.2),
-        best_epochs: vec![st.best_epoch],
-        train_seconds: st.seconds,
+        best_epochs: students.iter().map(|t| t.best_epoch).collect(),
+        train_seconds: students.iter().map(|t| t.seconds).sum(),
     });
     let teacher_e = Ensemble {
         thresholds: teacher.0.0,
@@ -560,7 +585,7 @@ pub fn run(
         thresholds: student.0.0,
         thresholds_text_less: student.0.1,
         config: c_student,
-        members: vec![st.model],
+        members: students.into_iter().map(|t| t.model).collect(),
     };
     Ok(RecipeOutput {
         ablations,

@@ -220,7 +220,10 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     );
     assert!(names[3..6].iter().all(|n| n.ends_with("5-fold thresholds")));
     assert!(names[9].starts_with("early-fusion teacher"), "{names:?}");
-    assert!(names[10].starts_with("early-fusion student"), "{names:?}");
+    assert!(
+        names[10].starts_with("early-fusion student (2 members"),
+        "{names:?}"
+    );
     for r in runs.as_array().unwrap() {
         let macro_f1 = r["val"]["macro_f1"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&macro_f1), "{r}");
@@ -265,6 +268,8 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     let spec: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
     assert_eq!(spec["thresholds"].as_array().unwrap().len(), 18);
+    assert_eq!(spec["members"], 2);
+    assert!(out.join("fusion_1.bpk").is_file());
     assert!(spec["towers"]["bundled"]["vocab_size"].as_u64().unwrap() > 100);
     assert!(work.join("teacher/model.json").is_file());
     // The student runs from its folder alone: an empty cache is enough.
@@ -302,6 +307,10 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
             teacher.to_str().unwrap(),
             "--thresholds",
             "out-of-fold",
+            "--student-members",
+            "1",
+            "--student-text-dropout",
+            "0.4",
             "--json",
         ])
     };
@@ -312,13 +321,23 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     assert!(names[0].starts_with("early-fusion teacher"), "{names:?}");
     assert!(names[1].ends_with("5-fold thresholds"), "{names:?}");
     assert!(!work2.join("peers.json").exists());
-    assert!(out2.join("model.json").is_file());
+    let spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(out2.join("model.json")).unwrap()).unwrap();
+    assert_eq!(spec["members"], 1);
+    assert_eq!(
+        spec["training"]["options"]["student_text_dropout"], 0.4,
+        "{spec}"
+    );
     // The student is not a teacher: a one-line error, nothing written.
     std::fs::remove_dir_all(&out2).unwrap();
     let o = train_from(&out);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("is not a teacher"), "{}", stderr(&o));
     assert!(!out2.exists());
+    // A share of rows above 0.9 would starve the text path: refused at the door.
+    let o = marquee(&["train", "--manifest", m, "--student-text-dropout", "1.5"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("outside 0..=0.9"), "{}", stderr(&o));
 }
 
 #[test]
