@@ -9,6 +9,7 @@ use marquee::caption::remote::RemoteConfig;
 use marquee::caption::stage::{CaptionConfig, Mode, open};
 use marquee::infer::Captioner;
 use marquee::train::fusion::Role;
+use marquee::train::metrics::ThresholdSpread;
 use marquee::train::peers::PeerReport;
 use marquee::train::recipe::{self, Ablation, RecipeOptions, Until};
 use marquee::util::progress::note;
@@ -25,16 +26,26 @@ pub enum TrainReport {
     Captioned { manifest: PathBuf },
     /// `--only peers`: the peers' rows and threshold spread.
     Peers(PeerReport),
-    /// The ablation table on val (the peers' rows first).
-    Trained(Vec<Ablation>),
+    /// The ablation table on val (the peers' rows first), and how far each model's
+    /// per-genre thresholds move between the folds (the peers', then the student's).
+    Trained {
+        ablations: Vec<Ablation>,
+        threshold_spread: Vec<ThresholdSpread>,
+    },
 }
 
 impl fmt::Display for TrainReport {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let rows = match self {
-            TrainReport::Extracted { .. } => return Ok(()),
-            TrainReport::Captioned { manifest } => return write!(f, "{}", manifest.display()),
-            TrainReport::Trained(rows) => rows,
+        match self {
+            TrainReport::Extracted { .. } => Ok(()),
+            TrainReport::Captioned { manifest } => write!(f, "{}", manifest.display()),
+            TrainReport::Trained {
+                ablations,
+                threshold_spread,
+            } => {
+                table(f, ablations)?;
+                spread(f, threshold_spread)
+            }
             TrainReport::Peers(p) => {
                 table(f, &p.ablations)?;
                 writeln!(f, "\nalpha chosen on the tune films' macro-F1:")?;
@@ -46,23 +57,29 @@ impl fmt::Display for TrainReport {
                     )?;
                 }
                 writeln!(f)?;
-                writeln!(
-                    f,
-                    "\nthreshold spread over {} folds (sd of the per-fold thresholds):",
-                    p.folds
-                )?;
-                for s in &p.spread {
-                    write!(
-                        f,
-                        "\n{:<72} mean sd {:.3}, max {:.3} ({})",
-                        s.peer, s.mean_sd, s.max_sd, s.max_sd_genre
-                    )?;
-                }
-                return Ok(());
+                spread(f, &p.spread)
             }
-        };
-        table(f, rows)
+        }
     }
+}
+
+fn spread(f: &mut fmt::Formatter, spreads: &[ThresholdSpread]) -> fmt::Result {
+    if spreads.is_empty() {
+        return Ok(());
+    }
+    let folds = spreads[0].per_genre.values().next().map_or(0, Vec::len);
+    write!(
+        f,
+        "\n\nthreshold spread over {folds} folds (sd of the per-genre thresholds each fold tunes):"
+    )?;
+    for s in spreads {
+        write!(
+            f,
+            "\n{:<72} mean sd {:.3}, max {:.3} ({})",
+            s.model, s.mean_sd, s.max_sd, s.max_sd_genre
+        )?;
+    }
+    Ok(())
 }
 
 fn table(f: &mut fmt::Formatter, rows: &[Ablation]) -> fmt::Result {
@@ -155,10 +172,25 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
             serde_json::to_string_pretty(peers)?,
         )?;
     }
+    let threshold_spread: Vec<ThresholdSpread> = run
+        .peers
+        .iter()
+        .flat_map(|p| p.spread.iter().cloned())
+        .chain(run.student_spread.iter().cloned())
+        .collect();
+    if !run.student_spread.is_empty() {
+        std::fs::write(
+            work.join("student_spread.json"),
+            serde_json::to_string_pretty(&run.student_spread)?,
+        )?;
+    }
     let Some((teacher, student)) = run.networks else {
         return Ok(match (opts.until, run.peers) {
             (Until::Peers, Some(peers)) => TrainReport::Peers(peers),
-            _ => TrainReport::Trained(run.ablations),
+            _ => TrainReport::Trained {
+                ablations: run.ablations,
+                threshold_spread,
+            },
         });
     };
     let facts = serde_json::json!({
@@ -179,7 +211,10 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
         "trained in {:.1} min",
         start.elapsed().as_secs_f64() / 60.0
     ));
-    Ok(TrainReport::Trained(run.ablations))
+    Ok(TrainReport::Trained {
+        ablations: run.ablations,
+        threshold_spread,
+    })
 }
 
 /// The captioner `--captions` asks for; `None` for `none`. It is opened the way the

@@ -122,6 +122,49 @@ pub fn tune_thresholds(scores: &[f32], truth: &[u8], k: usize) -> Vec<f32> {
         .collect()
 }
 
+/// How far per-genre thresholds move when each fold of the training films tunes its
+/// own (on the scores of the films its model never saw).
+#[derive(Debug, Clone, Serialize)]
+pub struct ThresholdSpread {
+    pub model: String,
+    /// Standard deviation over the folds, averaged over the genres.
+    pub mean_sd: f64,
+    pub max_sd: f64,
+    pub max_sd_genre: String,
+    /// Per genre: the thresholds each fold chose.
+    pub per_genre: BTreeMap<String, Vec<f32>>,
+}
+
+impl ThresholdSpread {
+    /// The spread of `folds` (one threshold per genre each) for `model`.
+    pub fn of(model: &str, folds: &[Vec<f32>], labels: &[String]) -> Self {
+        let sd: Vec<f64> = (0..labels.len())
+            .map(|j| {
+                let v: Vec<f64> = folds.iter().map(|t| t[j] as f64).collect();
+                let m = v.iter().sum::<f64>() / v.len().max(1) as f64;
+                (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len().max(1) as f64).sqrt()
+            })
+            .collect();
+        let (max_j, max_sd) = sd
+            .iter()
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or((0, 0.0));
+        Self {
+            model: model.into(),
+            mean_sd: sd.iter().sum::<f64>() / sd.len().max(1) as f64,
+            max_sd,
+            max_sd_genre: labels.get(max_j).cloned().unwrap_or_default(),
+            per_genre: labels
+                .iter()
+                .enumerate()
+                .map(|(j, l)| (l.clone(), folds.iter().map(|t| t[j]).collect()))
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +194,17 @@ mod tests {
         let truth = [1, 1, 0, 0];
         let t = tune_thresholds(&scores, &truth, 1)[0];
         assert!(t > 0.3 && t <= 0.8, "threshold {t}");
+    }
+
+    #[test]
+    fn spread_is_the_population_sd_per_genre_and_names_the_widest() {
+        // g0: 0.2 and 0.4 (sd 0.1); g1: the same in both folds (sd 0).
+        let s = ThresholdSpread::of("m", &[vec![0.2, 0.5], vec![0.4, 0.5]], &labels(2));
+        assert!(
+            (s.max_sd - 0.1).abs() < 1e-6 && s.max_sd_genre == "g0",
+            "{s:?}"
+        );
+        assert!((s.mean_sd - 0.05).abs() < 1e-6, "{s:?}");
+        assert_eq!(s.per_genre["g1"], [0.5, 0.5]);
     }
 }

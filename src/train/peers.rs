@@ -19,7 +19,7 @@
 
 use super::TUNE_EVERY;
 use super::manifest::stable_hash;
-use super::metrics::{Report, decide_all, report, tune_thresholds};
+use super::metrics::{Report, ThresholdSpread, decide_all, report, tune_thresholds};
 use super::recipe::Ablation;
 use super::tokens::TokenSet;
 use crate::infer::TEXT_DIM;
@@ -32,7 +32,6 @@ use linfa_logistic::{FittedLogisticRegression, LogisticRegression};
 use ndarray::{Array1, Array2};
 use rayon::prelude::*;
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// Folds of the out-of-fold threshold tuning.
@@ -247,18 +246,6 @@ impl Pair {
     }
 }
 
-/// How far per-genre thresholds move when each fold tunes its own.
-#[derive(Debug, Clone, Serialize)]
-pub struct ThresholdSpread {
-    pub peer: String,
-    /// Standard deviation over the folds, averaged over the genres.
-    pub mean_sd: f64,
-    pub max_sd: f64,
-    pub max_sd_genre: String,
-    /// Per genre: the thresholds each fold chose.
-    pub per_genre: BTreeMap<String, Vec<f32>>,
-}
-
 /// One point of the alpha grid: a peer's macro-F1 on the tune films.
 #[derive(Debug, Clone, Serialize)]
 pub struct AlphaTrial {
@@ -408,7 +395,7 @@ pub fn run(d: &PeerData, labels: &[String]) -> Result<PeerReport> {
         ));
     }
     let spread = (0..3)
-        .map(|p| spread_of(NAMES[p], &fold_thresholds[p], labels))
+        .map(|p| ThresholdSpread::of(NAMES[p], &fold_thresholds[p], labels))
         .collect();
     Ok(PeerReport {
         ablations,
@@ -426,33 +413,6 @@ fn row(name: String, val: Report, text_less: Option<Report>, seconds: f64) -> Ab
         val_text_less: text_less,
         best_epochs: vec![],
         train_seconds: seconds,
-    }
-}
-
-fn spread_of(peer: &str, folds: &[Vec<f32>], labels: &[String]) -> ThresholdSpread {
-    let sd: Vec<f64> = (0..labels.len())
-        .map(|j| {
-            let v: Vec<f64> = folds.iter().map(|t| t[j] as f64).collect();
-            let m = v.iter().sum::<f64>() / v.len().max(1) as f64;
-            (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len().max(1) as f64).sqrt()
-        })
-        .collect();
-    let (max_j, max_sd) = sd
-        .iter()
-        .copied()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .unwrap_or((0, 0.0));
-    ThresholdSpread {
-        peer: peer.into(),
-        mean_sd: sd.iter().sum::<f64>() / sd.len().max(1) as f64,
-        max_sd,
-        max_sd_genre: labels.get(max_j).cloned().unwrap_or_default(),
-        per_genre: labels
-            .iter()
-            .enumerate()
-            .map(|(j, l)| (l.clone(), folds.iter().map(|t| t[j]).collect()))
-            .collect(),
     }
 }
 

@@ -6,7 +6,7 @@
 use super::fit_tune_split;
 use super::fusion::{self, FusionOptions, Role, Trained, View};
 use super::manifest::{Manifest, Row, multi_hot};
-use super::metrics::{Report, decide_all, report, tune_thresholds};
+use super::metrics::{Report, ThresholdSpread, decide_all, report, tune_thresholds};
 use super::peers::{self, FOLDS, PeerData, PeerReport, Pooled, fold_of};
 use super::tokens::{STUDENT_INPUT, STUDENT_TEXT_LAYERS, TEACHER_INPUT, TEACHER_TEXT_LAYERS};
 use super::tokens::{TokenSet, extract_tokens};
@@ -104,6 +104,9 @@ pub struct RecipeOutput {
     pub peers: Option<PeerReport>,
     /// The teacher and the student, when the run goes that far.
     pub networks: Option<(Ensemble, Ensemble)>,
+    /// The student's threshold spread over the folds (with and without the
+    /// overview), when its thresholds are tuned out of fold.
+    pub student_spread: Vec<ThresholdSpread>,
 }
 
 /// Networks whose sigmoid scores are averaged, with their thresholds.
@@ -293,6 +296,7 @@ pub fn run(
         ablations,
         peers,
         networks: None,
+        student_spread: Vec::new(),
     };
     let mut ablations = peer_report
         .as_ref()
@@ -507,6 +511,8 @@ pub fn run(
         let fold: Vec<usize> = fit_rows.iter().map(|r| fold_of(&r.film)).collect();
         let mut with_text = vec![0f32; fit.with_text.len() * k];
         let mut text_less = vec![0f32; fit.all.len() * k];
+        // Each fold's own thresholds, to show how far they move (not used to decide).
+        let (mut f_text, mut f_less) = (Vec::new(), Vec::new());
         for f in 0..FOLDS {
             let kept: Vec<usize> = fit.all.iter().copied().filter(|&r| fold[r] != f).collect();
             let t: Vec<f32> = kept
@@ -522,9 +528,9 @@ pub fn run(
                 &format!("student, fold {}/{FOLDS}", f + 1),
             )
             .model;
-            for (rows, text_hidden, out) in [
-                (&fit.with_text, false, &mut with_text),
-                (&fit.all, true, &mut text_less),
+            for (rows, text_hidden, out, folds) in [
+                (&fit.with_text, false, &mut with_text, &mut f_text),
+                (&fit.all, true, &mut text_less, &mut f_less),
             ] {
                 let held: Vec<usize> = (0..rows.len()).filter(|&i| fold[rows[i]] == f).collect();
                 let held_rows: Vec<usize> = held.iter().map(|&i| rows[i]).collect();
@@ -541,11 +547,20 @@ pub fn run(
                 for (j, &i) in held.iter().enumerate() {
                     out[i * k..(i + 1) * k].copy_from_slice(&s[j * k..(j + 1) * k]);
                 }
+                folds.push(tuned(&s, &fit.y_of(&held_rows), k));
             }
         }
         OutOfFold {
             with_text: (with_text, fit.y_of(&fit.with_text)),
             text_less: (text_less, fit.y_of(&fit.all)),
+            spread: vec![
+                ThresholdSpread::of("early-fusion student, fold networks", &f_text, &labels),
+                ThresholdSpread::of(
+                    "early-fusion student, fold networks, text-less",
+                    &f_less,
+                    &labels,
+                ),
+            ],
         }
     });
     let student_refs: Vec<&EarlyFusion> = students.iter().map(|t| &t.model).collect();
@@ -591,6 +606,7 @@ pub fn run(
         ablations,
         peers: peer_report,
         networks: Some((teacher_e, student_e)),
+        student_spread: oof.map(|o| o.spread).unwrap_or_default(),
     })
 }
 
@@ -636,6 +652,8 @@ impl Ensemble {
 struct OutOfFold {
     with_text: (Vec<f32>, Vec<u8>),
     text_less: (Vec<f32>, Vec<u8>),
+    /// How far the per-genre thresholds move when each fold tunes its own.
+    spread: Vec<ThresholdSpread>,
 }
 
 /// Tunes both threshold sets on tune rows (and out-of-fold fit rows, when given) and

@@ -179,8 +179,10 @@ fn eval_reports_the_contract_keys() {
 }
 
 /// The model names of `train --json`'s ablation table, in order.
-fn row_names(runs: &Value) -> Vec<String> {
-    runs.as_array()
+/// The model names of `marquee train --json`'s ablation table.
+fn row_names(report: &Value) -> Vec<String> {
+    report["ablations"]
+        .as_array()
         .unwrap()
         .iter()
         .map(|r| r["name"].as_str().unwrap().to_string())
@@ -224,10 +226,24 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
         names[10].starts_with("early-fusion student (2 members"),
         "{names:?}"
     );
-    for r in runs.as_array().unwrap() {
+    for r in runs["ablations"].as_array().unwrap() {
         let macro_f1 = r["val"]["macro_f1"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&macro_f1), "{r}");
     }
+    // Every model whose thresholds are tuned out of fold shows how far each fold's
+    // own thresholds move: the three peers, then the student with and without text.
+    let spread = runs["threshold_spread"].as_array().unwrap();
+    let models: Vec<&str> = spread
+        .iter()
+        .map(|s| s["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(models.len(), 5, "{models:?}");
+    assert!(models[3].starts_with("early-fusion student"), "{models:?}");
+    assert!(models[4].ends_with("text-less"), "{models:?}");
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("student_spread.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved.as_array().unwrap().len(), 2);
     let peers: Value =
         serde_json::from_str(&std::fs::read_to_string(work.join("peers.json")).unwrap()).unwrap();
     // Each of the two peers chose the alpha of its best tune-film macro-F1.
@@ -254,8 +270,8 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
             "{prefix}"
         );
     }
-    let spread = peers["spread"].as_array().unwrap();
-    assert_eq!(spread.len(), 3);
+    let peer_spread = peers["spread"].as_array().unwrap();
+    assert_eq!(peer_spread.len(), 3);
     for s in spread {
         let genres = s["per_genre"].as_object().unwrap();
         assert_eq!(genres.len(), 18);
@@ -316,8 +332,11 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     };
     let o = train_from(&work.join("teacher"));
     assert!(o.status.success(), "{}", stderr(&o));
-    let names = row_names(&serde_json::from_slice(&o.stdout).unwrap());
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names = row_names(&report);
     assert_eq!(names.len(), 2, "{names:?}");
+    // No peers in this run: the spread is the student's alone.
+    assert_eq!(report["threshold_spread"].as_array().unwrap().len(), 2);
     assert!(names[0].starts_with("early-fusion teacher"), "{names:?}");
     assert!(names[1].ends_with("5-fold thresholds"), "{names:?}");
     assert!(!work2.join("peers.json").exists());
