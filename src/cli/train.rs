@@ -172,18 +172,18 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
             serde_json::to_string_pretty(peers)?,
         )?;
     }
-    let threshold_spread: Vec<ThresholdSpread> = run
-        .peers
-        .iter()
-        .flat_map(|p| p.spread.iter().cloned())
-        .chain(run.student_spread.iter().cloned())
-        .collect();
     if !run.student_spread.is_empty() {
         std::fs::write(
             work.join("student_spread.json"),
             serde_json::to_string_pretty(&run.student_spread)?,
         )?;
     }
+    let threshold_spread: Vec<ThresholdSpread> = run
+        .peers
+        .iter()
+        .flat_map(|p| p.spread.iter().cloned())
+        .chain(run.student_spread)
+        .collect();
     let Some((teacher, student)) = run.networks else {
         return Ok(match (opts.until, run.peers) {
             (Until::Peers, Some(peers)) => TrainReport::Peers(peers),
