@@ -110,6 +110,10 @@ pub struct TrainArgs {
     /// Networks in the teacher ensemble.
     #[arg(long, default_value_t = 2, value_parser = in_range::<1, 16>)]
     pub teacher_members: usize,
+    /// MiniLM's top layers that each teacher network tunes inside it, at a
+    /// twentieth of the learning rate (0: the teacher reads frozen layer-6 states).
+    #[arg(long, default_value_t = 0, value_parser = in_range::<0, 6>)]
+    pub teacher_top_layers: usize,
     /// Networks in the student ensemble (the shipped model).
     #[arg(long, default_value_t = 2, value_parser = in_range::<1, 4>)]
     pub student_members: usize,
@@ -341,6 +345,9 @@ pub enum OnlyArg {
     Peers,
     /// The peers and the single-modality networks (poster-only, text-only, late fusion).
     Ablations,
+    /// The teacher alone (no peers, no single-modality networks), saved in
+    /// WORK/teacher: for trying teacher options, then `--teacher` to distil from it.
+    Teacher,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -364,6 +371,7 @@ impl From<OnlyArg> for Until {
     fn from(o: OnlyArg) -> Self {
         match o {
             OnlyArg::Peers => Until::Peers,
+            OnlyArg::Teacher => Until::Teacher,
             OnlyArg::Ablations => Until::Ablations,
         }
     }

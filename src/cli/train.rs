@@ -117,6 +117,7 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
     let mut opts = RecipeOptions {
         seed: a.seed,
         teacher_members: a.teacher_members,
+        teacher_top_layers: a.teacher_top_layers,
         student_members: a.student_members,
         student_text_dropout: a.student_text_dropout,
         fit_limit: a.fit_limit,
@@ -184,7 +185,15 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
         .flat_map(|p| p.spread.iter().cloned())
         .chain(run.student_spread)
         .collect();
-    let Some((teacher, student)) = run.networks else {
+    let facts = serde_json::json!({
+        "manifest": manifest.display().to_string(),
+        "split": "posters-v1 train (1 film in 10 held out as tune); val untouched",
+        "options": opts, "captions": caption_source,
+    });
+    if let Some(teacher) = run.teacher {
+        teacher.save(Role::Teacher, facts.clone(), &work.join("teacher"))?;
+    }
+    let Some(student) = run.student else {
         return Ok(match (opts.until, run.peers) {
             (Until::Peers, Some(peers)) => TrainReport::Peers(peers),
             _ => TrainReport::Trained {
@@ -193,18 +202,8 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
             },
         });
     };
-    let facts = serde_json::json!({
-        "manifest": manifest.display().to_string(),
-        "split": "posters-v1 train (1 film in 10 held out as tune); val untouched",
-        "options": opts, "captions": caption_source,
-    });
-    teacher
-        .into_model(Role::Teacher, facts.clone())
-        .save(&work.join("teacher"))?;
     let student_raw = work.join("student");
-    student
-        .into_model(Role::Student, facts)
-        .save(&student_raw)?;
+    student.save(Role::Student, facts, &student_raw)?;
     let bundled = bundle_student(&student_raw, &manifest, &g.cache, &a.out, &device)?;
     note(&bundled.to_string());
     note(&format!(

@@ -4,13 +4,13 @@
 use super::batch::{FusionRow, batch};
 use crate::infer::labels::decide;
 use crate::model::cache::CacheDir;
-use crate::model::dir::{ImageInput, ModelDir, TowerSource};
+use crate::model::dir::{ImageInput, ModelDir, TowerSource, top_file};
 use crate::model::towers::{Form, Towers};
 use crate::nn::cpu_ops::host_device;
 use crate::nn::efficientnet::FEATURE_DIM;
 use crate::nn::fusion::HostFusion;
 use crate::preprocess::resize::resize_to_chw;
-use anyhow::Result;
+use anyhow::{Result, bail};
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 use image::RgbImage;
@@ -149,6 +149,12 @@ impl Classifier {
         device: &Device,
         form: Form,
     ) -> Result<Self> {
+        if model_dir.join(top_file(0)).is_file() {
+            bail!(
+                "{} is a teacher that tunes MiniLM layers: it serves `train --teacher` only",
+                model_dir.display()
+            );
+        }
         let model = ModelDir::load(model_dir, device)?;
         let towers = match &model.spec.towers {
             TowerSource::Cache => Towers::load(cache, device, form)?,

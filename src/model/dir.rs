@@ -81,6 +81,11 @@ pub fn member_file(i: usize) -> String {
     format!("fusion_{i}.bpk")
 }
 
+/// Member `i`'s tuned MiniLM layers, in a teacher that tunes them (training only).
+pub fn top_file(i: usize) -> String {
+    format!("text_top_{i}.bpk")
+}
+
 /// The fusion networks of a model and their spec.
 pub struct ModelDir {
     pub spec: ModelSpec,

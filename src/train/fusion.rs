@@ -5,8 +5,9 @@
 use super::metrics::{decide_all, report, tune_thresholds};
 use super::tokens::{STUDENT_INPUT, TEACHER_INPUT, TokenSet, grid, grid_tokens};
 use crate::infer::batch::{FusionRow, TEXT_DIM, batch};
+use crate::nn::bert::BertLayer;
 use crate::nn::efficientnet::FEATURE_DIM;
-use crate::nn::fusion::{EarlyFusion, FusionConfig, FusionInput};
+use crate::nn::fusion::{EarlyFusion, FusionConfig, FusionInput, TunedFusion};
 use crate::util::progress::{Stage, note};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
@@ -50,6 +51,9 @@ pub struct FusionOptions {
     pub schedule: Schedule,
     /// How positives of each genre weigh in the loss.
     pub positives: PositiveWeight,
+    /// Learning rate of tuned pretrained (MiniLM) layers, as a share of `lr`: they
+    /// start trained, so they move slower than the new layers.
+    pub pretrained_lr_share: f64,
 }
 
 /// Learning-rate schedule over a run of `epochs` (early stopping may end it sooner).
@@ -116,6 +120,7 @@ impl Default for FusionOptions {
             image_dropout: 0.1,
             schedule: Schedule::WarmupCosine,
             positives: PositiveWeight::SqrtRatio,
+            pretrained_lr_share: 0.05,
         }
     }
 }
@@ -150,13 +155,27 @@ struct BatchSpec<'a> {
     hide_image: Vec<bool>,
 }
 
-fn build(set: &TokenSet, role: Role, view: View, b: &BatchSpec, device: &Device) -> FusionInput {
+/// A batch as `net` reads it: a network that tunes MiniLM's top layers reads the
+/// hidden states below them.
+fn build(
+    set: &TokenSet,
+    role: Role,
+    view: View,
+    net: &TunedFusion,
+    b: &BatchSpec,
+    device: &Device,
+) -> FusionInput {
     let (map, cells, text) = match (role, view) {
         (Role::Teacher, View::Plain) => {
             (&set.teacher_map, grid_tokens(TEACHER_INPUT), &set.text_l6)
         }
         (Role::Teacher, View::Flipped) => (&set.flip_map, grid_tokens(TEACHER_INPUT), &set.text_l6),
         (Role::Student, _) => (&set.student_map, grid_tokens(STUDENT_INPUT), &set.text_l3),
+    };
+    let text = if net.top.is_empty() {
+        text
+    } else {
+        &set.text_below
     };
     let cell_len = cells * FEATURE_DIM;
     let rows: Vec<FusionRow<'_, f16>> = b
@@ -190,7 +209,7 @@ fn soft_bce(logits: Tensor<2>, targets: Tensor<2>, pos_weight: Tensor<1>) -> Ten
 /// Sigmoid scores `[rows, classes]` of `rows` of `set`, optionally text-less.
 #[allow(clippy::too_many_arguments)]
 pub fn score(
-    model: &EarlyFusion,
+    model: &TunedFusion,
     c: &FusionConfig,
     set: &TokenSet,
     rows: &[usize],
@@ -211,7 +230,7 @@ pub fn score(
             hide_image: vec![!c.use_image; idx.len()],
             idx: &idx,
         };
-        let p = sigmoid(model.forward(build(set, role, view, &spec, device)))
+        let p = sigmoid(model.forward(build(set, role, view, model, &spec, device)))
             .into_data()
             .try_to_vec::<f32>()
             .expect("f32 scores");
@@ -225,7 +244,7 @@ pub fn score(
 }
 
 pub struct Trained {
-    pub model: EarlyFusion,
+    pub model: TunedFusion,
     pub thresholds: Vec<f32>,
     pub best_epoch: usize,
     pub tune_macro_f1: f64,
@@ -233,10 +252,12 @@ pub struct Trained {
 }
 
 /// Trains one network on `fit` rows against `targets` (`[fit.len(), classes]`, hard
-/// or soft), picking the epoch and thresholds on `tune` rows.
+/// or soft), picking the epoch and thresholds on `tune` rows. `top` are pretrained
+/// MiniLM layers to tune inside it (none: the text features stay frozen).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     c: &FusionConfig,
+    top: Vec<BertLayer>,
     role: Role,
     set: &TokenSet,
     fit: &[usize],
@@ -251,10 +272,12 @@ pub fn train(
     let k = c.classes;
     device.seed(opts.seed);
     let ad = device.clone().autodiff();
-    let mut model = EarlyFusion::new(c, &ad);
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(opts.weight_decay)
-        .init();
+    let mut model = TunedFusion {
+        top: top.fork(&ad).train(),
+        fusion: EarlyFusion::new(c, &ad),
+    };
+    let adamw = AdamWConfig::new().with_weight_decay(opts.weight_decay);
+    let (mut optim, mut optim_top) = (adamw.init(), adamw.init());
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut order: Vec<usize> = (0..fit.len()).collect();
     let steps = fit.len().div_ceil(opts.batch);
@@ -298,13 +321,18 @@ pub fn train(
                 .flat_map(|&j| targets[j * k..(j + 1) * k].iter().copied())
                 .collect();
             let y = Tensor::<2>::from_data(TensorData::new(y, [idx.len(), k]), &ad);
-            let logits = model.forward(build(set, role, View::Plain, &spec, &ad));
+            let logits = model.forward(build(set, role, View::Plain, &model, &spec, &ad));
             let loss = soft_bce(logits, y, pos_weight.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let mut grads = loss.backward();
             let lr = opts
                 .schedule
                 .rate(opts.lr, step, steps, opts.epochs * steps);
-            model = optim.step(lr, model, grads);
+            if !model.top.is_empty() {
+                let g = GradientsParams::from_module(&mut grads, &model.top);
+                model.top = optim_top.step(lr * opts.pretrained_lr_share, model.top, g);
+            }
+            let g = GradientsParams::from_module(&mut grads, &model.fusion);
+            model.fusion = optim.step(lr, model.fusion, g);
             step += 1;
             pb.inc(1);
         }
@@ -425,7 +453,11 @@ mod tests {
                 hide_text: vec![hide_text],
                 hide_image: vec![false],
             };
-            let trained = build(&set, Role::Student, View::Plain, &spec, &dev);
+            let net = TunedFusion {
+                top: Vec::new(),
+                fusion: EarlyFusion::new(&config(Role::Student, true, true, 18), &dev),
+            };
+            let trained = build(&set, Role::Student, View::Plain, &net, &spec, &dev);
             let text: &[f32] = if hide_text { &[] } else { &served_text };
             let served = batch(
                 &[FusionRow {

@@ -41,15 +41,19 @@ pub fn extract_all(manifest_path: &Path, cache: &CacheDir, device: &Device) -> R
     let (fit, tune) = fit_tune_split(&manifest.split(Some("train")));
     let val = manifest.split(Some("val"));
     let dir = cache.tokens();
+    let flip = tokens::Extra {
+        flip: true,
+        below: None,
+    };
     note(&format!(
         "token features: {} fit, {} tune, {} val rows",
         fit.len(),
         tune.len(),
         val.len()
     ));
-    tokens::extract_tokens(&towers, device, &manifest, &val, &dir, true)?;
-    tokens::extract_tokens(&towers, device, &manifest, &tune, &dir, true)?;
-    tokens::extract_tokens(&towers, device, &manifest, &fit, &dir, false)?;
+    tokens::extract_tokens(&towers, device, &manifest, &val, &dir, flip)?;
+    tokens::extract_tokens(&towers, device, &manifest, &tune, &dir, flip)?;
+    tokens::extract_tokens(&towers, device, &manifest, &fit, &dir, Default::default())?;
     Ok(())
 }
 

@@ -8,13 +8,14 @@ use super::fusion::{self, FusionOptions, Role, Trained, View};
 use super::manifest::{Manifest, Row, multi_hot};
 use super::metrics::{Report, ThresholdSpread, decide_all, report, tune_thresholds};
 use super::peers::{self, FOLDS, PeerData, PeerReport, Pooled, fold_of};
+use super::tokens::{Extra, TokenSet, extract_tokens};
 use super::tokens::{STUDENT_INPUT, STUDENT_TEXT_LAYERS, TEACHER_INPUT, TEACHER_TEXT_LAYERS};
-use super::tokens::{TokenSet, extract_tokens};
 use crate::infer::labels::labels;
 use crate::model::cache::CacheDir;
-use crate::model::dir::{ModelDir, ModelSpec, TowerSource};
-use crate::model::towers::{Form, Towers};
-use crate::nn::fusion::{EarlyFusion, FusionConfig};
+use crate::model::dir::{ModelDir, ModelSpec, TowerSource, top_file};
+use crate::model::towers::{Form, Towers, load_burnpack, save_burnpack};
+use crate::nn::bert::{BertConfig, BertLayer};
+use crate::nn::fusion::{FusionConfig, TunedFusion};
 use crate::util::progress::note;
 use anyhow::{Result, bail};
 use burn::prelude::*;
@@ -25,6 +26,9 @@ use std::path::{Path, PathBuf};
 pub struct RecipeOptions {
     pub seed: u64,
     pub teacher_members: usize,
+    /// MiniLM's top layers that each teacher network tunes inside it (0: the
+    /// teacher reads frozen layer-6 states, as every other network does).
+    pub teacher_top_layers: usize,
     /// Networks in the student ensemble (seeds `seed`, `seed + 1`, ...).
     pub student_members: usize,
     /// The student's share of text rows trained without their text: higher than the
@@ -66,6 +70,8 @@ pub enum Until {
     Ablations,
     /// Everything: the teacher and the distilled student too.
     Student,
+    /// The teacher alone, without the peers and the single-modality networks.
+    Teacher,
 }
 
 impl Default for RecipeOptions {
@@ -73,6 +79,7 @@ impl Default for RecipeOptions {
         Self {
             seed: 42,
             teacher_members: 2,
+            teacher_top_layers: 0,
             student_members: 2,
             student_text_dropout: 0.5,
             hard_weight: 0.5,
@@ -102,8 +109,10 @@ pub struct RecipeOutput {
     pub ablations: Vec<Ablation>,
     /// None when the run distils from an earlier teacher.
     pub peers: Option<PeerReport>,
-    /// The teacher and the student, when the run goes that far.
-    pub networks: Option<(Ensemble, Ensemble)>,
+    /// The teacher, when the run goes that far.
+    pub teacher: Option<Ensemble>,
+    /// The student, when the run goes that far.
+    pub student: Option<Ensemble>,
     /// The student's threshold spread over the folds (with and without the
     /// overview), when its thresholds are tuned out of fold.
     pub student_spread: Vec<ThresholdSpread>,
@@ -112,7 +121,7 @@ pub struct RecipeOutput {
 /// Networks whose sigmoid scores are averaged, with their thresholds.
 pub struct Ensemble {
     pub config: FusionConfig,
-    pub members: Vec<EarlyFusion>,
+    pub members: Vec<TunedFusion>,
     pub thresholds: Vec<f32>,
     pub thresholds_text_less: Vec<f32>,
 }
@@ -158,7 +167,7 @@ fn mean_into(acc: &mut [f32], add: &[f32], weight: f32) {
 /// Mean scores of an ensemble over its members (and both views, for `tta`).
 #[allow(clippy::too_many_arguments)]
 fn ensemble_scores(
-    e: &[&EarlyFusion],
+    e: &[&TunedFusion],
     c: &FusionConfig,
     part: &Part,
     rows: &[usize],
@@ -198,6 +207,8 @@ struct Data {
     fit: Part,
     tune: Part,
     val: Part,
+    /// Pretrained copies of the MiniLM layers the teacher tunes (none by default).
+    text_top: Vec<BertLayer>,
 }
 
 fn load(
@@ -220,6 +231,11 @@ fn load(
         );
     }
     let towers = Towers::load(cache, device, Form::Modules)?;
+    let top = opts.teacher_top_layers;
+    if top > TEACHER_TEXT_LAYERS {
+        bail!("the teacher can tune at most {TEACHER_TEXT_LAYERS} MiniLM layers, not {top}");
+    }
+    let below = (top > 0).then_some(TEACHER_TEXT_LAYERS - top);
     let dir = cache.tokens();
     note(&format!(
         "token features: {} fit, {} tune, {} val rows (cached in {})",
@@ -229,17 +245,38 @@ fn load(
         dir.display()
     ));
     let val = Part::new(
-        extract_tokens(&towers, device, &manifest, &val_rows, &dir, true)?,
+        extract_tokens(
+            &towers,
+            device,
+            &manifest,
+            &val_rows,
+            &dir,
+            Extra { flip: true, below },
+        )?,
         &val_rows,
         labels,
     );
     let tune = Part::new(
-        extract_tokens(&towers, device, &manifest, &tune_rows, &dir, true)?,
+        extract_tokens(
+            &towers,
+            device,
+            &manifest,
+            &tune_rows,
+            &dir,
+            Extra { flip: true, below },
+        )?,
         &tune_rows,
         labels,
     );
     let fit = Part::new(
-        extract_tokens(&towers, device, &manifest, &fit_rows, &dir, false)?,
+        extract_tokens(
+            &towers,
+            device,
+            &manifest,
+            &fit_rows,
+            &dir,
+            Extra { flip: false, below },
+        )?,
         &fit_rows,
         labels,
     );
@@ -249,6 +286,7 @@ fn load(
         fit,
         tune,
         val,
+        text_top: towers.text.top_layers(top),
     })
 }
 
@@ -288,14 +326,17 @@ pub fn run(
     let labels = labels();
     let k = labels.len();
     let data = load(manifest_path, cache, device, opts, &labels)?;
-    let peer_report = match opts.teacher_from {
-        None => Some(peers(&data, &labels)?),
-        Some(_) => None,
+    // A run from an earlier teacher, or of the teacher alone, fits no peers.
+    let full = opts.teacher_from.is_none() && opts.until != Until::Teacher;
+    let peer_report = match full {
+        true => Some(peers(&data, &labels)?),
+        false => None,
     };
     let early = |ablations: Vec<Ablation>, peers: Option<PeerReport>| RecipeOutput {
         ablations,
         peers,
-        networks: None,
+        teacher: None,
+        student: None,
         student_spread: Vec::new(),
     };
     let mut ablations = peer_report
@@ -310,12 +351,14 @@ pub fn run(
         fit,
         tune,
         val,
+        text_top,
         ..
     } = data;
 
     let hard =
         |p: &Part, idx: &[usize]| -> Vec<f32> { p.y_of(idx).iter().map(|&v| v as f32).collect() };
     let train_one = |c: &FusionConfig,
+                     top: Vec<BertLayer>,
                      role: Role,
                      rows: &[usize],
                      targets: &[f32],
@@ -338,6 +381,7 @@ pub fn run(
         };
         fusion::train(
             c,
+            top,
             role,
             &fit.set,
             rows,
@@ -351,6 +395,7 @@ pub fn run(
     };
     // `members` networks on all fit rows, seeds `seed`, `seed + 1`, ...
     let ensemble = |c: &FusionConfig,
+                    top: &[BertLayer],
                     role: Role,
                     targets: &[f32],
                     members: usize,
@@ -359,7 +404,8 @@ pub fn run(
         (0..members)
             .map(|m| {
                 let name = format!("{name} {}/{members}", m + 1);
-                train_one(c, role, &fit.all, targets, opts.seed + m as u64, &name)
+                let seed = opts.seed + m as u64;
+                train_one(c, top.to_vec(), role, &fit.all, targets, seed, &name)
             })
             .collect()
     };
@@ -368,10 +414,11 @@ pub fn run(
     let y_val = val.y_of(&val.all);
 
     // Single-modality models and their late fusion.
-    if opts.teacher_from.is_none() {
+    if full {
         let c_poster = fusion::config(Role::Teacher, true, false, k);
         let poster = train_one(
             &c_poster,
+            Vec::new(),
             Role::Teacher,
             &fit.all,
             &hard(&fit, &fit.all),
@@ -381,6 +428,7 @@ pub fn run(
         let c_text = fusion::config(Role::Teacher, false, true, k);
         let text = train_one(
             &c_text,
+            Vec::new(),
             Role::Teacher,
             &fit.with_text,
             &hard(&fit, &fit.with_text),
@@ -388,7 +436,7 @@ pub fn run(
             "text-only",
         );
         // One network, plain view, text as given.
-        let single = |m: &EarlyFusion, c: &FusionConfig, p: &Part, rows: &[usize]| {
+        let single = |m: &TunedFusion, c: &FusionConfig, p: &Part, rows: &[usize]| {
             ensemble_scores(&[m], c, p, rows, Role::Teacher, false, false, device)
         };
         let s_poster_tune = single(&poster.model, &c_poster, &tune, &tune.with_text);
@@ -438,12 +486,22 @@ pub fn run(
             if t.spec.image_input != TEACHER_INPUT || t.spec.text_layers != TEACHER_TEXT_LAYERS {
                 bail!("{} is not a teacher of this recipe", dir.display());
             }
-            (t.spec.fusion, t.members, vec![], 0.0)
+            let members: Vec<TunedFusion> = t
+                .members
+                .into_iter()
+                .enumerate()
+                .map(|(i, fusion)| {
+                    let top = load_top(dir, i, opts.teacher_top_layers, device)?;
+                    Ok(TunedFusion { top, fusion })
+                })
+                .collect::<Result<_>>()?;
+            (t.spec.fusion, members, vec![], 0.0)
         }
         None => {
             let c_teacher = fusion::config(Role::Teacher, true, true, k);
             let trained = ensemble(
                 &c_teacher,
+                &text_top,
                 Role::Teacher,
                 &y_fit_all,
                 opts.teacher_members,
@@ -455,7 +513,7 @@ pub fn run(
             (c_teacher, models, epochs, seconds)
         }
     };
-    let refs: Vec<&EarlyFusion> = members.iter().collect();
+    let refs: Vec<&TunedFusion> = members.iter().collect();
     let teacher = finish(
         &refs,
         &c_teacher,
@@ -470,14 +528,31 @@ pub fn run(
     );
     ablations.push(Ablation {
         name: format!(
-            "early-fusion teacher ({} members, flip TTA, 224x336, MiniLM-L6)",
-            members.len()
+            "early-fusion teacher ({} members, flip TTA, 224x336, MiniLM-L6{})",
+            members.len(),
+            match opts.teacher_top_layers {
+                0 => String::new(),
+                n => format!(", top {n} tuned"),
+            }
         ),
         val: teacher.1,
         val_text_less: Some(teacher.2),
         best_epochs,
         train_seconds: seconds,
     });
+    let teacher_e = Ensemble {
+        thresholds: teacher.0.0,
+        thresholds_text_less: teacher.0.1,
+        config: c_teacher.clone(),
+        members,
+    };
+    if opts.until == Until::Teacher {
+        return Ok(RecipeOutput {
+            teacher: Some(teacher_e),
+            ..early(ablations, None)
+        });
+    }
+    let refs: Vec<&TunedFusion> = teacher_e.members.iter().collect();
 
     // The student, on the teacher's soft labels for every training poster.
     note("scoring the fit rows with the teacher for distillation");
@@ -499,6 +574,7 @@ pub fn run(
     let c_student = fusion::config(Role::Student, true, true, k);
     let students = ensemble(
         &c_student,
+        &[],
         Role::Student,
         &targets,
         opts.student_members,
@@ -521,6 +597,7 @@ pub fn run(
                 .collect();
             let m = train_one(
                 &c_student,
+                Vec::new(),
                 Role::Student,
                 &kept,
                 &t,
@@ -563,7 +640,7 @@ pub fn run(
             ],
         }
     });
-    let student_refs: Vec<&EarlyFusion> = students.iter().map(|t| &t.model).collect();
+    let student_refs: Vec<&TunedFusion> = students.iter().map(|t| &t.model).collect();
     let student = finish(
         &student_refs,
         &c_student,
@@ -590,12 +667,6 @@ pub fn run(
         best_epochs: students.iter().map(|t| t.best_epoch).collect(),
         train_seconds: students.iter().map(|t| t.seconds).sum(),
     });
-    let teacher_e = Ensemble {
-        thresholds: teacher.0.0,
-        thresholds_text_less: teacher.0.1,
-        config: c_teacher,
-        members,
-    };
     let student_e = Ensemble {
         thresholds: student.0.0,
         thresholds_text_less: student.0.1,
@@ -605,14 +676,16 @@ pub fn run(
     Ok(RecipeOutput {
         ablations,
         peers: peer_report,
-        networks: Some((teacher_e, student_e)),
+        teacher: Some(teacher_e),
+        student: Some(student_e),
         student_spread: oof.map(|o| o.spread).unwrap_or_default(),
     })
 }
 
 impl Ensemble {
-    /// A model directory whose towers come from the cache.
-    pub fn into_model(self, role: Role, training: serde_json::Value) -> ModelDir {
+    /// Writes the ensemble as a model directory whose towers come from the cache,
+    /// with each member's tuned MiniLM layers beside it (`text_top_<i>.bpk`).
+    pub fn save(self, role: Role, training: serde_json::Value, dir: &Path) -> Result<()> {
         let (id, input, layers, tta) = match role {
             Role::Teacher => (
                 "marquee-early-fusion-teacher",
@@ -627,6 +700,7 @@ impl Ensemble {
                 false,
             ),
         };
+        let tops: Vec<Vec<BertLayer>> = self.members.iter().map(|m| m.top.clone()).collect();
         ModelDir {
             spec: ModelSpec {
                 id: id.into(),
@@ -642,7 +716,32 @@ impl Ensemble {
                 towers: TowerSource::Cache,
                 training,
             },
-            members: self.members,
+            members: self.members.into_iter().map(|m| m.fusion).collect(),
+        }
+        .save(dir)?;
+        for (i, top) in tops.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+            save_burnpack(top, &dir.join(top_file(i)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Member `i`'s `n` tuned MiniLM layers from a teacher directory (none for `n` = 0).
+fn load_top(dir: &Path, i: usize, n: usize, device: &Device) -> Result<Vec<BertLayer>> {
+    let path = dir.join(top_file(i));
+    match (n, path.is_file()) {
+        (0, false) => Ok(Vec::new()),
+        (0, true) => bail!(
+            "{} tunes MiniLM layers: give --teacher-top-layers",
+            dir.display()
+        ),
+        (_, false) => bail!("{} has no tuned MiniLM layers", dir.display()),
+        (n, true) => {
+            let mut top: Vec<BertLayer> = (0..n)
+                .map(|_| BertLayer::new(&BertConfig::MINILM_L6, device))
+                .collect();
+            load_burnpack(&mut top, &path)?;
+            Ok(top)
         }
     }
 }
@@ -660,7 +759,7 @@ struct OutOfFold {
 /// reports val with and without text.
 #[allow(clippy::too_many_arguments)]
 fn finish(
-    e: &[&EarlyFusion],
+    e: &[&TunedFusion],
     c: &FusionConfig,
     role: Role,
     tta: bool,

@@ -5,7 +5,9 @@
 //! and at the student input (160x240, 5x8 cells), each cell a 1280-d token; and the
 //! MiniLM hidden state of every wordpiece after layer 3 (the student's text tower)
 //! and layer 6 (the teacher's). A second recipe holds horizontally flipped teacher
-//! maps, for the teacher's test-time augmentation on the rows it is scored on.
+//! maps, for the teacher's test-time augmentation on the rows it is scored on; a
+//! third the hidden states below the top MiniLM layers that a teacher tunes. The
+//! extra recipes live in files of their own, so adding one never invalidates the rest.
 
 use super::manifest::{Manifest, Row};
 use crate::infer::{TEXT_DIM, compose_text, image_tokens};
@@ -42,6 +44,19 @@ const RECIPE: &str =
     "tokens v1 | effnet-lite0 maps 224x336 160x240 catmullrom | minilm-l6 L3 L6 128";
 const FLIP_RECIPE: &str = "tokens-flip v1 | effnet-lite0 map 224x336 hflip catmullrom";
 
+fn below_recipe(layer: usize) -> String {
+    format!("tokens-below v1 | minilm-l6 L{layer} 128")
+}
+
+/// What a split needs beyond the plain features.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extra {
+    /// The flipped teacher maps (rows the teacher scores).
+    pub flip: bool,
+    /// MiniLM's hidden states after this layer (under a teacher's tuned top layers).
+    pub below: Option<usize>,
+}
+
 /// Rows and columns of the feature map for an input (TF-SAME padding rounds up).
 pub fn grid(input: ImageInput) -> [usize; 2] {
     [
@@ -68,6 +83,9 @@ pub struct TokenSet {
     pub text_l6: Vec<f16>,
     /// Flipped teacher maps; empty unless asked for.
     pub flip_map: Vec<f16>,
+    /// Hidden states below the teacher's tuned top layers, packed as the others;
+    /// empty unless asked for.
+    pub text_below: Vec<f16>,
 }
 
 impl TokenSet {
@@ -76,28 +94,33 @@ impl TokenSet {
     }
 }
 
-/// Token features for `rows`, from the cache where present, computed otherwise.
-/// With `flip`, also the flipped teacher maps.
+/// Token features for `rows`, from the cache where present, computed otherwise,
+/// with the `extra` features asked for.
 pub fn extract_tokens(
     towers: &Towers,
     device: &Device,
     manifest: &Manifest,
     rows: &[Row],
     cache: &Path,
-    flip: bool,
+    extra: Extra,
 ) -> Result<TokenSet> {
     std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
-    let pb = Stage::start(
-        if flip { "tokens+flip" } else { "tokens" },
-        rows.len() as u64,
-    );
+    let name = match (extra.flip, extra.below) {
+        (false, None) => "tokens".to_string(),
+        (flip, below) => format!(
+            "tokens{}{}",
+            if flip { "+flip" } else { "" },
+            below.map(|l| format!("+L{l}")).unwrap_or_default()
+        ),
+    };
+    let pb = Stage::start(&name, rows.len() as u64);
     let mut all = TokenSet {
         text_off: vec![0],
         ..Default::default()
     };
     for chunk in rows.chunks(CHUNK) {
         let path = chunk_path(cache, manifest, chunk, RECIPE);
-        let set = match read_chunk(&path, chunk.len()) {
+        let mut set = match read_chunk(&path, chunk.len()) {
             Some(s) => {
                 pb.inc(chunk.len() as u64);
                 s
@@ -108,8 +131,7 @@ pub fn extract_tokens(
                 s
             }
         };
-        let mut set = set;
-        if flip {
+        if extra.flip {
             let fpath = chunk_path(cache, manifest, chunk, FLIP_RECIPE);
             set.flip_map = match read_flip(&fpath, chunk.len()) {
                 Some(f) => f,
@@ -122,6 +144,19 @@ pub fn extract_tokens(
                     let f = maps(towers, device, &flipped, TEACHER_INPUT);
                     write_named(&fpath, &[("flip_map", f16_bytes(&f), vec![f.len()])])?;
                     f
+                }
+            };
+        }
+        if let Some(layer) = extra.below {
+            let bpath = chunk_path(cache, manifest, chunk, &below_recipe(layer));
+            let tokens = *set.text_off.last().expect("starts with 0");
+            set.text_below = match read_text(&bpath, "text_below", tokens) {
+                Some(t) => t,
+                None => {
+                    let (_, mut states) = text_states(towers, device, chunk, &[layer])?;
+                    let t = states.pop().expect("one tap");
+                    write_named(&bpath, &[("text_below", f16_bytes(&t), vec![t.len()])])?;
+                    t
                 }
             };
         }
@@ -141,6 +176,7 @@ fn append(all: &mut TokenSet, s: TokenSet) {
     all.text_l3.extend(s.text_l3);
     all.text_l6.extend(s.text_l6);
     all.flip_map.extend(s.flip_map);
+    all.text_below.extend(s.text_below);
 }
 
 fn load_images(manifest: &Manifest, rows: &[Row]) -> Result<Vec<RgbImage>> {
@@ -183,7 +219,30 @@ fn compute(
             .extend(maps(towers, device, &images, STUDENT_INPUT));
         pb.inc(batch.len() as u64);
     }
-    // Tokenise each row; text-less rows own no tokens.
+    let (lens, mut states) = text_states(
+        towers,
+        device,
+        rows,
+        &[STUDENT_TEXT_LAYERS, TEACHER_TEXT_LAYERS],
+    )?;
+    s.text_l6 = states.pop().expect("two taps");
+    s.text_l3 = states.pop().expect("two taps");
+    s.text_off.push(0);
+    for len in lens {
+        s.text_off
+            .push(s.text_off.last().expect("starts with 0") + len);
+    }
+    Ok(s)
+}
+
+/// MiniLM's hidden states after each layer in `taps` (ascending), packed row after
+/// row, and each row's token count (0 for a text-less row).
+fn text_states(
+    towers: &Towers,
+    device: &Device,
+    rows: &[Row],
+    taps: &[usize],
+) -> Result<(Vec<usize>, Vec<Vec<f16>>)> {
     let ids: Vec<Vec<i64>> = rows
         .iter()
         .map(
@@ -193,8 +252,7 @@ fn compute(
             },
         )
         .collect::<Result<_>>()?;
-    let mut l3: Vec<Vec<f16>> = vec![Vec::new(); rows.len()];
-    let mut l6: Vec<Vec<f16>> = vec![Vec::new(); rows.len()];
+    let mut per_row: Vec<Vec<Vec<f16>>> = vec![vec![Vec::new(); rows.len()]; taps.len()];
     // Similar lengths together, so a batch pads little.
     let mut order: Vec<usize> = (0..rows.len()).filter(|&i| !ids[i].is_empty()).collect();
     order.sort_by_key(|&i| ids[i].len());
@@ -203,10 +261,8 @@ fn compute(
         let tb = crate::preprocess::text::pad_batch(&rows_ids);
         let idt = Tensor::<2, Int>::from_data(TensorData::new(tb.ids, [tb.rows, tb.len]), device);
         let mask = Tensor::<2>::from_data(TensorData::new(tb.mask, [tb.rows, tb.len]), device);
-        let taps = towers
-            .text
-            .forward_taps(idt, mask, &[STUDENT_TEXT_LAYERS, TEACHER_TEXT_LAYERS]);
-        for (tap, dst) in taps.into_iter().zip([&mut l3, &mut l6]) {
+        let out = towers.text.forward_taps(idt, mask, taps);
+        for (tap, dst) in out.into_iter().zip(per_row.iter_mut()) {
             let v = tap.into_data().try_to_vec::<f32>().expect("f32 hidden");
             for (k, &i) in batch.iter().enumerate() {
                 let start = k * tb.len * TEXT_DIM;
@@ -217,13 +273,8 @@ fn compute(
             }
         }
     }
-    s.text_off.push(0);
-    for i in 0..rows.len() {
-        s.text_off.push(s.text_off[i] + ids[i].len());
-        s.text_l3.extend(&l3[i]);
-        s.text_l6.extend(&l6[i]);
-    }
-    Ok(s)
+    let packed = per_row.into_iter().map(|rows| rows.concat()).collect();
+    Ok((ids.iter().map(Vec::len).collect(), packed))
 }
 
 fn chunk_path(cache: &Path, manifest: &Manifest, rows: &[Row], recipe: &str) -> PathBuf {
@@ -323,6 +374,7 @@ fn read_chunk(path: &Path, n: usize) -> Option<TokenSet> {
         text_l6: f16_of(&st, "text_l6")?,
         text_off,
         flip_map: Vec::new(),
+        text_below: Vec::new(),
     };
     let tokens = *s.text_off.last()?;
     let ok = s.text_off.len() == n + 1
@@ -338,4 +390,12 @@ fn read_flip(path: &Path, n: usize) -> Option<Vec<f16>> {
     let st = SafeTensors::deserialize(&bytes).ok()?;
     let f = f16_of(&st, "flip_map")?;
     (f.len() == n * grid_tokens(TEACHER_INPUT) * FEATURE_DIM).then_some(f)
+}
+
+/// A packed text tensor of a chunk's `tokens` tokens.
+fn read_text(path: &Path, name: &str, tokens: usize) -> Option<Vec<f16>> {
+    let bytes = std::fs::read(path).ok()?;
+    let st = SafeTensors::deserialize(&bytes).ok()?;
+    let t = f16_of(&st, name)?;
+    (t.len() == tokens * TEXT_DIM).then_some(t)
 }

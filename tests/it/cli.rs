@@ -188,6 +188,24 @@ fn row_names(report: &Value) -> Vec<String> {
         .collect()
 }
 
+/// `marquee train --json` of one epoch a network on `manifest`, with `extra` flags.
+fn train_run(manifest: &str, out: &Path, work: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--manifest",
+        manifest,
+        "--out",
+        out.to_str().unwrap(),
+        "--work",
+        work.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    marquee(&args)
+}
+
 #[test]
 fn train_writes_a_self_contained_student_that_eval_loads() {
     let dir = common::tmpdir("train");
@@ -195,20 +213,7 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     let out = dir.join("model");
     let work = dir.join("work");
     let m = manifest.to_str().unwrap();
-    let o = marquee(&[
-        "train",
-        "--manifest",
-        m,
-        "--out",
-        out.to_str().unwrap(),
-        "--work",
-        work.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--teacher-members",
-        "1",
-        "--json",
-    ]);
+    let o = train_run(m, &out, &work, &["--teacher-members", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let runs: Value = serde_json::from_slice(&o.stdout).unwrap();
     let names = row_names(&runs);
@@ -308,26 +313,22 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     // A student alone, distilled from that teacher, with out-of-fold thresholds.
     let (out2, work2) = (dir.join("model-oof"), dir.join("work-oof"));
     let train_from = |teacher: &Path| {
-        marquee(&[
-            "train",
-            "--manifest",
+        let t = teacher.to_str().unwrap();
+        train_run(
             m,
-            "--out",
-            out2.to_str().unwrap(),
-            "--work",
-            work2.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--teacher",
-            teacher.to_str().unwrap(),
-            "--thresholds",
-            "out-of-fold",
-            "--student-members",
-            "1",
-            "--student-text-dropout",
-            "0.4",
-            "--json",
-        ])
+            &out2,
+            &work2,
+            &[
+                "--teacher",
+                t,
+                "--thresholds",
+                "out-of-fold",
+                "--student-members",
+                "1",
+                "--student-text-dropout",
+                "0.4",
+            ],
+        )
     };
     let o = train_from(&work.join("teacher"));
     assert!(o.status.success(), "{}", stderr(&o));
@@ -356,6 +357,72 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     let o = marquee(&["train", "--manifest", m, "--student-text-dropout", "1.5"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("outside 0..=0.9"), "{}", stderr(&o));
+}
+
+/// A teacher that tunes MiniLM's top layer is saved with that layer, a student is
+/// distilled from it as it was trained, and it is never served.
+#[test]
+fn a_teacher_tunes_minilms_top_layer_and_a_student_distils_from_it() {
+    let dir = common::tmpdir("train-top");
+    let manifest = small_manifest(&dir, 256, 12);
+    let m = manifest.to_str().unwrap();
+    let (out, work) = (dir.join("model"), dir.join("work"));
+    let teacher = work.join("teacher");
+    let train = |extra: &[&str]| train_run(m, &out, &work, extra);
+    let o = train(&[
+        "--only",
+        "teacher",
+        "--teacher-members",
+        "1",
+        "--teacher-top-layers",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names = row_names(&report);
+    // The teacher alone: no peers, no single-modality networks, no student.
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].ends_with("top 1 tuned)"), "{names:?}");
+    assert!(teacher.join("text_top_0.bpk").is_file());
+    assert!(!work.join("peers.json").exists() && !out.exists());
+    let teacher_val = &report["ablations"][0]["val"];
+
+    // Its fusion layers read the tuned layer's output: serving it would be wrong.
+    let o = marquee(&[
+        "classify",
+        "examples/poster.png",
+        "--model",
+        teacher.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "tuned teacher");
+    assert!(stderr(&o).contains("train --teacher"), "{}", stderr(&o));
+    // Distilling from it without the layer: a one-line error, nothing written.
+    let o = train(&["--teacher", teacher.to_str().unwrap()]);
+    assert!(!o.status.success() && !stderr(&o).contains("panicked"));
+    assert!(
+        stderr(&o).contains("give --teacher-top-layers"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+
+    let o = train(&[
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--teacher-top-layers",
+        "1",
+        "--student-members",
+        "1",
+        "--thresholds",
+        "tune",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // The reloaded teacher scores val exactly as the one just trained.
+    assert_eq!(&report["ablations"][0]["val"], teacher_val);
+    let spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    assert_eq!(spec["training"]["options"]["teacher_top_layers"], 1);
 }
 
 #[test]

@@ -64,7 +64,7 @@ pub struct BertLayer {
 }
 
 impl BertLayer {
-    fn new(c: &BertConfig, device: &Device) -> Self {
+    pub fn new(c: &BertConfig, device: &Device) -> Self {
         let lin = |i, o| LinearConfig::new(i, o).init(device);
         Self {
             query: lin(c.hidden, c.hidden),
@@ -147,6 +147,17 @@ impl Bert {
         let [b, l] = mask.dims();
         let padded: bool = mask.clone().lower_elem(0.5).any().into_scalar();
         padded.then(|| ((mask.neg() + 1.0) * MASK_BIAS).reshape([b, 1, 1, l]))
+    }
+
+    /// Copies of the top `n` layers (a teacher tunes them on hidden states from below).
+    pub fn top_layers(&self, n: usize) -> Vec<BertLayer> {
+        self.layers[self.layers.len() - n.min(self.layers.len())..].to_vec()
+    }
+
+    /// Additive attention bias from a `[B, L]` mask that is true on absent tokens.
+    pub fn absent_bias(absent: Tensor<2, Bool>) -> Tensor<4> {
+        let [b, l] = absent.dims();
+        (absent.float() * MASK_BIAS).reshape([b, 1, 1, l])
     }
 
     /// Last hidden state of right-padded ids `[B, L]` with their 0/1 mask.

@@ -7,7 +7,9 @@
 //! text-only and both, which is what modality dropout trains it for.
 
 mod host;
+mod tuned;
 pub use host::HostFusion;
+pub use tuned::TunedFusion;
 
 use crate::nn::cpu_ops::{attention, host_device, linear_gelu};
 use burn::module::Param;
