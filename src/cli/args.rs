@@ -112,7 +112,7 @@ pub struct TrainArgs {
     pub teacher_members: usize,
     /// MiniLM's top layers that each teacher network tunes inside it, at a
     /// twentieth of the learning rate (0: the teacher reads frozen layer-6 states).
-    #[arg(long, default_value_t = 0, value_parser = in_range::<0, 6>)]
+    #[arg(long, default_value_t = 1, value_parser = in_range::<0, 6>)]
     pub teacher_top_layers: usize,
     /// Networks in the student ensemble (the shipped model).
     #[arg(long, default_value_t = 2, value_parser = in_range::<1, 4>)]

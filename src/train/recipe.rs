@@ -79,7 +79,7 @@ impl Default for RecipeOptions {
         Self {
             seed: 42,
             teacher_members: 2,
-            teacher_top_layers: 0,
+            teacher_top_layers: 1,
             student_members: 2,
             student_text_dropout: 0.5,
             hard_weight: 0.5,

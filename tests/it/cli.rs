@@ -397,7 +397,12 @@ fn a_teacher_tunes_minilms_top_layer_and_a_student_distils_from_it() {
     assert_clean_failure(&o, "tuned teacher");
     assert!(stderr(&o).contains("train --teacher"), "{}", stderr(&o));
     // Distilling from it without the layer: a one-line error, nothing written.
-    let o = train(&["--teacher", teacher.to_str().unwrap()]);
+    let o = train(&[
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--teacher-top-layers",
+        "0",
+    ]);
     assert!(!o.status.success() && !stderr(&o).contains("panicked"));
     assert!(
         stderr(&o).contains("give --teacher-top-layers"),
