@@ -42,7 +42,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .unwrap_or_else(CacheDir::from_env);
     let model_dir = cfg.classify.model.clone().unwrap_or_else(default_model_dir);
     let classifier = Classifier::load(&model_dir, &cache, &device)?;
-    let captioner = CaptionStage::start(&cfg.caption, &device)?;
+    let captioner = CaptionStage::start(&cfg.caption, &device)?.map(Arc::new);
     let health = Arc::new(Health::default());
     if let Some(c) = &captioner {
         tracing::info!("captioning: {}", c.label);
@@ -124,6 +124,7 @@ pub fn run(cfg: Config) -> Result<()> {
         let stop = stop.clone();
         let health = health.clone();
         let hb = health.heartbeat("classifier");
+        let captioner = captioner.clone();
         std::thread::Builder::new()
             .name("classify".into())
             .spawn(move || {
@@ -131,7 +132,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 run_classifier(
                     &device_id,
                     &classifier,
-                    captioner.as_ref(),
+                    captioner.as_deref(),
                     rx,
                     shared,
                     &mut sinks,
@@ -153,7 +154,13 @@ pub fn run(cfg: Config) -> Result<()> {
             .iter()
             .find(|(_, t)| t.is_finished())
             .map(|(name, _)| *name)
-            .or_else(|| mqtt.as_ref().filter(|m| m.is_finished()).map(|_| "mqtt"));
+            .or_else(|| mqtt.as_ref().filter(|m| m.is_finished()).map(|_| "mqtt"))
+            .or_else(|| {
+                captioner
+                    .as_ref()
+                    .filter(|c| c.is_finished())
+                    .map(|_| "captioner")
+            });
         if let Some(name) = dead {
             tracing::error!(
                 "the {name} worker stopped unexpectedly; exiting so that systemd restarts marquee"

@@ -237,6 +237,9 @@ impl Default for PipelineConfig {
     }
 }
 
+/// Longest path accepted in a config (Linux's PATH_MAX).
+const PATH_MAX: usize = 4096;
+
 fn err(path: &str, msg: impl Into<String>) -> ConfigError {
     ConfigError {
         path: path.into(),
@@ -295,16 +298,38 @@ impl Config {
             ("mqtt.prefix", &self.mqtt.prefix),
             ("mqtt.discovery_prefix", &self.mqtt.discovery_prefix),
         ] {
-            if v.is_empty() || v.contains(['#', '+']) || v.starts_with('/') || v.ends_with('/') {
+            // `$` topics are the broker's own (`$SYS`): a publish there is dropped.
+            if v.is_empty()
+                || v.contains(['#', '+'])
+                || v.starts_with(['/', '$'])
+                || v.ends_with('/')
+                || v.chars().any(char::is_control)
+            {
                 return Err(err(
                     key,
-                    "must be a topic prefix without wildcards or edge slashes",
+                    "must be a topic prefix without wildcards, control characters, a leading '$' or edge slashes",
                 ));
             }
         }
         if self.mqtt.host.is_empty() {
             return Err(err("mqtt.host", "must not be empty"));
         }
+        for (key, v) in [
+            ("mqtt.host", Some(&self.mqtt.host)),
+            ("mqtt.username", self.mqtt.username.as_ref()),
+            ("mqtt.password", self.mqtt.password.as_ref()),
+        ] {
+            if v.is_some_and(|v| v.chars().any(char::is_control)) {
+                return Err(err(key, "must not contain control characters"));
+            }
+        }
+        if self.classify.backend == Backend::Wgpu && !cfg!(feature = "wgpu") {
+            return Err(err(
+                "classify.backend",
+                "\"wgpu\" needs a build with the wgpu feature (cargo build --features wgpu)",
+            ));
+        }
+        self.check_paths()?;
         let c = &self.caption;
         if c.mode == Mode::Local && c.model.is_none() {
             return Err(err(
@@ -330,6 +355,72 @@ impl Config {
             && f.path.as_os_str().is_empty()
         {
             return Err(err("sources.folder.path", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Every path is one `run` can use: not empty, no NUL, not absurdly long, a
+    /// folder where a folder is meant and a readable PEM file for the CA.
+    fn check_paths(&self) -> Result<(), ConfigError> {
+        let mut dirs: Vec<(&str, &Path)> = vec![("state_dir", &self.state_dir)];
+        if let Some(f) = &self.sources.folder {
+            dirs.push(("sources.folder.path", &f.path));
+        }
+        let mut optional: Vec<(&str, Option<&Path>)> = vec![
+            ("classify.model", self.classify.model.as_deref()),
+            ("classify.cache", self.classify.cache.as_deref()),
+            ("caption.model", self.caption.model.as_deref()),
+            ("mqtt.tls_ca", self.mqtt.tls_ca.as_deref()),
+        ];
+        if let Some(cam) = &self.sources.camera {
+            optional.push(("sources.camera.device", Some(&cam.device)));
+        }
+        for (key, p) in dirs.iter().map(|(k, p)| (*k, Some(*p))).chain(optional) {
+            let Some(p) = p else { continue };
+            let text = p.as_os_str().as_encoded_bytes();
+            if text.is_empty() {
+                return Err(err(
+                    key,
+                    "must not be empty (leave the key out for the default)",
+                ));
+            }
+            if text.contains(&0) {
+                return Err(err(key, "must not contain a NUL byte"));
+            }
+            if text.len() > PATH_MAX {
+                return Err(err(
+                    key,
+                    format!("is {} bytes long; the limit is {PATH_MAX}", text.len()),
+                ));
+            }
+        }
+        for (key, p) in dirs {
+            if p.exists() && !p.is_dir() {
+                return Err(err(
+                    key,
+                    format!("{} exists and is not a folder", p.display()),
+                ));
+            }
+        }
+        for (key, p) in [
+            ("classify.model", self.classify.model.as_deref()),
+            ("caption.model", self.caption.model.as_deref()),
+        ] {
+            if let Some(p) = p
+                && !p.is_dir()
+            {
+                return Err(err(key, format!("{} is not a folder", p.display())));
+            }
+        }
+        if let Some(ca) = &self.mqtt.tls_ca {
+            let pem = crate::util::limited::read_file(ca, 1 << 20)
+                .map_err(|e| err("mqtt.tls_ca", e.to_string()))?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(err(
+                    "mqtt.tls_ca",
+                    format!("{} holds no PEM certificate", ca.display()),
+                ));
+            }
         }
         Ok(())
     }
@@ -376,7 +467,8 @@ impl Config {
         ];
         if let Some(f) = &self.sources.folder {
             nums.push(("sources.folder.poll_ms", f.poll_ms, 1, 60_000));
-            nums.push(("sources.folder.settle_ms", f.settle_ms, 0, 600_000));
+            // A minute of stillness is plenty; longer only delays every poster and junk file.
+            nums.push(("sources.folder.settle_ms", f.settle_ms, 0, 60_000));
         }
         if let Some(cam) = &self.sources.camera {
             nums.push(("sources.camera.width", cam.width.into(), 1, 8192));

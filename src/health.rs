@@ -40,6 +40,8 @@ pub struct Counters {
     pub rejected_uploads: u64,
     /// Results moved to the dead-letter folder (they could never be published).
     pub dead_letters: u64,
+    /// Results that could not be written to the outbox (a full or broken disk).
+    pub outbox_write_failures: u64,
 }
 
 #[derive(Debug)]
@@ -52,6 +54,8 @@ struct Inner {
     counters: Counters,
     /// Recent end-to-end latencies (ms), for the page's plot and the metrics.
     latencies: VecDeque<f64>,
+    /// Why the last outbox write failed, until a write or a probe succeeds again.
+    outbox_unwritable: Option<String>,
 }
 
 #[derive(Debug)]
@@ -118,7 +122,9 @@ impl Default for Health {
                     published: 0,
                     rejected_uploads: 0,
                     dead_letters: 0,
+                    outbox_write_failures: 0,
                 },
+                outbox_unwritable: None,
                 latencies: VecDeque::new(),
             }),
             started: Instant::now(),
@@ -161,6 +167,29 @@ impl Health {
 
     pub fn set_outbox(&self, ok: bool, detail: &str) {
         self.with(|i| set(&mut i.outbox, ok, detail));
+    }
+
+    /// An outbox write failed: results are not being kept. `/healthz` says so.
+    pub fn outbox_write_failed(&self, why: &str) {
+        self.with(|i| {
+            i.counters.outbox_write_failures += 1;
+            i.outbox_unwritable = Some(why.to_string());
+            set(&mut i.outbox, false, why);
+        });
+    }
+
+    /// An outbox write (or a probe write) succeeded.
+    pub fn outbox_writable(&self) {
+        self.with(|i| {
+            if i.outbox_unwritable.take().is_some() || i.outbox.ok != Some(true) {
+                set(&mut i.outbox, true, "ok");
+            }
+        });
+    }
+
+    /// Why results cannot be kept right now, if they cannot.
+    pub fn outbox_unwritable(&self) -> Option<String> {
+        self.with(|i| i.outbox_unwritable.clone())
     }
 
     pub fn dead_lettered(&self, why: &str) {

@@ -10,8 +10,10 @@
 //!   identical repeats folded into one, as RFC 9112 §6.3 allows;
 //! - the acceptor only accepts: every connection is its own task, so a slow client
 //!   holds up nobody else;
-//! - connections are capped, and each holds a semaphore permit that is released when
-//!   its task ends for any reason, a panic included (a guard, not a counter).
+//! - connections are capped, and each holds a slot that is released when its task
+//!   ends for any reason, a panic included (a guard, not a counter); when all slots
+//!   are taken, a new connection takes the slot of the oldest idle one (no request
+//!   in progress), so idle or slowloris sockets can never lock out a real client.
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -23,7 +25,7 @@ use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 /// Request line plus headers, in bytes.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -36,7 +38,8 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// instead of a reset; past either bound the connection is just closed.
 const DRAIN_MAX: usize = 8 << 20;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-/// Open connections at once; beyond that a new one is closed at once.
+/// Open connections at once; beyond that a new one evicts the oldest idle one, or
+/// is closed at once when every one is serving a request.
 pub const MAX_CONNECTIONS: usize = 256;
 /// How long `stop` waits for open requests before it drops them.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -92,8 +95,94 @@ impl Drop for HttpServer {
     }
 }
 
+/// The open connections, so that a new one can take the slot of the oldest idle
+/// one when all are taken: idle or slow clients (a crowd of silent sockets, a
+/// slowloris trickling its head) can then never lock out a client that asks.
+#[derive(Default)]
+struct Slots {
+    open: std::sync::Mutex<Vec<Slot>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+struct Slot {
+    id: u64,
+    /// Requests being served on it (a streamed body counts until it ends).
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    abort: tokio::task::AbortHandle,
+}
+
+impl Slots {
+    /// Makes room for one more connection: evicts the oldest idle one when all
+    /// `MAX_CONNECTIONS` are taken. False when every slot is busy.
+    fn make_room(&self) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() < MAX_CONNECTIONS {
+            return true;
+        }
+        let idle = open
+            .iter()
+            .position(|s| s.busy.load(std::sync::atomic::Ordering::SeqCst) == 0);
+        match idle {
+            Some(i) => {
+                open.remove(i).abort.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn add(
+        &self,
+        busy: Arc<std::sync::atomic::AtomicUsize>,
+        abort: tokio::task::AbortHandle,
+    ) -> u64 {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.push(Slot { id, busy, abort });
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|s| s.id != id);
+    }
+}
+
+/// Frees a connection's slot when its task ends for any reason (done, evicted, a
+/// panic): a guard, not a counter.
+struct SlotGuard {
+    slots: Arc<Slots>,
+    id: Option<u64>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.slots.remove(id);
+        }
+    }
+}
+
+/// Marks a connection busy while a request (and its streamed answer) is served.
+struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Busy {
+    fn enter(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 async fn accept(listener: tokio::net::TcpListener, router: Router, stop: Arc<Notify>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Slots::default());
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -117,20 +206,56 @@ async fn accept(listener: tokio::net::TcpListener, router: Router, stop: Arc<Not
                 }
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        if !slots.make_room() {
             drop(stream);
             continue;
-        };
-        let svc = TowerToHyperService::new(router.clone());
+        }
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let svc = busy_service(TowerToHyperService::new(router.clone()), busy.clone());
         let conn = builder.serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _permit = permit;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<SlotGuard>();
+        let task = tokio::spawn(async move {
+            // Holds the slot until this task ends, however it ends.
+            let _slot = ready_rx.await;
             let _ = conn.await;
+        });
+        let id = slots.add(busy, task.abort_handle());
+        let _ = ready_tx.send(SlotGuard {
+            slots: slots.clone(),
+            id: Some(id),
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The router as a hyper service that counts the requests it is serving on one
+/// connection, up to the end of each answer's body.
+fn busy_service(
+    inner: TowerToHyperService<Router>,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response, std::convert::Infallible>> + Send,
+> + Clone {
+    let inner = Arc::new(inner);
+    hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let guard = Busy::enter(&busy);
+        let fut = hyper::service::Service::call(&*inner, req);
+        async move {
+            use http_body_util::BodyExt;
+            let resp = fut.await?;
+            Ok(resp.map(|b| {
+                Body::new(b.map_frame(move |f| {
+                    let _held = &guard;
+                    f
+                }))
+            }))
+        }
+    })
 }
 
 /// The body, read up to `max` bytes within `BODY_TIMEOUT`; the reply to send

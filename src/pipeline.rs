@@ -124,6 +124,7 @@ impl QueueShared {
 #[derive(Clone)]
 pub struct Queue {
     tx: SyncSender<Job>,
+    capacity: usize,
     pub shared: Arc<QueueShared>,
 }
 
@@ -141,6 +142,7 @@ impl Queue {
         (
             Self {
                 tx,
+                capacity,
                 shared: Arc::default(),
             },
             rx,
@@ -175,6 +177,12 @@ impl Queue {
                 }
             }
         }
+    }
+
+    /// Whether a job sent now would find the queue full (uploads ask before they
+    /// spend memory on decoding).
+    pub fn is_full(&self) -> bool {
+        self.shared.pending() >= self.capacity
     }
 
     /// Never waits (uploads: the client gets 503 instead, and the job is dropped).
@@ -239,52 +247,16 @@ pub fn run_classifier(
         };
         shared.pending.fetch_sub(1, Ordering::SeqCst);
         let Job { poster, done } = job;
-        let start = Instant::now();
-        let overview = poster
-            .overview
-            .clone()
-            .or_else(|| shared.take_next_overview())
-            .map(|o| clip(&o, OVERVIEW_MAX_CHARS));
-        let captioned = match (&poster.caption, captioner) {
-            (Some(given), _) => Captioned::given(given),
-            (None, Some(c)) => c.caption(&poster.image),
-            (None, None) => Captioned::off(),
-        };
-        if captioner.is_some() && poster.caption.is_none() {
-            // "none: ..." is the stage's word for a scan that went out without one.
-            health.set_captioner(captioned.caption.is_some(), &captioned.status);
-        }
-        let caption = captioned
-            .caption
-            .as_deref()
-            .map(|c| clip(c, CAPTION_MAX_CHARS));
-        let outcome = classifier.classify(&poster.image, overview.as_deref(), caption.as_deref());
-        let result = match outcome {
-            Ok(p) => {
-                let mut timings: BTreeMap<String, f64> = p.timings_ms.into_iter().collect();
-                timings.insert("pipeline".into(), start.elapsed().as_secs_f64() * 1e3);
-                if captioner.is_some() && poster.caption.is_none() {
-                    timings.insert("caption".into(), captioned.waited_ms);
-                }
-                Ok(ScanResult {
-                    id: new_id(device_id),
-                    timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                    source: poster.source,
-                    name: clip(&poster.name, NAME_MAX_CHARS),
-                    caption,
-                    caption_status: captioned.status.clone(),
-                    overview,
-                    genres: p.genres,
-                    predicted: p.predicted,
-                    timings_ms: timings,
-                    thumbnail: thumbnail(&poster.image),
-                })
-            }
-            Err(e) => Err(format!("classify failed: {e:#}")),
-        };
-        let delivered = result.as_ref().map_err(Clone::clone).and_then(|r| {
+        // One poster's panic (a model or kernel defect) fails that poster, with its
+        // reason, and the appliance goes on: its hot-folder file reaches failed/
+        // instead of crash-looping the service.
+        let scanned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            scan(device_id, classifier, captioner, &shared, health, &poster)
+        }))
+        .unwrap_or_else(|panic| Err(format!("internal error: {}", panic_text(&*panic))));
+        let delivered = scanned.and_then(|r| {
             for sink in sinks.iter_mut() {
-                sink.accept(r)?;
+                sink.accept(&r)?;
             }
             Ok(r)
         });
@@ -299,9 +271,73 @@ pub fn run_classifier(
             }
         }
         if let Some(done) = done {
-            done(delivered);
+            done(delivered.as_ref().map_err(Clone::clone));
         }
     }
+}
+
+/// The text of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Captions (when asked) and classifies one poster.
+fn scan(
+    device_id: &str,
+    classifier: &Classifier,
+    captioner: Option<&CaptionStage>,
+    shared: &QueueShared,
+    health: &Health,
+    poster: &Poster,
+) -> Result<ScanResult, String> {
+    let start = Instant::now();
+    let overview = poster
+        .overview
+        .clone()
+        .or_else(|| shared.take_next_overview())
+        .map(|o| clip(&o, OVERVIEW_MAX_CHARS));
+    let captioned = match (&poster.caption, captioner) {
+        (Some(given), _) => Captioned::given(given),
+        (None, Some(c)) => c.caption(&poster.image),
+        (None, None) => Captioned::off(),
+    };
+    if captioner.is_some() && poster.caption.is_none() {
+        // "none: ..." is the stage's word for a scan that went out without one.
+        health.set_captioner(captioned.caption.is_some(), &captioned.status);
+    }
+    let caption = captioned
+        .caption
+        .as_deref()
+        .map(|c| clip(c, CAPTION_MAX_CHARS));
+    let p = classifier
+        .classify(&poster.image, overview.as_deref(), caption.as_deref())
+        .map_err(|e| format!("classify failed: {e:#}"))?;
+    let mut timings: BTreeMap<String, f64> = p.timings_ms.into_iter().collect();
+    timings.insert("pipeline".into(), start.elapsed().as_secs_f64() * 1e3);
+    if captioner.is_some() && poster.caption.is_none() {
+        timings.insert("caption".into(), captioned.waited_ms);
+    }
+    Ok(ScanResult {
+        id: new_id(device_id),
+        timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        source: poster.source,
+        name: clip(&poster.name, NAME_MAX_CHARS),
+        caption,
+        caption_status: captioned.status.clone(),
+        overview,
+        genres: p.genres,
+        predicted: p.predicted,
+        timings_ms: timings,
+        thumbnail: thumbnail(&poster.image),
+    })
 }
 
 #[cfg(test)]

@@ -69,10 +69,21 @@ impl FlorenceCaptioner {
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
-        let generation = match read_json(&dir.join("generation_config.json"))? {
+        let generation: GenerationConfig = match read_json(&dir.join("generation_config.json"))? {
             Some(v) => serde_json::from_value(v).context("generation_config.json")?,
             None => GenerationConfig::default(),
         };
+        let vocab = config.text_config.vocab_size;
+        generation
+            .validate(vocab)
+            .map_err(|e| anyhow::anyhow!("{}: generation_config.json: {e}", dir.display()))?;
+        if tokenizer.get_vocab_size(true) == 0 || tokenizer.get_vocab_size(true) > vocab {
+            anyhow::bail!(
+                "{}: the tokenizer has {} tokens; the model has {vocab}",
+                tok_path.display(),
+                tokenizer.get_vocab_size(true)
+            );
+        }
         let image_size = ["processor_config.json", "preprocessor_config.json"]
             .iter()
             .find_map(|f| read_json(&dir.join(f)).ok().flatten())

@@ -102,6 +102,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Longest response body we read from a caption server.
 const MAX_RESPONSE: u64 = 1 << 20;
+/// What is read of an error answer's body (for its first line).
+const ERROR_BODY_MAX: u64 = 4096;
 
 impl RemoteCaptioner {
     pub fn new(cfg: RemoteConfig) -> Self {
@@ -193,18 +195,25 @@ impl RemoteCaptioner {
         };
         let mut response = response.map_err(|e| self.transport(e))?;
         let status = response.status().as_u16();
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_RESPONSE)
-            .read_to_string()
-            .map_err(|e| self.transport(e))?;
+        // The status decides first: an error's body is read only for its first
+        // line, as bytes (any size, any encoding), and never counts against the
+        // server's health when the status says the request was at fault.
+        let mut read = |limit: u64| response.body_mut().with_config().limit(limit).read_to_vec();
         match status {
             200 => {}
             503 => return Err(RemoteError::Busy),
             s if s >= 500 => return Err(RemoteError::Unreachable(format!("HTTP {s}"))),
-            s => return Err(RemoteError::Refused(s, first_line(&body))),
+            s => {
+                let head = read(ERROR_BODY_MAX).unwrap_or_default();
+                return Err(RemoteError::Refused(
+                    s,
+                    first_line(&String::from_utf8_lossy(&head)),
+                ));
+            }
         }
+        let body = read(MAX_RESPONSE).map_err(|e| self.transport(e))?;
+        let body = String::from_utf8(body)
+            .map_err(|_| RemoteError::BadResponse("the body is not UTF-8".into()))?;
         let elapsed = start.elapsed().as_secs_f64() * 1e3;
         match self.cfg.protocol {
             Protocol::Marquee => {

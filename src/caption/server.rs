@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 #[derive(Debug, Clone)]
@@ -84,6 +85,13 @@ pub struct CaptionServer {
     http: HttpServer,
     tx: Arc<Mutex<Option<SyncSender<Work>>>>,
     threads: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl Shared {
+    fn all_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst) == self.cfg.workers.max(1)
+    }
 }
 
 struct Shared {
@@ -91,8 +99,13 @@ struct Shared {
     cfg: ServerConfig,
     busy: AtomicUsize,
     queued: AtomicUsize,
+    /// Worker threads still running (each counts itself out when it ends).
+    alive: AtomicUsize,
     tx: Arc<Mutex<Option<SyncSender<Work>>>>,
 }
+
+/// Longest a request waits in the queue and the worker together.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl CaptionServer {
     pub fn start(captioner: Arc<FlorenceCaptioner>, cfg: ServerConfig) -> Result<Self> {
@@ -104,6 +117,7 @@ impl CaptionServer {
             cfg: cfg.clone(),
             busy: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            alive: AtomicUsize::new(cfg.workers.max(1)),
             tx: tx.clone(),
         });
         let mut threads = Vec::new();
@@ -126,9 +140,19 @@ impl CaptionServer {
                     "not found: use POST /v1/caption or /v1/chat/completions",
                 )
             })
-            .with_state(shared);
+            .with_state(shared.clone());
         let http = HttpServer::start(cfg.listen, router, 2, "caption-http")?;
-        Ok(Self { http, tx, threads })
+        Ok(Self {
+            http,
+            tx,
+            threads,
+            shared,
+        })
+    }
+
+    /// Whether every worker is still running (the service's watchdog check).
+    pub fn workers_alive(&self) -> bool {
+        self.shared.all_alive()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -160,13 +184,19 @@ fn error(code: StatusCode, msg: &str) -> Response {
 type St = State<Arc<Shared>>;
 
 async fn healthz(State(shared): St) -> Response {
+    let ok = shared.all_alive();
     let body = serde_json::json!({
-        "status": "ok",
+        "status": if ok { "ok" } else { "a captioning worker has stopped" },
         "model": shared.captioner.name,
         "busy": shared.busy.load(Ordering::SeqCst),
         "queued": shared.queued.load(Ordering::SeqCst),
     });
-    json(StatusCode::OK, body.to_string())
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(code, body.to_string())
 }
 
 async fn caption(
@@ -243,12 +273,18 @@ async fn admit(
         shared.queued.fetch_sub(1, Ordering::SeqCst);
         return error(StatusCode::SERVICE_UNAVAILABLE, msg);
     }
-    answer.await.unwrap_or_else(|_| {
-        error(
+    // Every queued request has a deadline: a stuck worker never holds a client.
+    match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(_)) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the captioning worker stopped",
-        )
-    })
+        ),
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("no caption within {} s", REQUEST_TIMEOUT.as_secs()),
+        ),
+    }
 }
 
 /// The image, the task, the generation options, and whether to stream the answer.
@@ -318,7 +354,17 @@ fn openai_request(body: &[u8], cap: usize) -> Result<Parsed, String> {
     Ok((image, task, opts, v["stream"].as_bool().unwrap_or(false)))
 }
 
+/// Counts a worker out when its thread ends, however it ends.
+struct Alive<'a>(&'a AtomicUsize);
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn worker(rx: &Mutex<Receiver<Work>>, shared: &Shared) {
+    let _alive = Alive(&shared.alive);
     loop {
         let work = {
             let Ok(rx) = rx.lock() else { return };
@@ -329,13 +375,21 @@ fn worker(rx: &Mutex<Receiver<Work>>, shared: &Shared) {
         };
         shared.queued.fetch_sub(1, Ordering::SeqCst);
         shared.busy.fetch_add(1, Ordering::SeqCst);
+        let _idle = Alive(&shared.busy);
         serve(work, &shared.captioner);
-        shared.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
+/// Answers one request; a captioner panic becomes a 500 for that request, and the
+/// worker lives on.
 fn serve(w: Work, captioner: &FlorenceCaptioner) {
-    let resp = answer(&w, captioner);
+    let resp = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer(&w, captioner)))
+        .unwrap_or_else(|_| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the captioner failed on this image",
+            )
+        });
     let _ = w.reply.send(resp);
 }
 

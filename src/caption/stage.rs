@@ -67,8 +67,12 @@ struct Ask {
 /// The pipeline's handle on the caption worker.
 pub struct CaptionStage {
     tx: SyncSender<Ask>,
+    worker: std::thread::JoinHandle<()>,
     /// Set while the worker has a poster; cleared when it is done with it.
     busy: Arc<AtomicBool>,
+    /// Why the last caption failed after its scan had stopped waiting (a server
+    /// that timed out past the deadline), told with the next scan.
+    late: Arc<std::sync::Mutex<Option<String>>>,
     deadline: Duration,
     /// "local florence-2-base" / "remote http://…", for status lines.
     pub label: String,
@@ -115,19 +119,38 @@ impl CaptionStage {
         let busy = Arc::new(AtomicBool::new(false));
         let task = cfg.task;
         let flag = busy.clone();
-        std::thread::Builder::new()
+        let late = Arc::new(std::sync::Mutex::new(None));
+        let late_w = late.clone();
+        let worker = std::thread::Builder::new()
             .name("captioner".into())
-            .spawn(move || worker(engine.as_ref(), task, rx, &flag))?;
+            .spawn(move || worker(engine.as_ref(), task, rx, &flag, &late_w))?;
         Ok(Some(Self {
             tx,
+            worker,
             busy,
+            late,
             deadline: Duration::from_millis(cfg.deadline_ms),
             label,
         }))
     }
 
+    /// Whether the worker thread has ended (it should not: a panic is caught per
+    /// poster); the appliance then exits so that systemd restarts it.
+    pub fn is_finished(&self) -> bool {
+        self.worker.is_finished()
+    }
+
     /// Asks for a caption and waits until it comes or the deadline passes.
     pub fn caption(&self, image: &RgbImage) -> Captioned {
+        let mut c = self.ask(image);
+        let late = self.late.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(e) = late {
+            c.status = format!("{} (the previous caption failed late: {e})", c.status);
+        }
+        c
+    }
+
+    fn ask(&self, image: &RgbImage) -> Captioned {
         let start = Instant::now();
         let (reply, rx) = std::sync::mpsc::channel();
         let ask = Ask {
@@ -194,13 +217,39 @@ pub fn open(cfg: &CaptionConfig, device: &Device) -> Result<Option<Box<dyn Capti
     })
 }
 
-fn worker(engine: &dyn Captioner, task: Task, rx: Receiver<Ask>, busy: &AtomicBool) {
+/// Clears the busy flag however a caption ends, a panic included.
+struct Idle<'a>(&'a AtomicBool);
+
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+fn worker(
+    engine: &dyn Captioner,
+    task: Task,
+    rx: Receiver<Ask>,
+    busy: &AtomicBool,
+    late: &std::sync::Mutex<Option<String>>,
+) {
     while let Ok(ask) = rx.recv() {
-        let out = engine
-            .caption(&ask.image, task)
-            .map_err(|e| format!("{e:#}"));
-        // The scan may have stopped waiting; then the late caption is dropped.
-        let _ = ask.reply.send(out);
-        busy.store(false, Ordering::SeqCst);
+        let _idle = Idle(busy);
+        // A captioner defect fails that poster's caption, never the worker: the
+        // scan goes out without one and says why.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.caption(&ask.image, task)
+        }))
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "the captioner failed on this poster (a panic)"
+            ))
+        })
+        .map_err(|e| format!("{e:#}"));
+        // The scan may have stopped waiting; then a late caption is dropped, and a
+        // late failure is kept for the next scan to tell.
+        if let Err(std::sync::mpsc::SendError(Err(e))) = ask.reply.send(out) {
+            *late.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        }
     }
 }

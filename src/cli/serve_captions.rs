@@ -40,7 +40,15 @@ pub fn run(a: ServeCaptionsArgs, g: &Global) -> Result<ServerStopped> {
         "serving {} captions on http://{addr}",
         captioner.name
     ));
-    let outcome = service.run(|| Tick::Healthy);
+    // A worker that ended (it never should: panics are caught per request) stops
+    // the service, so that systemd restarts it.
+    let outcome = service.run(|| {
+        if server.workers_alive() {
+            Tick::Healthy
+        } else {
+            Tick::Fail(anyhow::anyhow!("a captioning worker stopped"))
+        }
+    });
     server.shutdown();
     note("caption server stopped");
     outcome?;

@@ -70,8 +70,39 @@ impl ModelSpec {
                 self.thresholds_text_less.len(),
             );
         }
-        if self.members == 0 || !(1..=6).contains(&self.text_layers) {
-            bail!("model.json: members must be ≥ 1 and text_layers 1..=6");
+        if !(1..=16).contains(&self.members) || !(1..=6).contains(&self.text_layers) {
+            bail!("model.json: members must be 1..=16 and text_layers 1..=6");
+        }
+        let ImageInput { width, height } = self.image_input;
+        if !(32..=2048).contains(&width) || !(32..=2048).contains(&height) {
+            bail!("model.json: image_input {width}x{height} is outside 32..=2048 per side");
+        }
+        // The tower's feature map (stride 32, TF-SAME rounding up) must be the grid
+        // the fusion network was built for, or the first poster would trip an assert.
+        let grid = [height.div_ceil(32) as usize, width.div_ceil(32) as usize];
+        if grid != self.fusion.image_grid {
+            bail!(
+                "model.json: image_input {width}x{height} makes a {}x{} feature map, but fusion.image_grid is {:?}",
+                grid[0],
+                grid[1],
+                self.fusion.image_grid
+            );
+        }
+        let f = &self.fusion;
+        if f.d_model == 0 || f.heads == 0 || !f.d_model.is_multiple_of(f.heads) || f.d_ff == 0 {
+            bail!(
+                "model.json: fusion.d_model {} must be a positive multiple of fusion.heads {}, and d_ff positive",
+                f.d_model,
+                f.heads
+            );
+        }
+        if let Some(t) = self
+            .thresholds
+            .iter()
+            .chain(&self.thresholds_text_less)
+            .find(|t| !(0.0..=1.0).contains(*t))
+        {
+            bail!("model.json: threshold {t} is outside 0..=1");
         }
         Ok(())
     }

@@ -6,11 +6,13 @@
 //! carries, and an entry is deleted only when the broker has acknowledged all of its
 //! messages.
 //!
-//! Why not trust rumqttc's replay: with a clean session, rumqttc drops everything
-//! unacknowledged (and everything still queued) when it reconnects. So on any
-//! connection error we forget what was in flight, and after the next ConnAck we
-//! re-send the outbox head from scratch. Delivery is at least once: a message the
-//! broker took just before it died arrives twice, never zero times. A persistent
+//! What to send and when is decided in `delivery.rs` (pure state, tested per event);
+//! this file does the I/O. Why not trust rumqttc's replay: with a clean session,
+//! rumqttc drops everything unacknowledged (and everything still queued) when it
+//! reconnects. So on any connection error we forget what was in flight, and after
+//! the next ConnAck we re-send the outbox head from scratch. Delivery is at least
+//! once: a message the broker took just before it died arrives twice, never zero
+//! times. A persistent
 //! session (`clean_session = false`) would not remove that step, because a broker
 //! restarted without its persistence file answers `session_present = false` and
 //! rumqttc then drops the pending publishes anyway; it would also queue stale
@@ -20,6 +22,7 @@
 //! moved to the dead-letter folder with their reason, so one bad result never
 //! blocks the ones behind it.
 
+use super::delivery::{Action, Control, Delivery, Event, Tag};
 use super::outbox::Outbox;
 use super::topics::{STATE_MAX, Topics, discovery_payload, state_payload};
 use crate::config::{DeviceId, MqttConfig};
@@ -28,10 +31,9 @@ use crate::pipeline::{QueueShared, ScanResult, Sink, clip};
 use crate::util::backoff::Backoff;
 use anyhow::{Context, Result};
 use rumqttc::{
-    Client, Connection, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    Client, Connection, ConnectionError, LastWill, MqttOptions, Outgoing, Packet, QoS,
     RecvTimeoutError, Transport,
 };
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -68,12 +70,12 @@ impl Sink for OutboxSink {
         let json = record(r).map_err(|e| e.to_string())?;
         match self.outbox.push(&json) {
             Ok(_) => {
-                self.health.set_outbox(true, "ok");
+                self.health.outbox_writable();
                 Ok(())
             }
             Err(e) => {
                 let msg = format!("outbox write failed: {e}");
-                self.health.set_outbox(false, &msg);
+                self.health.outbox_write_failed(&msg);
                 Err(msg)
             }
         }
@@ -112,10 +114,13 @@ impl Mqtt {
         heartbeat: Heartbeat,
     ) -> Result<Self> {
         let topics = Topics::new(m, id);
-        let (client, connection) = Client::new(options(m, id, &topics)?, 64);
+        let options = options(m, id, &topics)?;
+        let (client, connection) = Client::new(options.clone(), REQUEST_QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
         let session = Session {
             client,
+            connection,
+            options,
             discovery: discovery_payload(id, &topics),
             topics,
             outbox,
@@ -124,17 +129,14 @@ impl Mqtt {
             overview_shown: None,
             heartbeat,
             stats_every: Duration::from_secs(m.stats_interval_s),
-            connected: false,
-            requested: VecDeque::new(),
-            by_pkid: HashMap::new(),
+            delivery: Delivery::new(Instant::now()),
             head: None,
-            attempt: 0,
             last_state: None,
         };
         let st = stop.clone();
         let thread = std::thread::Builder::new()
             .name("mqtt".into())
-            .spawn(move || session.run(connection, &st))?;
+            .spawn(move || session.run(&st))?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -158,47 +160,40 @@ impl Mqtt {
 
 /// Time allowed to get `offline` acknowledged at shutdown.
 const OFFLINE_TIMEOUT: Duration = Duration::from_secs(3);
+/// rumqttc's request queue (bounded; `Delivery` never floods it).
+const REQUEST_QUEUE: usize = 64;
 
-/// What a requested publish carries, so its PubAck can be credited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tag {
-    /// One of the messages of outbox entry `seq`, sent in attempt `attempt`.
-    Entry {
-        seq: u64,
-        attempt: u64,
-    },
-    Offline,
-    Other,
+/// One message of the head entry.
+struct Message {
+    topic: String,
+    retain: bool,
+    payload: Vec<u8>,
 }
 
-/// The outbox entry on the wire: what is still unacknowledged of it.
-struct Head {
+/// The outbox entry on the wire: its messages, and the state it leaves behind.
+struct HeadWire {
     seq: u64,
-    attempt: u64,
-    unacked: usize,
-    sent_at: Instant,
+    messages: Vec<Message>,
     state: (String, String),
 }
 
+/// The I/O half of MQTT delivery: it owns the client and its connection, reads the
+/// outbox, and carries out what `Delivery` decides.
 struct Session {
     client: Client,
+    connection: Connection,
+    options: MqttOptions,
     topics: Topics,
     discovery: String,
     outbox: Arc<Outbox>,
     health: Arc<Health>,
     queue: Arc<QueueShared>,
-    /// The overview last published (retained) on the overview state topic; `None`
-    /// until it is published on this connection.
+    /// The overview last requested (retained) on the overview state topic.
     overview_shown: Option<Option<String>>,
     heartbeat: Heartbeat,
     stats_every: Duration,
-    connected: bool,
-    /// Requests made on this connection and not yet seen going out, in order.
-    requested: VecDeque<Tag>,
-    /// QoS 1 publishes gone out on this connection and not yet acknowledged.
-    by_pkid: HashMap<u16, Tag>,
-    head: Option<Head>,
-    attempt: u64,
+    delivery: Delivery,
+    head: Option<HeadWire>,
     /// The last acknowledged state and attributes, re-sent (retained) on reconnect.
     last_state: Option<(String, String)>,
 }
@@ -206,46 +201,36 @@ struct Session {
 /// What the loop learned from one event.
 enum Step {
     Continue,
-    /// The connection failed: wait this long before the next attempt.
+    /// The connection failed: wait before the next attempt.
     Lost(String),
     /// rumqttc's request channel is gone: nothing more can be sent.
     Closed,
 }
 
 impl Session {
-    fn run(mut self, mut connection: Connection, stop: &AtomicBool) {
+    fn run(mut self, stop: &AtomicBool) {
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut next_stats = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             self.heartbeat.beat();
-            if self.connected {
-                self.send_head();
-                self.show_overview();
+            if self.delivery.connected() {
                 if Instant::now() >= next_stats {
-                    let stats = self
-                        .health
-                        .stats_json(self.outbox.len(), self.queue.pending());
-                    self.publish(
-                        Tag::Other,
-                        &self.topics.stats.clone(),
-                        QoS::AtMostOnce,
-                        false,
-                        stats.into_bytes(),
-                    );
+                    self.publish_stats();
                     next_stats = Instant::now() + self.stats_every;
                 }
+                self.pump();
                 self.watch_acks();
             }
             // While disconnected, `recv` runs rumqttc's connect (bounded by its own
             // timeout); a shorter wait here would cancel a slow TLS handshake.
-            let event = if self.connected {
-                match connection.recv_timeout(TICK) {
+            let event = if self.delivery.connected() {
+                match self.connection.recv_timeout(TICK) {
                     Ok(e) => e,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             } else {
-                match connection.recv() {
+                match self.connection.recv() {
                     Ok(e) => e,
                     Err(_) => break,
                 }
@@ -261,190 +246,227 @@ impl Session {
                 }
             }
         }
-        self.go_offline(&mut connection);
+        self.go_offline();
     }
 
-    fn handle(&mut self, event: Result<Event, ConnectionError>) -> Step {
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                self.connected = true;
-                self.requested.clear();
-                self.by_pkid.clear();
-                self.head = None;
+    /// Loads the head, notes a changed overview, checks the deadlines and makes
+    /// every request `Delivery` asks for.
+    fn pump(&mut self) {
+        if self.delivery.wants_head() {
+            self.load_head();
+        }
+        if self.overview_shown.as_ref() != Some(&self.queue.next_overview()) {
+            self.delivery.on(Event::OverviewChanged);
+        }
+        let actions = self.delivery.on(Event::Tick {
+            now: Instant::now(),
+        });
+        self.carry_out(actions);
+        while let Some(action) = self.delivery.next_request() {
+            self.carry_out(vec![action]);
+        }
+    }
+
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Send(tag) => self.send(tag),
+                Action::Delivered { seq } => {
+                    self.outbox.remove(seq);
+                    if let Some(h) = self.head.take().filter(|h| h.seq == seq) {
+                        self.last_state = Some(h.state);
+                    }
+                    self.health.published();
+                    self.health.set_broker(true, "connected");
+                }
+                Action::DeadLetter { seq, reason } => {
+                    tracing::warn!(seq, "dead-lettering a result: {reason}");
+                    self.outbox.dead_letter(seq, &reason);
+                    self.health.dead_lettered(&reason);
+                }
+                Action::Reconnect { reason } => {
+                    tracing::warn!("mqtt: {reason}; reconnecting");
+                    // Dropping the connection closes the socket; the new client
+                    // connects on its first `recv`.
+                    let (client, connection) = Client::new(self.options.clone(), REQUEST_QUEUE);
+                    self.client = client;
+                    self.connection = connection;
+                    self.lost(&reason);
+                }
+            }
+        }
+    }
+
+    /// Reads the oldest outbox entry and tells `Delivery` what it is.
+    fn load_head(&mut self) {
+        let Some(entry) = self.outbox.oldest(PAYLOAD_MAX) else {
+            return;
+        };
+        let event = match entry.payload.and_then(|p| wire(&p)) {
+            Ok(w) => {
+                let t = &self.topics;
+                let mut messages = vec![
+                    Message::new(&t.events, false, w.attrs.clone()),
+                    Message::new(&t.state, true, w.state.clone()),
+                    Message::new(&t.attributes, true, w.attrs.clone()),
+                    Message::new(&t.scan, false, w.event),
+                ];
+                if let Some(jpeg_b64) = w.image {
+                    messages.push(Message::new(&t.poster, true, jpeg_b64));
+                }
+                let n = messages.len();
+                self.head = Some(HeadWire {
+                    seq: entry.seq,
+                    messages,
+                    state: (w.state, w.attrs),
+                });
+                Event::Head {
+                    seq: entry.seq,
+                    messages: n,
+                }
+            }
+            Err(reason) => Event::RecordTooBig {
+                seq: entry.seq,
+                reason,
+            },
+        };
+        let actions = self.delivery.on(event);
+        self.carry_out(actions);
+    }
+
+    /// Makes one request and tells `Delivery` whether rumqttc's queue took it.
+    fn send(&mut self, tag: Tag) {
+        let t = &self.topics;
+        let qos = QoS::AtLeastOnce;
+        let taken = match tag {
+            Tag::Entry { seq, index } => {
+                match self
+                    .head
+                    .as_ref()
+                    .filter(|h| h.seq == seq)
+                    .map(|h| &h.messages[index])
+                {
+                    Some(m) => self
+                        .client
+                        .try_publish(&m.topic, qos, m.retain, m.payload.clone())
+                        .is_ok(),
+                    None => return,
+                }
+            }
+            Tag::Control(c) => match c {
+                Control::ClearCommand => self
+                    .client
+                    .try_publish(&t.cmd_overview, qos, true, Vec::new())
+                    .is_ok(),
+                Control::Subscribe => {
+                    self.client.try_subscribe(&t.cmd_overview, qos).is_ok()
+                        && self.client.try_subscribe(&t.ha_status, qos).is_ok()
+                }
+                Control::Online => self
+                    .client
+                    .try_publish(&t.availability, qos, true, b"online".to_vec())
+                    .is_ok(),
+                Control::Discovery => self
+                    .client
+                    .try_publish(&t.discovery, qos, true, self.discovery.clone().into_bytes())
+                    .is_ok(),
+                Control::State | Control::Attributes => {
+                    let Some((state, attrs)) = &self.last_state else {
+                        return;
+                    };
+                    let (topic, payload) = if c == Control::State {
+                        (&t.state, state)
+                    } else {
+                        (&t.attributes, attrs)
+                    };
+                    self.client
+                        .try_publish(topic, qos, true, payload.clone().into_bytes())
+                        .is_ok()
+                }
+                Control::Overview => {
+                    let now = self.queue.next_overview();
+                    // Home Assistant refuses a text entity's state over 255 characters.
+                    let payload = clip(now.as_deref().unwrap_or_default(), STATE_MAX).into_bytes();
+                    let ok = self
+                        .client
+                        .try_publish(&t.overview_state, qos, true, payload)
+                        .is_ok();
+                    if ok {
+                        self.overview_shown = Some(now);
+                    }
+                    ok
+                }
+            },
+            Tag::Stats | Tag::Offline => return,
+        };
+        let event = if taken {
+            Event::Queued(tag)
+        } else {
+            Event::QueueFull(tag)
+        };
+        self.delivery.on(event);
+    }
+
+    fn publish_stats(&mut self) {
+        let stats = self
+            .health
+            .stats_json(self.outbox.len(), self.queue.pending());
+        if self
+            .client
+            .try_publish(
+                &self.topics.stats,
+                QoS::AtMostOnce,
+                false,
+                stats.into_bytes(),
+            )
+            .is_ok()
+        {
+            self.delivery.on(Event::Queued(Tag::Stats));
+        }
+    }
+
+    fn handle(&mut self, event: Result<rumqttc::Event, ConnectionError>) -> Step {
+        use rumqttc::Event::{Incoming, Outgoing as Out};
+        let ev = match event {
+            Ok(Incoming(Packet::ConnAck(c))) => {
                 self.overview_shown = None;
                 self.health.set_broker(true, "connected");
                 tracing::info!("mqtt: connected");
-                let t = self.topics.clone();
-                let _ = self.client.try_subscribe(&t.cmd_overview, QoS::AtLeastOnce);
-                let _ = self.client.try_subscribe(&t.ha_status, QoS::AtLeastOnce);
-                self.publish(
-                    Tag::Other,
-                    &t.availability,
-                    QoS::AtLeastOnce,
-                    true,
-                    b"online".to_vec(),
-                );
-                self.publish(
-                    Tag::Other,
-                    &t.discovery,
-                    QoS::AtLeastOnce,
-                    true,
-                    self.discovery.clone().into_bytes(),
-                );
-                if let Some((state, attrs)) = self.last_state.clone() {
-                    self.publish(
-                        Tag::Other,
-                        &t.state,
-                        QoS::AtLeastOnce,
-                        true,
-                        state.into_bytes(),
-                    );
-                    self.publish(
-                        Tag::Other,
-                        &t.attributes,
-                        QoS::AtLeastOnce,
-                        true,
-                        attrs.into_bytes(),
-                    );
+                Event::ConnAck {
+                    session_present: c.session_present,
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                let tag = self.requested.pop_front().unwrap_or(Tag::Other);
-                if pkid != 0 {
-                    self.by_pkid.insert(pkid, tag);
-                }
+            Ok(Out(Outgoing::Publish(pkid))) => Event::Outgoing { pkid },
+            Ok(Incoming(Packet::PubAck(ack))) => Event::PubAck { pkid: ack.pkid },
+            Ok(Incoming(Packet::Publish(p))) => {
+                self.command(&p);
+                return Step::Continue;
             }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                if let Some(tag) = self.by_pkid.remove(&ack.pkid) {
-                    self.acked(tag);
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => self.command(&p),
-            Ok(_) => {}
+            Ok(_) => return Step::Continue,
             Err(ConnectionError::RequestsDone) => return Step::Closed,
             Err(e) => return Step::Lost(e.to_string()),
-        }
+        };
+        let actions = self.delivery.on(ev);
+        self.carry_out(actions);
         Step::Continue
     }
 
-    /// Everything requested on the lost connection is gone (rumqttc drops it on a
-    /// clean-session reconnect), so the head is sent again after the next ConnAck.
+    /// rumqttc drops what was requested on a lost clean-session connection; the
+    /// head goes out again after the next ConnAck.
     fn lost(&mut self, why: &str) {
-        self.connected = false;
-        self.requested.clear();
-        self.by_pkid.clear();
-        self.head = None;
+        self.delivery.on(Event::ConnectionLost);
         self.health.set_broker(false, why);
-    }
-
-    fn publish(&mut self, tag: Tag, topic: &str, qos: QoS, retain: bool, payload: Vec<u8>) -> bool {
-        let ok = self.client.try_publish(topic, qos, retain, payload).is_ok();
-        if ok {
-            self.requested.push_back(tag);
-        }
-        ok
-    }
-
-    /// Puts the oldest outbox entry on the wire, unless one is already there.
-    fn send_head(&mut self) {
-        if self.head.is_some() {
-            return;
-        }
-        let Some(entry) = self.outbox.oldest() else {
-            return;
-        };
-        let Wire {
-            state,
-            attrs,
-            event,
-            image,
-        } = match wire(&entry.payload) {
-            Ok(w) => w,
-            Err(why) => {
-                tracing::warn!(seq = entry.seq, "dead-lettering a result: {why}");
-                self.outbox.dead_letter(entry.seq, &why);
-                self.health.dead_lettered(&why);
-                return;
-            }
-        };
-        self.attempt += 1;
-        let (seq, attempt) = (entry.seq, self.attempt);
-        let tag = Tag::Entry { seq, attempt };
-        let t = self.topics.clone();
-        let mut unacked = 0;
-        let mut messages = vec![
-            (&t.events, false, attrs.clone().into_bytes()),
-            (&t.state, true, state.clone().into_bytes()),
-            (&t.attributes, true, attrs.clone().into_bytes()),
-            (&t.scan, false, event.into_bytes()),
-        ];
-        if let Some(jpeg_b64) = image {
-            messages.push((&t.poster, true, jpeg_b64.into_bytes()));
-        }
-        for (topic, retain, payload) in messages {
-            if !self.publish(tag, topic, QoS::AtLeastOnce, retain, payload) {
-                // rumqttc's queue is full: the acked part is harmless to repeat,
-                // so forget this attempt and send the whole entry again later.
-                return;
-            }
-            unacked += 1;
-        }
-        self.head = Some(Head {
-            seq,
-            attempt,
-            unacked,
-            sent_at: Instant::now(),
-            state: (state, attrs),
-        });
-    }
-
-    fn acked(&mut self, tag: Tag) {
-        let Tag::Entry { seq, attempt } = tag else {
-            return;
-        };
-        let Some(head) = self.head.as_mut() else {
-            return;
-        };
-        if head.seq != seq || head.attempt != attempt {
-            return;
-        }
-        head.unacked -= 1;
-        if head.unacked == 0 {
-            let head = self.head.take().expect("head present");
-            self.outbox.remove(head.seq);
-            self.last_state = Some(head.state);
-            self.health.published();
-            self.health.set_broker(true, "connected");
-        }
     }
 
     /// "Connected" means acknowledgements flow, not just that a socket is open.
     fn watch_acks(&self) {
-        if let Some(h) = &self.head
-            && h.sent_at.elapsed() >= ACK_STALL
+        if let Some(w) = self.delivery.waiting(Instant::now())
+            && w >= ACK_STALL
         {
             self.health.set_broker(
                 false,
-                &format!(
-                    "connected, but no acknowledgement for {} s",
-                    h.sent_at.elapsed().as_secs()
-                ),
+                &format!("connected, but no acknowledgement for {} s", w.as_secs()),
             );
-        }
-    }
-
-    /// Keeps the overview state topic (retained) equal to the overview waiting for
-    /// the next scan: set when a command brings one, cleared once a scan used it.
-    fn show_overview(&mut self) {
-        let now = self.queue.next_overview();
-        if self.overview_shown.as_ref() == Some(&now) {
-            return;
-        }
-        let topic = self.topics.overview_state.clone();
-        // Home Assistant refuses a text entity's state over 255 characters.
-        let payload = clip(now.as_deref().unwrap_or_default(), STATE_MAX).into_bytes();
-        if self.publish(Tag::Other, &topic, QoS::AtLeastOnce, true, payload) {
-            self.overview_shown = Some(now);
         }
     }
 
@@ -453,50 +475,41 @@ impl Session {
         if p.retain {
             return;
         }
-        let text = String::from_utf8_lossy(&p.payload);
-        let text = clip(text.trim(), COMMAND_MAX_CHARS);
         if p.topic == self.topics.cmd_overview {
+            let text = String::from_utf8_lossy(&p.payload);
+            let text = clip(text.trim(), COMMAND_MAX_CHARS);
             tracing::info!("overview for the next scan received over MQTT");
             self.queue
                 .set_next_overview(Some(text).filter(|s| !s.is_empty()));
-            self.show_overview();
-        } else if p.topic == self.topics.ha_status && text == "online" {
-            // Through `publish`, like every request: the packet-id map depends on it.
-            let (topic, payload) = (self.topics.discovery.clone(), self.discovery.clone());
-            self.publish(
-                Tag::Other,
-                &topic,
-                QoS::AtLeastOnce,
-                true,
-                payload.into_bytes(),
-            );
+        } else if p.topic == self.topics.ha_status && p.payload.trim_ascii() == b"online" {
+            self.delivery.on(Event::DiscoveryWanted);
         }
     }
 
     /// Publishes `offline` and waits briefly for its acknowledgement, then disconnects.
-    fn go_offline(&mut self, connection: &mut Connection) {
-        if self.connected {
-            let topic = self.topics.availability.clone();
-            self.publish(
-                Tag::Offline,
-                &topic,
-                QoS::AtLeastOnce,
-                true,
-                b"offline".to_vec(),
-            );
+    fn go_offline(&mut self) {
+        if self.delivery.connected()
+            && self
+                .client
+                .try_publish(
+                    &self.topics.availability,
+                    QoS::AtLeastOnce,
+                    true,
+                    b"offline".to_vec(),
+                )
+                .is_ok()
+        {
+            self.delivery.on(Event::Queued(Tag::Offline));
             let deadline = Instant::now() + OFFLINE_TIMEOUT;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                match connection.recv_timeout(left.min(TICK)) {
-                    Ok(Ok(Event::Incoming(Packet::PubAck(ack))))
-                        if self.by_pkid.get(&ack.pkid) == Some(&Tag::Offline) =>
+                match self.connection.recv_timeout(left.min(TICK)) {
+                    Ok(Ok(rumqttc::Event::Incoming(Packet::PubAck(ack))))
+                        if self.delivery.awaits(ack.pkid) == Some(Tag::Offline) =>
                     {
                         break;
                     }
-                    Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                        let tag = self.requested.pop_front().unwrap_or(Tag::Other);
-                        if pkid != 0 {
-                            self.by_pkid.insert(pkid, tag);
-                        }
+                    Ok(Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                        self.delivery.on(Event::Outgoing { pkid });
                     }
                     Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => break,
                     _ => {}
@@ -504,7 +517,17 @@ impl Session {
             }
         }
         let _ = self.client.try_disconnect();
-        let _ = connection.recv_timeout(TICK);
+        let _ = self.connection.recv_timeout(TICK);
+    }
+}
+
+impl Message {
+    fn new(topic: &str, retain: bool, payload: String) -> Self {
+        Self {
+            topic: topic.to_string(),
+            retain,
+            payload: payload.into_bytes(),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! A record that can never be published moves to the dead-letter folder beside it,
 //! with a `SEQ.reason.txt`, so it never blocks the records behind it.
 
+use crate::util::limited::{ReadError, read_file};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,10 +18,11 @@ pub struct Outbox {
     wake: Condvar,
 }
 
-/// One stored message: its sequence number and JSON payload.
+/// One stored message: its sequence number and JSON payload, or why it cannot be
+/// read (too large).
 pub struct Entry {
     pub seq: u64,
-    pub payload: Vec<u8>,
+    pub payload: Result<Vec<u8>, String>,
 }
 
 impl Outbox {
@@ -34,7 +36,20 @@ impl Outbox {
                 let _ = fs::remove_file(e.path());
             }
         }
-        let next = Self::seqs(dir)?.last().map_or(0, |s| s + 1);
+        // Numbering goes past every name that looks like a record, a folder
+        // included, so that a write never lands on one.
+        let next = fs::read_dir(dir)?
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .into_string()
+                    .ok()?
+                    .strip_suffix(".json")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |s| s + 1);
         Ok(Arc::new(Self {
             dir: dir.to_path_buf(),
             dead: dead.to_path_buf(),
@@ -47,6 +62,8 @@ impl Outbox {
     fn seqs(dir: &Path) -> std::io::Result<Vec<u64>> {
         let mut v: Vec<u64> = fs::read_dir(dir)?
             .flatten()
+            // Only plain files are records (a folder named like one is not).
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
                 name.strip_suffix(".json")?.parse().ok()
@@ -64,6 +81,10 @@ impl Outbox {
     /// a bounded disk beats an appliance that stops.
     pub fn push(&self, payload: &[u8]) -> std::io::Result<u64> {
         let mut next = self.state.lock().expect("outbox lock");
+        // Never onto something already there (a folder named like a record).
+        while fs::symlink_metadata(self.path(*next)).is_ok() {
+            *next += 1;
+        }
         let seq = *next;
         let tmp = self.dir.join(format!("{seq:016}.tmp"));
         let mut f = fs::File::create(&tmp)?;
@@ -82,13 +103,32 @@ impl Outbox {
         Ok(seq)
     }
 
-    pub fn oldest(&self) -> Option<Entry> {
+    /// The oldest record, read through the bounded reader: one over `max_bytes`
+    /// comes back as an error (to be dead-lettered) without being read whole.
+    pub fn oldest(&self, max_bytes: usize) -> Option<Entry> {
         let seqs = Self::seqs(&self.dir).ok()?;
-        seqs.into_iter().find_map(|seq| {
-            fs::read(self.path(seq))
-                .ok()
-                .map(|payload| Entry { seq, payload })
-        })
+        seqs.into_iter()
+            .find_map(|seq| match read_file(&self.path(seq), max_bytes) {
+                Ok(payload) => Some(Entry {
+                    seq,
+                    payload: Ok(payload),
+                }),
+                Err(ReadError::TooLarge { max, .. }) => Some(Entry {
+                    seq,
+                    payload: Err(format!("record over the {max}-byte payload budget")),
+                }),
+                Err(ReadError::Io { .. } | ReadError::NotAFile { .. }) => None,
+            })
+    }
+
+    /// Whether a record could be written now (a small file written, synced and
+    /// removed): how a full disk is seen to have room again.
+    pub fn probe(&self) -> std::io::Result<()> {
+        let tmp = self.dir.join("probe.tmp");
+        let out = fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&[b'{'; 4096]).and_then(|()| f.sync_all()));
+        let _ = fs::remove_file(&tmp);
+        out
     }
 
     pub fn remove(&self, seq: u64) {
@@ -145,20 +185,20 @@ mod tests {
         assert_eq!(ob.len(), 3, "the oldest was dropped");
         drop(ob);
         let ob = Outbox::open(&dir, &dead, 3).unwrap();
-        let first = ob.oldest().unwrap();
-        assert_eq!(first.payload, b"1");
+        let first = ob.oldest(100).unwrap();
+        assert_eq!(first.payload.unwrap(), b"1");
         ob.remove(first.seq);
-        assert_eq!(ob.oldest().unwrap().payload, b"2");
+        assert_eq!(ob.oldest(100).unwrap().payload.unwrap(), b"2");
         assert_eq!(
             ob.push(b"x").unwrap(),
             4,
             "numbering continues after a restart"
         );
-        let head = ob.oldest().unwrap().seq;
+        let head = ob.oldest(100).unwrap().seq;
         ob.dead_letter(head, "too big");
         assert_eq!(ob.dead_letters(), 1);
         assert_ne!(
-            ob.oldest().unwrap().seq,
+            ob.oldest(100).unwrap().seq,
             head,
             "the next record is the head now"
         );
@@ -166,6 +206,26 @@ mod tests {
             fs::read_to_string(dead.join(format!("{head:016}.reason.txt"))).unwrap(),
             "too big\n"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_oversized_record_is_refused_unread_and_a_folder_is_no_record() {
+        let dir = std::env::temp_dir().join(format!("marquee-outbox-big-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let ob = Outbox::open(&dir, &dir.join("dead"), 10).unwrap();
+        fs::create_dir_all(dir.join(format!("{:016}.json", 0))).unwrap();
+        assert_eq!(ob.len(), 0, "a folder named like a record is not one");
+        let seq = ob.push(&[b' '; 64]).unwrap();
+        // A sparse 4 GiB record: refused after reading one byte past the budget.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(ob.path(seq))
+            .unwrap();
+        f.set_len(4 << 30).unwrap();
+        let e = ob.oldest(1024).unwrap();
+        assert!(e.payload.unwrap_err().contains("1024-byte"));
+        ob.probe().unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 }

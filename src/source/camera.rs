@@ -11,7 +11,9 @@ use super::trigger::SteadyTrigger;
 use crate::config::{CameraConfig, CameraFormat};
 use crate::health::{Health, Heartbeat};
 use crate::pipeline::{Job, Poster, Queue, Source};
+use crate::preprocess::image::MAX_BYTES;
 use crate::util::backoff::Backoff;
+use crate::util::limited::read_file;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,10 +63,19 @@ impl Replay {
 
 impl FrameSource for Replay {
     fn next_frame(&mut self) -> std::io::Result<Option<Frame>> {
-        let Some(path) = self.files.get(self.next) else {
-            return Ok(None);
+        // An unreadable entry (a folder named like a frame, a frame over the limit)
+        // is skipped with a warning; the replay goes on.
+        let (path, data) = loop {
+            let Some(path) = self.files.get(self.next) else {
+                return Ok(None);
+            };
+            self.next += 1;
+            let max = (self.width as usize * self.height as usize * 3).max(MAX_BYTES);
+            match read_file(path, max) {
+                Ok(data) => break (path, data),
+                Err(e) => tracing::warn!("replay: skipping {e}"),
+            }
         };
-        self.next += 1;
         if let Some(last) = self.last {
             std::thread::sleep(self.period.saturating_sub(last.elapsed()));
         }
@@ -74,7 +85,6 @@ impl FrameSource for Replay {
         } else {
             self.format
         };
-        let data = std::fs::read(path)?;
         Ok(Some(Frame {
             format,
             width: self.width,

@@ -3,8 +3,9 @@
 //! `NAME.txt` (plain overview) or `NAME.json` (`{"overview": "..."}`) travels with it.
 //! A file is read only after its size and mtime have held still for `settle_ms`, so a
 //! poster still being copied in is never read half-written. A file that fails to
-//! decode while it is still changing (a slow writer with long pauses) is left in
-//! place and tried again once it settles.
+//! decode is watched a little longer beside the others (a slow writer with long
+//! pauses makes it change, and it is tried again once it settles); one that stays
+//! unchanged goes to `failed/`. No file ever holds up the ones behind it.
 
 use crate::config::FolderConfig;
 use crate::health::{Health, Heartbeat};
@@ -16,7 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 const SIDECARS: [&str; 2] = ["txt", "json"];
 const TEMP_SUFFIXES: [&str; 4] = [".tmp", ".part", ".partial", ".crdownload"];
@@ -30,6 +31,17 @@ pub struct Folder {
     poll: Duration,
     settle: Duration,
 }
+
+/// A file that failed to decode, watched for a change until `until`.
+struct Junk {
+    seen: Seen,
+    until: Instant,
+    reason: String,
+    sidecars: Vec<PathBuf>,
+}
+
+/// The shortest watch of a file that failed to decode.
+const JUNK_GRACE_MIN: Duration = Duration::from_secs(3);
 
 #[derive(PartialEq, Clone, Copy)]
 struct Seen {
@@ -52,7 +64,9 @@ impl Folder {
         Ok(f)
     }
 
-    /// Scans until `stop`; blocks on a full queue (back-pressure).
+    /// Scans until `stop`; blocks on a full queue (back-pressure). The stop flag and
+    /// the heartbeat are looked at for every file, so a folder of thousands of files
+    /// never silences the watchdog or delays a shutdown.
     pub fn run(
         self,
         queue: Queue,
@@ -62,6 +76,7 @@ impl Folder {
     ) {
         let this = Arc::new(self);
         let mut seen: HashMap<PathBuf, Seen> = HashMap::new();
+        let mut junk: HashMap<PathBuf, Junk> = HashMap::new();
         let in_flight: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
         health.set_folder(true, &format!("watching {}", this.dir.display()));
         while !stop.load(Ordering::SeqCst) {
@@ -69,9 +84,15 @@ impl Folder {
             match this.candidates() {
                 Ok(files) => {
                     let now = SystemTime::now();
-                    seen.retain(|p, _| files.iter().any(|(f, _)| f == p));
-                    for (path, meta) in files {
-                        if in_flight.lock().expect("folder lock").contains(&path) {
+                    let present: HashSet<&PathBuf> = files.iter().map(|(f, _)| f).collect();
+                    seen.retain(|p, _| present.contains(p));
+                    junk.retain(|p, _| present.contains(p));
+                    for (path, meta) in &files {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        heartbeat.beat();
+                        if in_flight.lock().expect("folder lock").contains(path) {
                             continue;
                         }
                         let cur = Seen {
@@ -79,6 +100,20 @@ impl Folder {
                             mtime: meta.modified().unwrap_or(now),
                             since: now,
                         };
+                        if let Some(j) = junk.get(path) {
+                            if j.seen.len != cur.len || j.seen.mtime != cur.mtime {
+                                // Read too early (a writer pausing longer than
+                                // `settle_ms`), not broken: it settles again.
+                                tracing::info!(file = %path.display(), "unreadable while still being written; retrying once it settles");
+                                junk.remove(path);
+                            } else if Instant::now() >= j.until {
+                                let j = junk.remove(path).expect("junk entry");
+                                this.fail(path, &j.sidecars, &j.reason);
+                                continue;
+                            } else {
+                                continue;
+                            }
+                        }
                         let entry = seen.entry(path.clone()).or_insert(cur);
                         if entry.len != cur.len || entry.mtime != cur.mtime {
                             *entry = cur;
@@ -88,15 +123,28 @@ impl Folder {
                             >= this.settle
                             && now.duration_since(cur.mtime).unwrap_or_default() >= this.settle;
                         if still {
-                            seen.remove(&path);
+                            seen.remove(path);
                             in_flight.lock().expect("folder lock").insert(path.clone());
-                            this.submit(&path, cur, &queue, &in_flight, &heartbeat, &stop);
+                            if let Err((reason, sidecars)) =
+                                this.submit(path, &queue, &in_flight, &heartbeat, &stop)
+                            {
+                                in_flight.lock().expect("folder lock").remove(path);
+                                junk.insert(
+                                    path.clone(),
+                                    Junk {
+                                        seen: cur,
+                                        until: Instant::now() + this.grace(),
+                                        reason,
+                                        sidecars,
+                                    },
+                                );
+                            }
                         }
                     }
                 }
                 Err(e) => health.set_folder(false, &format!("{}: {e}", this.dir.display())),
             }
-            std::thread::sleep(this.poll);
+            sleep_unless(&stop, this.poll, &heartbeat);
         }
     }
 
@@ -118,24 +166,23 @@ impl Folder {
         Ok(out)
     }
 
-    /// Whether a file that failed to decode changes within a few more seconds:
-    /// then it was read too early (a writer pausing longer than `settle_ms`), not
-    /// broken. Only failures pay this wait.
-    fn still_growing(&self, path: &Path, seen: Seen) -> bool {
-        let changed = || {
-            fs::metadata(path)
-                .is_ok_and(|m| m.len() != seen.len || m.modified().is_ok_and(|t| t != seen.mtime))
-        };
-        let end = std::time::Instant::now() + (self.settle * 2).max(Duration::from_secs(3));
-        loop {
-            if changed() {
-                return true;
-            }
-            if std::time::Instant::now() >= end {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    /// How long a file that failed to decode is watched for a change before it goes
+    /// to failed/: a change means it was read too early (a writer pausing longer
+    /// than `settle_ms`), not that it is broken. The wait runs beside the other
+    /// files, never in front of them.
+    fn grace(&self) -> Duration {
+        (self.settle * 2).max(JUNK_GRACE_MIN)
+    }
+
+    /// Moves a file that can never be classified to failed/ with its reason.
+    fn fail(&self, path: &Path, sidecars: &[PathBuf], reason: &str) {
+        finish(
+            path,
+            sidecars,
+            &self.done,
+            &self.failed,
+            &Err(reason.to_string()),
+        );
     }
 
     fn overview(&self, image: &Path) -> (Option<String>, Vec<PathBuf>) {
@@ -160,65 +207,80 @@ impl Folder {
         (overview, found)
     }
 
+    /// Hands the file to the queue, or says why it cannot be read (with its
+    /// sidecars), so that the scan can watch it a little longer before failing it.
     fn submit(
         self: &Arc<Self>,
         path: &Path,
-        seen: Seen,
         queue: &Queue,
         in_flight: &Arc<Mutex<HashSet<PathBuf>>>,
         heartbeat: &Heartbeat,
         stop: &AtomicBool,
-    ) {
+    ) -> Result<(), (String, Vec<PathBuf>)> {
         let (overview, sidecars) = self.overview(path);
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let image = read_file(path, MAX_BYTES)
+        let image = match read_file(path, MAX_BYTES)
             .map_err(|e| e.to_string())
-            .and_then(|b| decode(&b).map_err(|e| e.to_string()));
-        if image.is_err() && self.still_growing(path, seen) {
-            tracing::info!(file = %path.display(), "unreadable while still being written; retrying once it settles");
-            in_flight.lock().expect("folder lock").remove(path);
-            return;
-        }
-        let finish = {
+            .and_then(|b| decode(&b).map_err(|e| e.to_string()))
+        {
+            Ok(image) => image,
+            Err(reason) => return Err((reason, sidecars)),
+        };
+        let done = {
             let (this, path, in_flight) = (self.clone(), path.to_path_buf(), in_flight.clone());
             move |outcome: Result<(), String>| {
-                let dest = if outcome.is_ok() {
-                    &this.done
-                } else {
-                    &this.failed
-                };
-                let moved = move_into(&path, dest);
-                for s in &sidecars {
-                    let _ = move_into(s, dest);
-                }
-                if let (Err(reason), Ok(target)) = (&outcome, &moved) {
-                    let _ = fs::write(reason_path(target), format!("{reason}\n"));
-                    tracing::warn!(file = %path.display(), "failed: {reason}");
-                }
+                finish(&path, &sidecars, &this.done, &this.failed, &outcome);
                 in_flight.lock().expect("folder lock").remove(&path);
             }
         };
-        match image {
-            Err(reason) => finish(Err(reason)),
-            Ok(image) => {
-                let job = Job {
-                    poster: Poster {
-                        source: Source::Folder,
-                        name,
-                        image,
-                        overview,
-                        caption: None,
-                    },
-                    done: Some(Box::new(move |o| finish(o.map(|_| ())))),
-                };
-                if let Err(e) = queue.send(job, heartbeat, stop) {
-                    tracing::warn!("{e}");
-                }
-            }
+        let job = Job {
+            poster: Poster {
+                source: Source::Folder,
+                name,
+                image,
+                overview,
+                caption: None,
+            },
+            done: Some(Box::new(move |o| done(o.map(|_| ())))),
+        };
+        if let Err(e) = queue.send(job, heartbeat, stop) {
+            tracing::warn!("{e}");
         }
+        Ok(())
+    }
+}
+
+/// Moves a handled file and its sidecars to `done/` or `failed/` (with its reason).
+fn finish(
+    path: &Path,
+    sidecars: &[PathBuf],
+    done: &Path,
+    failed: &Path,
+    outcome: &Result<(), String>,
+) {
+    let dest = if outcome.is_ok() { done } else { failed };
+    let moved = move_into(path, dest);
+    for s in sidecars {
+        let _ = move_into(s, dest);
+    }
+    if let (Err(reason), Ok(target)) = (outcome, &moved) {
+        let _ = fs::write(reason_path(target), format!("{reason}\n"));
+        tracing::warn!(file = %path.display(), "failed: {reason}");
+    }
+}
+
+/// Sleeps up to `total`, beating, and wakes early on `stop`.
+fn sleep_unless(stop: &AtomicBool, total: Duration, heartbeat: &Heartbeat) {
+    let end = Instant::now() + total;
+    while !stop.load(Ordering::SeqCst) {
+        heartbeat.beat();
+        let Some(left) = end.checked_duration_since(Instant::now()) else {
+            return;
+        };
+        std::thread::sleep(left.min(Duration::from_millis(200)));
     }
 }
 

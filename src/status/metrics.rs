@@ -34,6 +34,11 @@ pub fn render(health: &Health, outbox: usize, queue_capacity: usize) -> String {
             "Results moved to the dead-letter folder because they could never be published.",
             c.dead_letters,
         ),
+        (
+            "outbox_write_failures",
+            "Results that could not be written to the outbox (full or broken disk).",
+            c.outbox_write_failures,
+        ),
     ];
     for (name, help, value) in counters {
         r.register(name, help, ConstCounter::new(value));
@@ -48,6 +53,11 @@ pub fn render(health: &Health, outbox: usize, queue_capacity: usize) -> String {
             "queue_capacity",
             "Capacity of the classifier queue.",
             queue_capacity as i64,
+        ),
+        (
+            "outbox_writable",
+            "1 while the outbox can be written (0: results are not being kept).",
+            i64::from(health.outbox_unwritable().is_none()),
         ),
         (
             "broker_up",

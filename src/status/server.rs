@@ -85,6 +85,17 @@ impl StatusState {
         h.iter().find(|r| r.id == id).map(|r| r.thumbnail.clone())
     }
 
+    /// After a failed outbox write, a probe write every tick: the page and
+    /// `/healthz` turn green when the disk has room again, not at the next poster.
+    fn recheck_outbox(&self) {
+        if let Some(ob) = &self.outbox
+            && self.health.outbox_unwritable().is_some()
+            && ob.probe().is_ok()
+        {
+            self.health.outbox_writable();
+        }
+    }
+
     fn status_json(&self) -> String {
         let latest = self
             .history
@@ -141,11 +152,12 @@ impl StatusServer {
             token: s.token.clone(),
             max_upload: s.max_upload_bytes,
             sse: Arc::new(Semaphore::new(MAX_SSE)),
+            uploads: Arc::new(Semaphore::new(UPLOAD_SLOTS)),
         });
         let router = Router::new()
             .route("/", get(page))
             .route("/desk", get(desk))
-            .route("/healthz", get(|| async { text(StatusCode::OK, "ok") }))
+            .route("/healthz", get(healthz))
             .route("/api/status", get(status))
             .route("/api/history", get(history))
             .route("/metrics", get(metrics_text))
@@ -164,6 +176,7 @@ impl StatusServer {
                 .spawn(move || {
                     while !stop.load(Ordering::SeqCst) {
                         std::thread::sleep(Duration::from_secs(2));
+                        state.recheck_outbox();
                         state.broadcast("status", &state.status_json());
                     }
                 })?;
@@ -192,9 +205,20 @@ struct Ctx {
     token: Option<String>,
     max_upload: usize,
     sse: Arc<Semaphore>,
+    /// Uploads read and decoded at once (`UPLOAD_SLOTS`).
+    uploads: Arc<Semaphore>,
 }
 
 type Shared = State<Arc<Ctx>>;
+
+/// 200 `ok`, or 503 with the reason while results cannot be kept (the outbox
+/// cannot be written: a full or read-only disk).
+async fn healthz(State(ctx): Shared) -> Response {
+    match ctx.state.health.outbox_unwritable() {
+        None => text(StatusCode::OK, "ok"),
+        Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, &why),
+    }
+}
 
 async fn page() -> Response {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
@@ -264,6 +288,12 @@ async fn events(State(ctx): Shared) -> Response {
         .into_response()
 }
 
+/// Uploads read and decoded at the same time. An 8192×8192 picture decodes to
+/// 192 MiB of RGB (plus the decoder's own buffers), so this is the memory bound.
+const UPLOAD_SLOTS: usize = 2;
+/// How long an upload waits for a slot before it is told to come back.
+const UPLOAD_WAIT: Duration = Duration::from_secs(10);
+
 async fn upload(State(ctx): Shared, headers: HeaderMap, body: Body) -> Response {
     let health = ctx.state.health.clone();
     let reject = |code: StatusCode, msg: &str| {
@@ -285,6 +315,25 @@ async fn upload(State(ctx): Shared, headers: HeaderMap, body: Body) -> Response 
         drain(body, &headers).await;
         return reject(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
+    // Ask the queue first, and hold one of `UPLOAD_SLOTS` while the body is read
+    // and decoded: a crowd of huge uploads costs at most that many bodies and
+    // decoded pictures at once, never one each.
+    if ctx.queue.is_full() {
+        drain(body, &headers).await;
+        return reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the classifier is busy: try again",
+        );
+    }
+    let Ok(Ok(_slot)) =
+        tokio::time::timeout(UPLOAD_WAIT, ctx.uploads.clone().acquire_owned()).await
+    else {
+        drain(body, &headers).await;
+        return reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many uploads at once: try again",
+        );
+    };
     let body = match read_body(body, &headers, ctx.max_upload).await {
         Ok(b) => b,
         Err(resp) => {

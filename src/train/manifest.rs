@@ -5,6 +5,9 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// Largest manifest read (bytes): posters-v1's is about 5 MB.
+const MANIFEST_MAX: usize = 512 << 20;
+
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct Row {
     pub id: String,
@@ -30,8 +33,10 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
+        let bytes = crate::util::limited::read_file(path, MANIFEST_MAX)
             .with_context(|| format!("reading manifest {}", path.display()))?;
+        let text = String::from_utf8(bytes)
+            .with_context(|| format!("manifest {} is not UTF-8", path.display()))?;
         let mut rows = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {

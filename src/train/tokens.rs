@@ -184,7 +184,7 @@ fn load_images(manifest: &Manifest, rows: &[Row]) -> Result<Vec<RgbImage>> {
         .map(|r| {
             let path = manifest.poster_path(r);
             let bytes =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                crate::util::limited::read_file(&path, crate::preprocess::image::MAX_BYTES)?;
             decode(&bytes).with_context(|| format!("poster of {}", r.id))
         })
         .collect()

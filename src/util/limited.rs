@@ -13,6 +13,8 @@ pub enum ReadError {
     },
     #[error("{path}: file larger than the {max}-byte limit")]
     TooLarge { path: String, max: usize },
+    #[error("{path}: not a regular file")]
+    NotAFile { path: String },
 }
 
 /// Reads all of `path` if it holds at most `max` bytes.
@@ -21,7 +23,18 @@ pub fn read_file(path: &Path, max: usize) -> Result<Vec<u8>, ReadError> {
         path: path.display().to_string(),
         source,
     };
+    // A FIFO would block the open, a device (/dev/zero) never ends: only plain
+    // files are read, checked before the open and again on the open file.
+    let not_a_file = || ReadError::NotAFile {
+        path: path.display().to_string(),
+    };
+    if !std::fs::metadata(path).map_err(io)?.is_file() {
+        return Err(not_a_file());
+    }
     let file = std::fs::File::open(path).map_err(io)?;
+    if !file.metadata().map_err(io)?.is_file() {
+        return Err(not_a_file());
+    }
     let mut bytes = Vec::new();
     file.take(max as u64 + 1)
         .read_to_end(&mut bytes)
@@ -51,6 +64,14 @@ mod tests {
         assert!(matches!(
             read_file(&dir.join("missing"), 9),
             Err(ReadError::Io { .. })
+        ));
+        assert!(matches!(
+            read_file(Path::new("/dev/zero"), 9),
+            Err(ReadError::NotAFile { .. })
+        ));
+        assert!(matches!(
+            read_file(&dir, 9),
+            Err(ReadError::NotAFile { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }

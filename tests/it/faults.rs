@@ -427,6 +427,69 @@ fn a_slow_writer_is_waited_for_not_failed() {
 #[test]
 fn configs_and_flags_that_run_could_not_live_with_are_refused_at_the_door() {
     let dir = common::tmpdir("faults-config");
+    let file = dir.join("a-file");
+    std::fs::write(&file, "not a folder, not a PEM").unwrap();
+    let file = file.display().to_string();
+    let long = "a/".repeat(50_000);
+    let cases = [
+        ("state_dir", "state_dir = \"\"\n".to_string()),
+        ("state_dir", format!("state_dir = \"{file}\"\n")),
+        ("state_dir", "state_dir = \"a\\u0000b\"\n".to_string()),
+        (
+            "sources.folder.path",
+            format!("[sources.folder]\npath = \"{file}\"\n"),
+        ),
+        (
+            "sources.folder.path",
+            format!("[sources.folder]\npath = \"{long}\"\n"),
+        ),
+        (
+            "sources.folder.settle_ms",
+            "[sources.folder]\nsettle_ms = 600000\n".to_string(),
+        ),
+        ("mqtt.tls_ca", "[mqtt]\ntls_ca = \"\"\n".to_string()),
+        ("mqtt.tls_ca", format!("[mqtt]\ntls_ca = \"{file}\"\n")),
+        ("classify.model", "[classify]\nmodel = \"\"\n".to_string()),
+        (
+            "classify.model",
+            format!("[classify]\nmodel = \"{file}\"\n"),
+        ),
+        (
+            "classify.backend",
+            "[classify]\nbackend = \"wgpu\"\n".to_string(),
+        ),
+        (
+            "mqtt.prefix",
+            "[mqtt]\nprefix = \"a\\u0000b\"\n".to_string(),
+        ),
+        ("mqtt.prefix", "[mqtt]\nprefix = \"$SYS/x\"\n".to_string()),
+        (
+            "mqtt.discovery_prefix",
+            "[mqtt]\ndiscovery_prefix = \"a\\nb\"\n".to_string(),
+        ),
+        ("mqtt.host", "[mqtt]\nhost = \"a\\u0000b\"\n".to_string()),
+        (
+            "mqtt.username",
+            "[mqtt]\nusername = \"a\\u0000b\"\n".to_string(),
+        ),
+    ];
+    for (key, toml) in &cases {
+        if *key == "classify.backend" && cfg!(feature = "wgpu") {
+            continue;
+        }
+        let p = dir.join("c.toml");
+        std::fs::write(&p, toml).unwrap();
+        let o = Command::new(marquee_bin())
+            .args(["config", "check", p.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{key}: {toml:.200}: {err}");
+        assert!(
+            err.contains(key) && err.trim().lines().count() == 1 && err.len() < 400,
+            "{key}: {err}"
+        );
+    }
     for (key, toml) in [
         (
             "pipeline.queue",
@@ -470,4 +533,242 @@ fn configs_and_flags_that_run_could_not_live_with_are_refused_at_the_door() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// systemd's notify socket, played by the test: the times of the watchdog pings.
+fn notify_socket(path: &Path) -> Arc<std::sync::Mutex<Vec<Instant>>> {
+    let sock = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+    let pings = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let p = pings.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                p.lock().unwrap().push(Instant::now());
+            }
+        }
+    });
+    pings
+}
+
+#[test]
+fn a_folder_of_junk_never_holds_up_a_poster_the_watchdog_or_a_stop() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-junk");
+    let broker = Broker::start(&dir);
+    let sock = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&sock);
+    let pings = notify_socket(&sock);
+    // A 2 s watchdog: Marquee pings every second while every worker beats.
+    let mut m = start_marquee_env(
+        &dir,
+        broker.port,
+        "",
+        &[
+            ("NOTIFY_SOCKET", sock.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+    );
+    // 20 undecodable files ahead of a poster (files go in name order).
+    for i in 0..20 {
+        drop_file(
+            &m.inbox,
+            &format!("a-junk-{i:02}.jpg"),
+            b"not a picture at all",
+        );
+    }
+    drop_file(
+        &m.inbox,
+        "z-poster.jpg",
+        &std::fs::read(&posters(1)[0]).unwrap(),
+    );
+    let t = Instant::now();
+    wait_for("the poster in done/", Duration::from_secs(30), || {
+        m.inbox.join("done/z-poster.jpg").is_file()
+    });
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(8), "the poster took {took:?}");
+    wait_for("20 junk files in failed/", Duration::from_secs(30), || {
+        (0..20).all(|i| {
+            m.inbox
+                .join(format!("failed/a-junk-{i:02}.jpg.reason.txt"))
+                .is_file()
+        })
+    });
+    // 500 more junk files, then SIGTERM while they are being handled.
+    for i in 0..500 {
+        drop_file(&m.inbox, &format!("b-junk-{i:03}.jpg"), b"junk");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    // Pinged every second all along, up to now.
+    let mut pinged = pings.lock().unwrap().clone();
+    assert!(pinged.len() >= 3, "{} watchdog pings", pinged.len());
+    pinged.push(Instant::now());
+    let gap = pinged.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(gap < Duration::from_secs(3), "watchdog gap {gap:?}");
+    signal(&m.proc, "-TERM");
+    let t = Instant::now();
+    while m.proc.0.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "SIGTERM not honoured in 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TCP proxy to the broker that holds every PUBACK for `delay`: a broker that
+/// acknowledges slowly, so that rumqttc's request queue fills.
+fn slow_ack_proxy(upstream: u16, delay: Duration) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(broker) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let (mut c_in, mut b_out) = (client.try_clone().unwrap(), broker.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut b_out);
+                let _ = b_out.shutdown(Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let (mut b_in, mut c_out) = (broker, client);
+                while let Ok(pkt) = read_packet(&mut b_in) {
+                    if pkt[0] & 0xF0 == 0x40 {
+                        std::thread::sleep(delay);
+                    }
+                    if c_out.write_all(&pkt).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_out.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+/// Publishes `n` messages on `topic` from one `mosquitto_pub -l` (one per line).
+fn flood(port: u16, topic: &str, lines: impl Iterator<Item = String>) {
+    let mut p = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            topic,
+            "-l",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = p.stdin.take().unwrap();
+    for l in lines {
+        writeln!(stdin, "{l}").unwrap();
+    }
+    drop(stdin);
+    assert!(p.wait().unwrap().success());
+}
+
+#[test]
+fn a_flood_of_commands_never_repeats_a_result() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-storm");
+    let broker = Broker::start(&dir);
+    let sub = Subscriber::start(broker.port, &["marquee/kiosk-test/events"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let proxy = slow_ack_proxy(broker.port, Duration::from_millis(20));
+    let m = start_marquee(&dir, proxy, "");
+    let ps = posters(20);
+    let bport = broker.port;
+    let flooder = std::thread::spawn(move || {
+        flood(
+            bport,
+            "homeassistant/status",
+            (0..5000).map(|_| "online".into()),
+        );
+        flood(
+            bport,
+            "marquee/kiosk-test/cmd/overview",
+            (0..5000).map(|i| format!("plot number {i}")),
+        );
+    });
+    for (i, p) in ps.iter().enumerate() {
+        drop_file(
+            &m.inbox,
+            &format!("s{i:02}.jpg"),
+            &std::fs::read(p).unwrap(),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    flooder.join().unwrap();
+    let unique = || {
+        events(&sub)
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    wait_for("20 results", Duration::from_secs(180), || unique() >= 20);
+    std::thread::sleep(Duration::from_secs(2));
+    let evs = events(&sub);
+    for id in evs.iter().map(|e| e["id"].as_str().unwrap()) {
+        let copies = evs.iter().filter(|e| e["id"] == id).count();
+        assert!(copies <= 2, "{id} published {copies} times");
+    }
+    wait_for("an empty outbox", Duration::from_secs(60), || {
+        let s: Value = ureq::get(&format!("{}/api/status", m.status))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+        s["outbox"] == 0
+    });
+}
+
+#[test]
+fn a_retained_command_too_large_for_the_client_never_stops_delivery() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-retained");
+    let broker = Broker::start(&dir);
+    let big = dir.join("big.txt");
+    std::fs::write(&big, "x".repeat(1_100_000)).unwrap();
+    let st = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-q",
+            "1",
+            "-r",
+        ])
+        .args(["-t", "marquee/kiosk-test/cmd/overview", "-f"])
+        .arg(&big)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let sub = Subscriber::start(broker.port, &["marquee/kiosk-test/events"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let m = start_marquee(&dir, broker.port, "");
+    for (i, p) in posters(3).iter().enumerate() {
+        drop_file(&m.inbox, &format!("r{i}.jpg"), &std::fs::read(p).unwrap());
+    }
+    wait_for("3 results", Duration::from_secs(60), || {
+        events(&sub).len() >= 3
+    });
+    assert_eq!(
+        broker.retained("marquee/kiosk-test/cmd/overview"),
+        None,
+        "the retained command is cleared"
+    );
+    let s = m.stderr.lock().unwrap();
+    assert!(
+        s.matches("mqtt: connected").count() <= 2,
+        "reconnected over and over:\n{}",
+        tail(&s)
+    );
 }

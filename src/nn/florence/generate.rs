@@ -84,7 +84,48 @@ pub struct Generated {
     pub step_logits: Vec<Vec<f32>>,
 }
 
+/// The most beams and new tokens a model's own generation config may ask for (the
+/// appliance's `caption.beams` and `caption.max_new_tokens` have the same bounds).
+pub const MAX_BEAMS: usize = 8;
+pub const MAX_NEW_TOKENS: usize = 1024;
+
 impl GenerationConfig {
+    /// Every token id inside the vocabulary, beams and length within bounds: a
+    /// generation config that would index out of range or run for minutes is
+    /// refused when the model loads, not at its first caption.
+    pub fn validate(&self, vocab: usize) -> Result<(), String> {
+        let ids = [
+            ("decoder_start_token_id", Some(self.decoder_start_token_id)),
+            ("eos_token_id", Some(self.eos_token_id)),
+            ("pad_token_id", Some(self.pad_token_id)),
+            ("forced_bos_token_id", self.forced_bos_token_id),
+            ("forced_eos_token_id", self.forced_eos_token_id),
+        ];
+        for (name, id) in ids {
+            if let Some(id) = id
+                && id as usize >= vocab
+            {
+                return Err(format!("{name} {id} is outside the vocabulary of {vocab}"));
+            }
+        }
+        if !(1..=MAX_BEAMS).contains(&self.num_beams) {
+            return Err(format!(
+                "num_beams {} is outside 1..={MAX_BEAMS}",
+                self.num_beams
+            ));
+        }
+        if !(1..=MAX_NEW_TOKENS).contains(&self.max_new_tokens) {
+            return Err(format!(
+                "max_new_tokens {} is outside 1..={MAX_NEW_TOKENS}",
+                self.max_new_tokens
+            ));
+        }
+        if self.no_repeat_ngram_size > MAX_NEW_TOKENS || !self.length_penalty.is_finite() {
+            return Err("no_repeat_ngram_size or length_penalty out of range".into());
+        }
+        Ok(())
+    }
+
     /// Masks what the processors forbid, in transformers' order. `seq` is the decoder
     /// sequence so far; `max_length` counts the start token.
     fn process(&self, scores: &mut [f32], seq: &[u32], max_length: usize) {

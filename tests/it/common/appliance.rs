@@ -217,6 +217,16 @@ pub fn marquee_bin() -> PathBuf {
 }
 
 pub fn start_marquee(dir: &Path, broker_port: u16, extra: &str) -> Marquee {
+    start_marquee_env(dir, broker_port, extra, &[])
+}
+
+/// `start_marquee` with more environment (e.g. systemd's `NOTIFY_SOCKET`).
+pub fn start_marquee_env(
+    dir: &Path,
+    broker_port: u16,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Marquee {
     super::cache();
     let inbox = dir.join("inbox");
     // marquee makes the folder too, but its status server may answer first, and a
@@ -240,6 +250,7 @@ pub fn start_marquee(dir: &Path, broker_port: u16, extra: &str) -> Marquee {
         .args(["run", "--config", config.to_str().unwrap()])
         .env("MARQUEE_HTTP_TOKEN", TOKEN)
         .env("MARQUEE_LOG", "info")
+        .envs(env.iter().copied())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
