@@ -13,7 +13,7 @@ use crate::publish::outbox::Outbox;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -221,13 +221,53 @@ async fn healthz(State(ctx): Shared) -> Response {
 }
 
 async fn page() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+    html_page(PAGE, &PAGE_CSP)
+}
+
+/// Content-Security-Policy of a page: its one inline script by hash, nothing
+/// from elsewhere, never framed.
+fn csp(html: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let script = html
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map_or("", |(s, _)| s);
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+    format!(
+        "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; \
+         img-src 'self' data: blob:; connect-src 'self'; form-action 'self'; \
+         base-uri 'none'; frame-ancestors 'none'"
+    )
+}
+
+static PAGE_CSP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| csp(PAGE));
+static DESK_CSP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| csp(DESK));
+
+/// An HTML page with the headers that keep it from being framed, sniffed or
+/// made to run another script.
+fn html_page(body: &'static str, csp: &str) -> Response {
+    let mut r = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response();
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(csp) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
 }
 
 /// The poster desk: a person gives a poster, an overview and a caption, and sees
 /// the genres. It posts to `/api/classify` like any client.
 async fn desk() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], DESK).into_response()
+    html_page(DESK, &DESK_CSP)
 }
 
 async fn status(State(ctx): Shared) -> Response {

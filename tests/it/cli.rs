@@ -696,3 +696,62 @@ fn models_export_writes_the_served_weights_as_f32() {
     let fusion = SafeTensors::deserialize(&fusion).unwrap();
     assert_eq!(f32s(&fusion, "out.bias").len(), 18);
 }
+
+/// Bad rows in a manifest are said and skipped, never the end of the run: a missing
+/// poster, /dev/zero as a poster (never read whole), a repeated id, a label the model
+/// does not know.
+#[test]
+fn eval_skips_and_names_bad_rows_instead_of_stopping() {
+    let dir = common::tmpdir("eval-bad-rows");
+    let manifest = small_manifest(&dir, 0, 4);
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let mut rows: Vec<String> = text.lines().map(String::from).collect();
+    let with = |id: &str, poster: &str, genre: &str| {
+        let mut r = first.clone();
+        r["id"] = Value::String(id.into());
+        r["poster"] = Value::String(poster.into());
+        r["genres"] = serde_json::json!([genre]);
+        r.to_string()
+    };
+    rows.push(with("missing", "/nowhere/p.jpg", "Drama"));
+    rows.push(with("zero", "/dev/zero", "Drama"));
+    for _ in 0..50 {
+        rows.push(text.lines().next().unwrap().to_string());
+    }
+    rows.push(with(
+        "odd-label",
+        first["poster"].as_str().unwrap(),
+        "Cowboy Noir",
+    ));
+    std::fs::write(&manifest, rows.join("\n")).unwrap();
+    let o = marquee(&["eval", "--manifest", manifest.to_str().unwrap(), "--json"]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["n"], 5, "4 val rows and the odd label, each once: {v}");
+    assert_eq!(v["skipped"], 2);
+    assert!(err.contains("50 duplicate rows"), "{err}");
+    assert!(err.contains("2 of 7 posters skipped"), "{err}");
+    assert!(err.contains("Cowboy Noir"), "{err}");
+}
+
+#[test]
+fn classify_refuses_a_fifo_or_a_device_at_once() {
+    let dir = common::tmpdir("classify-fifo");
+    let fifo = dir.join("poster.jpg");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for p in [fifo.to_str().unwrap(), "/dev/zero"] {
+        let start = std::time::Instant::now();
+        let o = marquee(&["classify", p]);
+        assert_clean_failure(&o, p);
+        assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+        assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    }
+}

@@ -772,3 +772,304 @@ fn a_retained_command_too_large_for_the_client_never_stops_delivery() {
         tail(&s)
     );
 }
+
+/// `/healthz` through a fresh connection, with a short timeout: 200, or why not.
+fn probe(addr: &str) -> Result<u16, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    match status_code(&String::from_utf8_lossy(&out)) {
+        0 => Err("closed without an answer".into()),
+        c => Ok(c),
+    }
+}
+
+#[test]
+fn a_crowd_of_idle_and_slowloris_sockets_never_locks_out_a_client() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-idle");
+    let broker = Broker::start(&dir);
+    let m = start_marquee(&dir, broker.port, "");
+    let addr = m.status.trim_start_matches("http://").to_string();
+    // 300 connections that send nothing.
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..10 {
+        assert_eq!(probe(&addr), Ok(200), "probe {i} beside 300 idle sockets");
+    }
+    drop(idle);
+    // 500 slowloris clients, each trickling its head one byte a second.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut trickle = Vec::new();
+    for t in 0..10 {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        trickle.push(std::thread::spawn(move || {
+            let mut socks: Vec<TcpStream> = (0..50)
+                .filter_map(|_| TcpStream::connect(&addr).ok())
+                .collect();
+            let head =
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) && i < 60 {
+                for s in &mut socks {
+                    let _ = s.write_all(&head[i % head.len()..][..1]);
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(1000 + t));
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mut failed = Vec::new();
+    for i in 0..30 {
+        if let Err(e) = probe(&addr) {
+            failed.push(format!("{i}: {e}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in trickle {
+        t.join().unwrap();
+    }
+    assert!(
+        failed.is_empty(),
+        "probes refused beside 500 slowloris: {failed:?}"
+    );
+}
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024
+}
+
+#[test]
+fn twelve_huge_uploads_at_once_stay_under_the_memory_bound() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-uploads");
+    let broker = Broker::start(&dir);
+    // An 8192×8192 JPEG of about 1 MB: a smooth picture compresses well.
+    let img = image::RgbImage::from_fn(8192, 8192, |x, y| {
+        image::Rgb([(x / 32) as u8, (y / 32) as u8, ((x + y) / 64) as u8])
+    });
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 30)
+        .encode_image(&img)
+        .unwrap();
+    drop(img);
+    let jpeg = Arc::new(jpeg.into_inner());
+    assert!(jpeg.len() < 2_000_000, "{} bytes", jpeg.len());
+    let m = start_marquee(&dir, broker.port, "");
+    let url = format!("{}/api/classify", m.status);
+    let clients: Vec<_> = (0..12)
+        .map(|_| {
+            let (url, jpeg) = (url.clone(), jpeg.clone());
+            std::thread::spawn(move || {
+                ureq::post(&url)
+                    .config()
+                    .http_status_as_error(false)
+                    .build()
+                    .header("Authorization", &format!("Bearer {TOKEN}"))
+                    .header("Content-Type", "image/jpeg")
+                    .send(&jpeg[..])
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert!(codes.iter().all(|c| [200, 503].contains(c)), "{codes:?}");
+    assert!(codes.contains(&200), "{codes:?}");
+    let peak = peak_rss_mib(m.proc.0.id());
+    println!("peak RSS {peak} MiB; answers {codes:?}");
+    // The bound README.md documents: 2 upload slots, each a body and its decode.
+    assert!(
+        peak < 1500,
+        "peak RSS {peak} MiB for 12 uploads at once ({codes:?})"
+    );
+    assert_eq!(probe(m.status.trim_start_matches("http://")), Ok(200));
+}
+
+/// A tmpfs of `size` mounted at `dir` (root only), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount a tmpfs (the test needs root)");
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_state_disk_is_reported_and_recovers_without_a_write() {
+    if unsafe_is_not_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let _serial = serial();
+    let dir = common::tmpdir("faults-full-disk");
+    let broker = Broker::start(&dir);
+    let _fs = Tmpfs::mount(&dir.join("state"), "4m");
+    let m = start_marquee(&dir, broker.port, "");
+    let addr = m.status.trim_start_matches("http://").to_string();
+    let metric = |name: &str| -> String {
+        let t = ureq::get(&format!("{}/metrics", m.status))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        t.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(probe(&addr), Ok(200));
+    assert_eq!(
+        metric("marquee_outbox_writable "),
+        "marquee_outbox_writable 1"
+    );
+    // Fill the disk, then scan.
+    let filler = dir.join("state/filler");
+    let _ = std::fs::write(&filler, vec![0u8; 8 << 20]);
+    let ps = posters(2);
+    drop_file(&m.inbox, "full.jpg", &std::fs::read(&ps[0]).unwrap());
+    wait_for("the failed scan", Duration::from_secs(30), || {
+        m.inbox.join("failed/full.jpg").is_file()
+    });
+    assert_eq!(probe(&addr), Ok(503), "/healthz says results are not kept");
+    assert_eq!(
+        metric("marquee_outbox_writable "),
+        "marquee_outbox_writable 0"
+    );
+    assert!(!metric("marquee_outbox_write_failures_total 0").ends_with(" 0"));
+    // Room again: green within a few seconds, with no poster written.
+    std::fs::remove_file(&filler).unwrap();
+    wait_for("/healthz 200 again", Duration::from_secs(10), || {
+        probe(&addr) == Ok(200)
+    });
+    drop_file(&m.inbox, "room.jpg", &std::fs::read(&ps[1]).unwrap());
+    wait_for("the next scan done", Duration::from_secs(30), || {
+        m.inbox.join("done/room.jpg").is_file()
+    });
+}
+
+fn unsafe_is_not_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0")
+        .unwrap_or(true)
+}
+
+/// A proxy to the broker whose first connection never passes a PUBACK (pings and
+/// everything else still pass); later connections pass everything.
+fn no_ack_proxy(upstream: u16) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().flatten().enumerate() {
+            let Ok(broker) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let (mut c_in, mut b_out) = (client.try_clone().unwrap(), broker.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut b_out);
+                let _ = b_out.shutdown(Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let (mut b_in, mut c_out) = (broker, client);
+                while let Ok(pkt) = read_packet(&mut b_in) {
+                    if n == 0 && pkt[0] & 0xF0 == 0x40 {
+                        continue;
+                    }
+                    if c_out.write_all(&pkt).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_out.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_broker_that_never_acknowledges_is_left_for_a_new_connection() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-no-ack");
+    let broker = Broker::start(&dir);
+    let sub = Subscriber::start(broker.port, &["marquee/kiosk-test/events"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let m = start_marquee(&dir, no_ack_proxy(broker.port), "");
+    drop_file(
+        &m.inbox,
+        "noack.jpg",
+        &std::fs::read(&posters(1)[0]).unwrap(),
+    );
+    // Published on the first connection (the broker has it), never acknowledged:
+    // after the ack deadline Marquee reconnects and the outbox empties.
+    wait_for("the result", Duration::from_secs(30), || {
+        !events(&sub).is_empty()
+    });
+    wait_for("an empty outbox", Duration::from_secs(60), || {
+        let s: Value = ureq::get(&format!("{}/api/status", m.status))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+        s["outbox"] == 0
+    });
+    let log = m.stderr.lock().unwrap();
+    assert!(log.contains("no acknowledgement for"), "{}", tail(&log));
+}
+
+#[test]
+fn the_pages_send_security_headers() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-headers");
+    let broker = Broker::start(&dir);
+    let m = start_marquee(&dir, broker.port, "");
+    for page in ["/", "/desk"] {
+        let r = ureq::get(&format!("{}{page}", m.status)).call().unwrap();
+        let h = |n: &str| {
+            r.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(
+            h("content-security-policy").contains("frame-ancestors 'none'"),
+            "{page}"
+        );
+        assert!(
+            h("content-security-policy").contains("script-src 'sha256-"),
+            "{page}"
+        );
+        assert_eq!(h("x-frame-options"), "DENY", "{page}");
+        assert_eq!(h("x-content-type-options"), "nosniff", "{page}");
+    }
+}

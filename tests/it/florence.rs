@@ -389,3 +389,68 @@ fn burns_generic_vision_path_matches_too() {
         );
     }
 }
+
+/// A model folder that would panic at its first caption is refused when it loads,
+/// with one line naming the file and the key.
+#[test]
+fn a_florence_folder_that_would_fail_at_its_first_caption_is_refused_at_load() {
+    let device = Backend::Flex.device().unwrap();
+    let tiny = kit().join("tiny");
+    let dir = common::tmpdir("florence-bad-dirs");
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tiny.join("generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    let copy = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in std::fs::read_dir(&tiny).unwrap().flatten() {
+            std::fs::copy(f.path(), d.join(f.file_name())).unwrap();
+            let mut perm = std::fs::metadata(d.join(f.file_name()))
+                .unwrap()
+                .permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(false);
+            std::fs::set_permissions(d.join(f.file_name()), perm).unwrap();
+        }
+        d
+    };
+    for (key, value, says) in [
+        (
+            "decoder_start_token_id",
+            serde_json::json!(99_999_999),
+            "decoder_start_token_id",
+        ),
+        (
+            "forced_bos_token_id",
+            serde_json::json!(4_000_000),
+            "forced_bos_token_id",
+        ),
+        ("num_beams", serde_json::json!(5000), "num_beams"),
+        (
+            "max_new_tokens",
+            serde_json::json!(1_000_000),
+            "max_new_tokens",
+        ),
+    ] {
+        let d = copy(key);
+        let mut g = base.clone();
+        g[key] = value;
+        std::fs::write(d.join("generation_config.json"), g.to_string()).unwrap();
+        let e = FlorenceCaptioner::load(&d, &device).err().expect(key);
+        let e = format!("{e:#}");
+        assert!(e.contains(says) && !e.contains('\n'), "{key}: {e}");
+    }
+    // A tokenizer with an empty vocabulary.
+    let d = copy("empty-vocab");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap()).unwrap();
+    t["model"]["vocab"] = serde_json::json!({});
+    t["model"]["merges"] = serde_json::json!([]);
+    t["added_tokens"] = serde_json::json!([]);
+    std::fs::write(d.join("tokenizer.json"), t.to_string()).unwrap();
+    let e = FlorenceCaptioner::load(&d, &device)
+        .err()
+        .expect("empty vocab");
+    assert!(format!("{e:#}").contains("tokenizer"), "{e:#}");
+}
