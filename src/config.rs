@@ -413,14 +413,11 @@ impl Config {
             }
         }
         if let Some(ca) = &self.mqtt.tls_ca {
-            let pem = crate::util::limited::read_file(ca, 1 << 20)
+            // The same reader and parser as the MQTT session's.
+            let pem = crate::util::limited::read_file(ca, crate::util::tls::CA_MAX)
                 .map_err(|e| err("mqtt.tls_ca", e.to_string()))?;
-            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-                return Err(err(
-                    "mqtt.tls_ca",
-                    format!("{} holds no PEM certificate", ca.display()),
-                ));
-            }
+            crate::util::tls::client_config(&pem)
+                .map_err(|e| err("mqtt.tls_ca", format!("{}: {e}", ca.display())))?;
         }
         Ok(())
     }

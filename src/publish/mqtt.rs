@@ -29,10 +29,12 @@ use crate::config::{DeviceId, MqttConfig};
 use crate::health::{Health, Heartbeat};
 use crate::pipeline::{QueueShared, ScanResult, Sink, clip};
 use crate::util::backoff::Backoff;
+use crate::util::limited::read_file;
+use crate::util::tls::{CA_MAX, client_config};
 use anyhow::{Context, Result};
 use rumqttc::{
     Client, Connection, ConnectionError, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    RecvTimeoutError, Transport,
+    RecvTimeoutError, TlsConfiguration, Transport,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,9 +99,10 @@ fn options(m: &MqttConfig, id: &DeviceId, t: &Topics) -> Result<MqttOptions> {
         o.set_credentials(user, m.password.clone().unwrap_or_default());
     }
     if let Some(ca) = &m.tls_ca {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let ca = std::fs::read(ca).with_context(|| format!("mqtt.tls_ca {}", ca.display()))?;
-        o.set_transport(Transport::tls(ca, None, None));
+        let pem = read_file(ca, CA_MAX).with_context(|| format!("mqtt.tls_ca {}", ca.display()))?;
+        let config = client_config(&pem)
+            .map_err(|e| anyhow::anyhow!("mqtt.tls_ca {}: {e}", ca.display()))?;
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
     }
     Ok(o)
 }

@@ -6,6 +6,7 @@ pub mod limited;
 pub mod progress;
 pub mod service;
 pub mod stats;
+pub mod tls;
 
 /// Lower-case hex of bytes (cache keys, sha256 checks).
 pub fn hex(bytes: &[u8]) -> String {

@@ -1073,3 +1073,131 @@ fn the_pages_send_security_headers() {
         assert_eq!(h("x-content-type-options"), "nosniff", "{page}");
     }
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn mqtt_over_tls_delivers_through_our_own_rustls_config() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-tls");
+    // A CA, and a broker certificate for 127.0.0.1 signed by it.
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=marquee-test-ca",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+        ],
+    );
+    let (tls_port, plain_port) = (free_port(), free_port());
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "per_listener_settings false\nallow_anonymous true\nuser root\n\
+             listener {plain_port} 127.0.0.1\n\
+             listener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let _broker = Proc(
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the TLS broker", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
+    });
+    let sub = Subscriber::start(plain_port, &["marquee/kiosk-test/events"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let inbox = dir.join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let config = dir.join("marquee.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"kiosk-test\"\nstate_dir = \"{d}/state\"\n\
+             [mqtt]\nhost = \"127.0.0.1\"\nport = {tls_port}\ntls_ca = \"{d}/ca.pem\"\n\
+             [sources.folder]\npath = \"{d}/inbox\"\npoll_ms = 100\nsettle_ms = 300\n\
+             [status]\nenabled = false\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let _m = Proc(
+        Command::new(marquee_bin())
+            .args(["run", "--config", config.to_str().unwrap()])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    drop_file(&inbox, "tls.jpg", &std::fs::read(&posters(1)[0]).unwrap());
+    wait_for("the result over TLS", Duration::from_secs(60), || {
+        !events(&sub).is_empty()
+    });
+}
