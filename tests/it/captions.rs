@@ -387,3 +387,71 @@ print(json.dumps(out))
     assert_eq!(out["wrong_key"], 401);
     server.shutdown();
 }
+
+/// A server that answers every request with `status` and `body`, then closes.
+fn answering_server(status: u16, body: Vec<u8>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 65536];
+            let _ = s.set_read_timeout(Some(Duration::from_millis(300)));
+            let _ = s.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    url
+}
+
+#[test]
+fn a_4xx_with_any_body_is_the_request_s_fault_not_the_server_s() {
+    // 2 MB of bytes that are not UTF-8: the status decides, the breaker stays shut.
+    let body: Vec<u8> = (0..2_000_000u32).map(|i| (i % 7) as u8 | 0x80).collect();
+    let remote = RemoteCaptioner::new(RemoteConfig {
+        url: answering_server(400, body),
+        timeout_ms: 3000,
+        retries: 0,
+        breaker_failures: 1,
+        ..Default::default()
+    });
+    for _ in 0..3 {
+        let r = remote.caption(&astronaut(), Task::Caption);
+        assert!(matches!(r, Err(RemoteError::Refused(400, _))), "{r:?}");
+    }
+}
+
+#[test]
+fn a_late_timeout_reaches_the_next_scan_s_status() {
+    let device = Backend::Flex.device().unwrap();
+    let img = image::open(kit().join("astronaut.png")).unwrap().to_rgb8();
+    let (_hung, url) = hung_server();
+    let mut cfg = CaptionConfig {
+        mode: Mode::Remote,
+        deadline_ms: 200,
+        ..Default::default()
+    };
+    cfg.remote.url = url;
+    cfg.remote.timeout_ms = 600;
+    cfg.remote.retries = 0;
+    let stage = CaptionStage::start(&cfg, &device).unwrap().unwrap();
+    let c = stage.caption(&img);
+    assert!(
+        c.status.contains("deadline of 200 ms passed"),
+        "{}",
+        c.status
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let c = stage.caption(&img);
+    assert!(
+        c.status
+            .contains("failed late: caption server timed out after 600 ms"),
+        "{}",
+        c.status
+    );
+}
