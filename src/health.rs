@@ -84,6 +84,19 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
+    /// Sleeps up to `total`, beating meanwhile, and wakes early when `stop` is set:
+    /// a worker waiting (a back-off, a poll interval) is alive and stoppable.
+    pub fn sleep_unless(&self, stop: &std::sync::atomic::AtomicBool, total: Duration) {
+        let end = Instant::now() + total;
+        while !stop.load(Ordering::SeqCst) {
+            self.beat();
+            let Some(left) = end.checked_duration_since(Instant::now()) else {
+                return;
+            };
+            std::thread::sleep(left.min(Duration::from_millis(100)));
+        }
+    }
+
     pub fn beat(&self) {
         self.last
             .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);

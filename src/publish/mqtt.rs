@@ -245,7 +245,7 @@ impl Session {
                     self.lost(&why);
                     let wait = backoff.advance();
                     tracing::warn!("mqtt: {why}; retrying in {wait:?}");
-                    sleep_unless(stop, wait, &self.heartbeat);
+                    self.heartbeat.sleep_unless(stop, wait);
                 }
             }
         }
@@ -610,17 +610,6 @@ fn wire(payload: &[u8]) -> Result<Wire, String> {
         event,
         image,
     })
-}
-
-fn sleep_unless(stop: &AtomicBool, total: Duration, heartbeat: &Heartbeat) {
-    let end = Instant::now() + total;
-    while !stop.load(Ordering::SeqCst) {
-        heartbeat.beat();
-        let Some(left) = end.checked_duration_since(Instant::now()) else {
-            return;
-        };
-        std::thread::sleep(left.min(TICK));
-    }
 }
 
 #[cfg(test)]

@@ -190,7 +190,7 @@ pub fn run(
             Err(e) => {
                 let wait = backoff.advance();
                 health.set_camera(false, &format!("{name}: {e}; retrying in {wait:?}"));
-                sleep_unless_stopped(wait, &heartbeat, &stop);
+                heartbeat.sleep_unless(&stop, wait);
                 continue;
             }
         };
@@ -241,14 +241,6 @@ pub fn run(
 /// A finished replay stays alive (and beating) until shutdown.
 fn idle(heartbeat: &Heartbeat, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
-        heartbeat.beat();
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn sleep_unless_stopped(d: Duration, heartbeat: &Heartbeat, stop: &AtomicBool) {
-    let end = Instant::now() + d;
-    while Instant::now() < end && !stop.load(Ordering::SeqCst) {
         heartbeat.beat();
         std::thread::sleep(Duration::from_millis(100));
     }

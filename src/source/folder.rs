@@ -144,7 +144,7 @@ impl Folder {
                 }
                 Err(e) => health.set_folder(false, &format!("{}: {e}", this.dir.display())),
             }
-            sleep_unless(&stop, this.poll, &heartbeat);
+            heartbeat.sleep_unless(&stop, this.poll);
         }
     }
 
@@ -269,18 +269,6 @@ fn finish(
     if let (Err(reason), Ok(target)) = (outcome, &moved) {
         let _ = fs::write(reason_path(target), format!("{reason}\n"));
         tracing::warn!(file = %path.display(), "failed: {reason}");
-    }
-}
-
-/// Sleeps up to `total`, beating, and wakes early on `stop`.
-fn sleep_unless(stop: &AtomicBool, total: Duration, heartbeat: &Heartbeat) {
-    let end = Instant::now() + total;
-    while !stop.load(Ordering::SeqCst) {
-        heartbeat.beat();
-        let Some(left) = end.checked_duration_since(Instant::now()) else {
-            return;
-        };
-        std::thread::sleep(left.min(Duration::from_millis(200)));
     }
 }
 

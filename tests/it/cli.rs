@@ -755,3 +755,47 @@ fn classify_refuses_a_fifo_or_a_device_at_once() {
         assert!(start.elapsed() < std::time::Duration::from_secs(30));
     }
 }
+
+/// A model folder whose `model.json` disagrees with itself is refused when it loads,
+/// in one line, instead of tripping an assert on the first poster.
+#[test]
+fn a_model_json_that_disagrees_with_its_network_is_refused_at_load() {
+    let dir = common::tmpdir("model-json-mismatch");
+    for f in std::fs::read_dir("models").unwrap().flatten() {
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.json")).unwrap()).unwrap();
+    for (what, edit, says) in [
+        (
+            "image_input",
+            serde_json::json!({"image_input": {"width": 320, "height": 480}}),
+            "image_grid",
+        ),
+        (
+            "threshold",
+            serde_json::json!({"thresholds": [7.0]}),
+            "threshold",
+        ),
+        ("members", serde_json::json!({"members": 0}), "members"),
+    ] {
+        let mut s = spec.clone();
+        for (k, v) in edit.as_object().unwrap() {
+            if k == "thresholds" {
+                let n = s["thresholds"].as_array().unwrap().len();
+                s[k] = Value::Array(vec![v[0].clone(); n]);
+            } else {
+                s[k] = v.clone();
+            }
+        }
+        std::fs::write(dir.join("model.json"), s.to_string()).unwrap();
+        let o = marquee(&[
+            "classify",
+            "examples/poster.png",
+            "--model",
+            dir.to_str().unwrap(),
+        ]);
+        assert_clean_failure(&o, what);
+        assert!(stderr(&o).contains(says), "{what}: {}", stderr(&o));
+    }
+}

@@ -617,13 +617,15 @@ fn a_folder_of_junk_never_holds_up_a_poster_the_watchdog_or_a_stop() {
     }
 }
 
-/// A TCP proxy to the broker that holds every PUBACK for `delay`: a broker that
-/// acknowledges slowly, so that rumqttc's request queue fills.
-fn slow_ack_proxy(upstream: u16, delay: Duration) -> u16 {
+/// A TCP proxy to the broker that decides each PUBACK's fate by the number of its
+/// connection (0 for the first): passed on after `delay`, one at a time (`Some`: a
+/// broker that acknowledges slowly), or swallowed (`None`). Every other packet, pings
+/// and incoming publishes included, passes at once, beside the held acks.
+fn puback_proxy(upstream: u16, fate: fn(usize) -> Option<Duration>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
+        for (n, client) in listener.incoming().flatten().enumerate() {
             let Ok(broker) = TcpStream::connect(("127.0.0.1", upstream)) else {
                 continue;
             };
@@ -632,17 +634,29 @@ fn slow_ack_proxy(upstream: u16, delay: Duration) -> u16 {
                 let _ = std::io::copy(&mut c_in, &mut b_out);
                 let _ = b_out.shutdown(Shutdown::Both);
             });
+            let c_out = Arc::new(std::sync::Mutex::new(client));
+            let (acks, held) = std::sync::mpsc::channel::<Vec<u8>>();
+            let (out, delay) = (c_out.clone(), fate(n));
             std::thread::spawn(move || {
-                let (mut b_in, mut c_out) = (broker, client);
+                for pkt in held {
+                    if let Some(d) = delay {
+                        std::thread::sleep(d);
+                        if out.lock().unwrap().write_all(&pkt).is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            std::thread::spawn(move || {
+                let mut b_in = broker;
                 while let Ok(pkt) = read_packet(&mut b_in) {
                     if pkt[0] & 0xF0 == 0x40 {
-                        std::thread::sleep(delay);
-                    }
-                    if c_out.write_all(&pkt).is_err() {
+                        let _ = acks.send(pkt);
+                    } else if c_out.lock().unwrap().write_all(&pkt).is_err() {
                         break;
                     }
                 }
-                let _ = c_out.shutdown(Shutdown::Both);
+                let _ = c_out.lock().unwrap().shutdown(Shutdown::Both);
             });
         }
     });
@@ -679,7 +693,8 @@ fn a_flood_of_commands_never_repeats_a_result() {
     let broker = Broker::start(&dir);
     let sub = Subscriber::start(broker.port, &["marquee/kiosk-test/events"]);
     std::thread::sleep(Duration::from_millis(500));
-    let proxy = slow_ack_proxy(broker.port, Duration::from_millis(20));
+    // A broker that acknowledges slowly, so that rumqttc's request queue fills.
+    let proxy = puback_proxy(broker.port, |_| Some(Duration::from_millis(20)));
     let m = start_marquee(&dir, proxy, "");
     let ps = posters(20);
     let bport = broker.port;
@@ -983,38 +998,6 @@ fn unsafe_is_not_root() -> bool {
         .unwrap_or(true)
 }
 
-/// A proxy to the broker whose first connection never passes a PUBACK (pings and
-/// everything else still pass); later connections pass everything.
-fn no_ack_proxy(upstream: u16) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for (n, client) in listener.incoming().flatten().enumerate() {
-            let Ok(broker) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                continue;
-            };
-            let (mut c_in, mut b_out) = (client.try_clone().unwrap(), broker.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c_in, &mut b_out);
-                let _ = b_out.shutdown(Shutdown::Both);
-            });
-            std::thread::spawn(move || {
-                let (mut b_in, mut c_out) = (broker, client);
-                while let Ok(pkt) = read_packet(&mut b_in) {
-                    if n == 0 && pkt[0] & 0xF0 == 0x40 {
-                        continue;
-                    }
-                    if c_out.write_all(&pkt).is_err() {
-                        break;
-                    }
-                }
-                let _ = c_out.shutdown(Shutdown::Both);
-            });
-        }
-    });
-    port
-}
-
 #[test]
 fn a_broker_that_never_acknowledges_is_left_for_a_new_connection() {
     let _serial = serial();
@@ -1022,7 +1005,9 @@ fn a_broker_that_never_acknowledges_is_left_for_a_new_connection() {
     let broker = Broker::start(&dir);
     let sub = Subscriber::start(broker.port, &["marquee/kiosk-test/events"]);
     std::thread::sleep(Duration::from_millis(500));
-    let m = start_marquee(&dir, no_ack_proxy(broker.port), "");
+    // The first connection's PUBACKs never arrive (pings do); later ones pass.
+    let proxy = puback_proxy(broker.port, |n| (n > 0).then_some(Duration::ZERO));
+    let m = start_marquee(&dir, proxy, "");
     drop_file(
         &m.inbox,
         "noack.jpg",
@@ -1200,4 +1185,33 @@ fn mqtt_over_tls_delivers_through_our_own_rustls_config() {
     wait_for("the result over TLS", Duration::from_secs(60), || {
         !events(&sub).is_empty()
     });
+}
+
+#[test]
+fn a_busy_status_port_stops_the_start_with_one_line_naming_the_key() {
+    let _serial = serial();
+    let dir = common::tmpdir("faults-busy-port");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = dir.join("marquee.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"kiosk-test\"\nstate_dir = \"{}\"\n[mqtt]\nenabled = false\n\
+             [status]\nlisten = \"127.0.0.1:{port}\"\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new(marquee_bin())
+        .args(["run", "--config", config.to_str().unwrap()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("status.listen") && err.trim().lines().count() == 1,
+        "{err}"
+    );
 }
