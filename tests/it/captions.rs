@@ -395,9 +395,11 @@ fn answering_server(status: u16, body: Vec<u8>) -> String {
     std::thread::spawn(move || {
         use std::io::{Read, Write};
         for mut s in l.incoming().flatten() {
+            // The whole request first (until the client pauses), so that closing
+            // never resets a client still sending its body.
             let mut buf = [0u8; 65536];
             let _ = s.set_read_timeout(Some(Duration::from_millis(300)));
-            let _ = s.read(&mut buf);
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
             let head = format!(
                 "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
