@@ -154,14 +154,12 @@ impl Slots {
 /// panic): a guard, not a counter.
 struct SlotGuard {
     slots: Arc<Slots>,
-    id: Option<u64>,
+    id: u64,
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        if let Some(id) = self.id {
-            self.slots.remove(id);
-        }
+        self.slots.remove(self.id);
     }
 }
 
@@ -223,7 +221,7 @@ async fn accept(listener: tokio::net::TcpListener, router: Router, stop: Arc<Not
         let id = slots.add(busy, task.abort_handle());
         let _ = ready_tx.send(SlotGuard {
             slots: slots.clone(),
-            id: Some(id),
+            id,
         });
     }
     drop(listener);
