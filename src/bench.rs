@@ -53,7 +53,6 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn run(
     model_dir: &Path,
     cache: &CacheDir,

@@ -8,7 +8,7 @@ use marquee::caption::remote::Protocol;
 use marquee::caption::stage::Mode;
 use marquee::infer::task::Task;
 use marquee::train::fusion::{PositiveWeight, Schedule};
-use marquee::train::recipe::{Thresholds, Until};
+use marquee::train::recipe::options::{Thresholds, Until};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

@@ -4,7 +4,7 @@ use super::Global;
 use super::args::EvalArgs;
 use anyhow::Result;
 use marquee::model::dir::default_model_dir;
-use marquee::train::{EvalOutput, run_eval};
+use marquee::train::eval::{self, EvalOutput};
 use serde::Serialize;
 use std::fmt;
 
@@ -45,7 +45,7 @@ impl fmt::Display for EvalReport {
 pub fn run(a: EvalArgs, g: &Global) -> Result<EvalReport> {
     let device = g.backend.device()?;
     let model_dir = a.model.unwrap_or_else(default_model_dir);
-    let out = run_eval(
+    let out = eval::run(
         &a.manifest,
         a.split.map(|s| s.name()),
         &model_dir,

@@ -11,7 +11,8 @@ use marquee::infer::Captioner;
 use marquee::train::fusion::Role;
 use marquee::train::metrics::ThresholdSpread;
 use marquee::train::peers::PeerReport;
-use marquee::train::recipe::{self, Ablation, RecipeOptions, Until};
+use marquee::train::recipe::{self, options::RecipeOptions, options::Until};
+use marquee::train::report::Ablation;
 use marquee::util::progress::note;
 use serde::Serialize;
 use std::fmt;
@@ -111,7 +112,7 @@ fn table(f: &mut fmt::Formatter, rows: &[Ablation]) -> fmt::Result {
 pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
     let device = g.backend.device()?;
     if a.extract_only {
-        marquee::train::extract_all(&a.manifest, &g.cache, &device)?;
+        marquee::train::tokens::extract_all(&a.manifest, &g.cache, &device)?;
         return Ok(TrainReport::Extracted { extracted: true });
     }
     let mut opts = RecipeOptions {

@@ -140,7 +140,7 @@ pub fn add_depthwise3x3(conv: &Conv2d, x: Tensor<3>, h: usize, w: usize) -> Tens
         .enumerate()
         .for_each(|(r, out_row)| {
             let image = &input[(r / h) * n * c..(r / h + 1) * n * c];
-            depthwise_row(image, out_row, r % h, h, w, c, &taps, &bias);
+            depthwise_row(image, out_row, r % h, [h, w, c], (&taps, &bias));
         });
     Tensor::from_data(TensorData::new(out, [b, n, c]), &device)
 }
@@ -158,17 +158,14 @@ fn host_vec<const D: usize>(t: Tensor<D>) -> Option<Vec<f32>> {
         .flatten()
 }
 
-/// One output row `y` of `x + conv(x)`, for one image in token layout.
-#[allow(clippy::too_many_arguments)]
+/// One output row `y` of `x + conv(x)`, for one `[h, w, c]` image in token layout,
+/// with the 3x3 `taps` (`[9, c]`) and `bias` of the convolution.
 fn depthwise_row(
     image: &[f32],
     out: &mut [f32],
     y: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    taps: &[f32],
-    bias: &[f32],
+    [h, w, c]: [usize; 3],
+    (taps, bias): (&[f32], &[f32]),
 ) {
     let row = w * c;
     out.copy_from_slice(&image[y * row..(y + 1) * row]);

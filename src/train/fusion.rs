@@ -206,18 +206,30 @@ fn soft_bce(logits: Tensor<2>, targets: Tensor<2>, pos_weight: Tensor<1>) -> Ten
     (pos * targets.clone() * w + neg * targets.neg().add_scalar(1.0)).mean()
 }
 
-/// Sigmoid scores `[rows, classes]` of `rows` of `set`, optionally text-less.
-#[allow(clippy::too_many_arguments)]
-pub fn score(
-    model: &TunedFusion,
-    c: &FusionConfig,
-    set: &TokenSet,
-    rows: &[usize],
-    role: Role,
-    view: View,
-    text_less: bool,
-    device: &Device,
-) -> Vec<f32> {
+/// What `score` reads: rows of a token set, as one role sees them, in one view.
+#[derive(Clone, Copy)]
+pub struct Scoring<'a> {
+    /// The cached features the rows index.
+    pub set: &'a TokenSet,
+    /// The rows scored, in the order of the scores.
+    pub rows: &'a [usize],
+    /// Which maps and text states the network reads.
+    pub role: Role,
+    /// The poster as given or its mirror image.
+    pub view: View,
+    /// Hide every row's overview (the kiosk case).
+    pub text_less: bool,
+}
+
+/// Sigmoid scores `[rows, classes]` of `s.rows`, in that order.
+pub fn score(model: &TunedFusion, c: &FusionConfig, s: &Scoring, device: &Device) -> Vec<f32> {
+    let Scoring {
+        set,
+        rows,
+        role,
+        view,
+        text_less,
+    } = *s;
     let mut out = Vec::with_capacity(rows.len() * c.classes);
     // Similar text lengths together, so a batch pads little; results go back in order.
     let mut order: Vec<usize> = (0..rows.len()).collect();
@@ -251,23 +263,56 @@ pub struct Trained {
     pub seconds: f64,
 }
 
-/// Trains one network on `fit` rows against `targets` (`[fit.len(), classes]`, hard
-/// or soft), picking the epoch and thresholds on `tune` rows. `top` are pretrained
-/// MiniLM layers to tune inside it (none: the text features stay frozen).
-#[allow(clippy::too_many_arguments)]
-pub fn train(
-    c: &FusionConfig,
-    top: Vec<BertLayer>,
-    role: Role,
-    set: &TokenSet,
-    fit: &[usize],
-    targets: &[f32],
-    tune: (&TokenSet, &[usize], &[u8]),
-    labels: &[String],
-    opts: &FusionOptions,
-    name: &str,
-    device: &Device,
-) -> Trained {
+/// Held-out rows that pick the epoch and the thresholds, with their labels.
+#[derive(Clone, Copy)]
+pub struct TuneRows<'a> {
+    /// The cached features the rows index.
+    pub set: &'a TokenSet,
+    /// The rows scored after each epoch.
+    pub rows: &'a [usize],
+    /// Their multi-hot labels, row-major `[rows.len(), classes]`.
+    pub truth: &'a [u8],
+}
+
+/// One network to train: what it is, what it reads and what it learns.
+pub struct Job<'a> {
+    /// Its shape.
+    pub config: &'a FusionConfig,
+    /// Pretrained MiniLM layers to tune inside it (none: the text features stay frozen).
+    pub top: Vec<BertLayer>,
+    /// Which cached features it reads.
+    pub role: Role,
+    /// The training features.
+    pub set: &'a TokenSet,
+    /// The rows of `set` it trains on.
+    pub fit: &'a [usize],
+    /// Targets `[fit.len(), classes]`, hard or soft.
+    pub targets: &'a [f32],
+    /// Where the epoch and the thresholds are chosen.
+    pub tune: TuneRows<'a>,
+    /// The genre names.
+    pub labels: &'a [String],
+    /// The optimiser and schedule.
+    pub opts: &'a FusionOptions,
+    /// Its name in progress lines.
+    pub name: &'a str,
+}
+
+/// Trains one network on `job.fit` rows against `job.targets`, picking the epoch and
+/// thresholds on the tune rows.
+pub fn train(job: Job, device: &Device) -> Trained {
+    let Job {
+        config: c,
+        top,
+        role,
+        set,
+        fit,
+        targets,
+        tune,
+        labels,
+        opts,
+        name,
+    } = job;
     let start = std::time::Instant::now();
     let k = c.classes;
     device.seed(opts.seed);
@@ -338,9 +383,16 @@ pub fn train(
         }
         // Model selection on held-out training films, never on the reported split.
         let valid = model.valid();
-        let scores = score(&valid, c, tune.0, tune.1, role, View::Plain, false, device);
-        let thresholds = tune_thresholds(&scores, tune.2, k);
-        let macro_f1 = report(&decide_all(&scores, &thresholds), tune.2, labels).macro_f1;
+        let scoring = Scoring {
+            set: tune.set,
+            rows: tune.rows,
+            role,
+            view: View::Plain,
+            text_less: false,
+        };
+        let scores = score(&valid, c, &scoring, device);
+        let thresholds = tune_thresholds(&scores, tune.truth, k);
+        let macro_f1 = report(&decide_all(&scores, &thresholds), tune.truth, labels).macro_f1;
         note(&format!(
             "{name}: epoch {epoch}, tune macro-F1 {macro_f1:.4}"
         ));

@@ -17,10 +17,9 @@
 //! tuned on out-of-fold scores over all training films (k-fold by film), and how far
 //! the per-fold thresholds move.
 
-use super::TUNE_EVERY;
-use super::manifest::stable_hash;
-use super::metrics::{Report, ThresholdSpread, decide_all, report, tune_thresholds};
-use super::recipe::Ablation;
+use super::metrics::{ThresholdSpread, decide_all, report, tune_thresholds};
+use super::report::Ablation;
+use super::split::FOLDS;
 use super::tokens::TokenSet;
 use crate::infer::TEXT_DIM;
 use crate::nn::efficientnet::FEATURE_DIM;
@@ -34,19 +33,11 @@ use rayon::prelude::*;
 use serde::Serialize;
 use std::time::Instant;
 
-/// Folds of the out-of-fold threshold tuning.
-pub const FOLDS: usize = 5;
 /// L2 weights on standardised features that each peer chooses from (scikit-learn's
 /// C = 1 down to C = 1e-4).
 pub const ALPHAS: [f64; 5] = [1.0, 10.0, 100.0, 1000.0, 10000.0];
 /// L-BFGS iterations per genre (scikit-learn's default for lbfgs).
 const MAX_ITERATIONS: u64 = 100;
-
-/// The fold of a training film: by its key, so a film's rows stay together, and
-/// independent of the tune slice (which takes the hash modulo 10).
-pub fn fold_of(film: &str) -> usize {
-    ((stable_hash(film) / TUNE_EVERY) % FOLDS as u64) as usize
-}
 
 /// Pooled features of a set of rows, row-major: `text` is `[n, 384]` (zeros where a
 /// row has no text), `poster` is `[n, 1280]`.
@@ -351,7 +342,7 @@ pub fn run(d: &PeerData, labels: &[String]) -> Result<PeerReport> {
     let seconds = start.elapsed().as_secs_f64();
     let poster_val = eval(&val_s[POSTER], &t[POSTER]);
     for p in 0..3 {
-        ablations.push(row(
+        ablations.push(Ablation::fitted(
             NAMES[p].into(),
             eval(&val_s[p], &t[p]),
             (p != TEXT).then(|| poster_val.clone()),
@@ -387,7 +378,7 @@ pub fn run(d: &PeerData, labels: &[String]) -> Result<PeerReport> {
     let seconds = start.elapsed().as_secs_f64();
     let poster_val = eval(&full[POSTER], &t_oof[POSTER]);
     for p in 0..3 {
-        ablations.push(row(
+        ablations.push(Ablation::fitted(
             format!("{}, {FOLDS}-fold thresholds", NAMES[p]),
             eval(&full[p], &t_oof[p]),
             (p != TEXT).then(|| poster_val.clone()),
@@ -404,16 +395,6 @@ pub fn run(d: &PeerData, labels: &[String]) -> Result<PeerReport> {
         folds: FOLDS,
         spread,
     })
-}
-
-fn row(name: String, val: Report, text_less: Option<Report>, seconds: f64) -> Ablation {
-    Ablation {
-        name,
-        val,
-        val_text_less: text_less,
-        best_epochs: vec![],
-        train_seconds: seconds,
-    }
 }
 
 #[cfg(test)]

@@ -10,12 +10,14 @@
 //! extra recipes live in files of their own, so adding one never invalidates the rest.
 
 use super::manifest::{Manifest, Row};
+use super::split::fit_tune_split;
 use crate::infer::{TEXT_DIM, compose_text, image_tokens};
+use crate::model::cache::CacheDir;
 use crate::model::dir::ImageInput;
-use crate::model::towers::Towers;
+use crate::model::towers::{Form, Towers};
 use crate::nn::efficientnet::FEATURE_DIM;
 use crate::preprocess::image::decode;
-use crate::util::progress::Stage;
+use crate::util::progress::{Stage, note};
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use half::f16;
@@ -398,4 +400,28 @@ fn read_text(path: &Path, name: &str, tokens: usize) -> Option<Vec<f16>> {
     let st = SafeTensors::deserialize(&bytes).ok()?;
     let t = f16_of(&st, name)?;
     (t.len() == tokens * TEXT_DIM).then_some(t)
+}
+
+/// Extracts (or finds cached) token features of every row: flipped maps for the
+/// rows that are scored (tune and val), plain for all.
+pub fn extract_all(manifest_path: &Path, cache: &CacheDir, device: &Device) -> Result<()> {
+    let manifest = Manifest::load(manifest_path)?;
+    let towers = Towers::load(cache, device, Form::Modules)?;
+    let (fit, tune) = fit_tune_split(&manifest.split(Some("train")));
+    let val = manifest.split(Some("val"));
+    let dir = cache.tokens();
+    let flip = Extra {
+        flip: true,
+        below: None,
+    };
+    note(&format!(
+        "token features: {} fit, {} tune, {} val rows",
+        fit.len(),
+        tune.len(),
+        val.len()
+    ));
+    extract_tokens(&towers, device, &manifest, &val, &dir, flip)?;
+    extract_tokens(&towers, device, &manifest, &tune, &dir, flip)?;
+    extract_tokens(&towers, device, &manifest, &fit, &dir, Default::default())?;
+    Ok(())
 }

@@ -1,0 +1,149 @@
+//! The student: the shipped model, distilled from the teacher's soft labels for
+//! every training poster, with its thresholds tuned out of fold by default.
+
+use super::data::Part;
+use super::ensemble::{Ensemble, OutOfFold, Vote};
+use super::options::Thresholds;
+use super::trainer::{Net, Trainer};
+use crate::nn::fusion::FusionConfig;
+use crate::train::fusion::{self, Role, Scoring, View};
+use crate::train::manifest::Row;
+use crate::train::metrics::{ThresholdSpread, tune_thresholds};
+use crate::train::report::Ablation;
+use crate::train::split::{FOLDS, fold_of};
+use crate::util::progress::note;
+
+/// The student ensemble, its row of the ablation table, and (out of fold) how far
+/// its thresholds move between the folds.
+pub(super) struct Student {
+    pub(super) ensemble: Ensemble,
+    pub(super) row: Ablation,
+    pub(super) spread: Vec<ThresholdSpread>,
+}
+
+/// Distils the student from `teacher` and tunes its thresholds.
+pub(super) fn student(t: &Trainer, teacher: &Ensemble, fit_rows: &[Row], val: &Part) -> Student {
+    let targets = soft_targets(t, teacher);
+    let config = fusion::config(Role::Student, true, true, t.labels.len());
+    let net = Net {
+        config: &config,
+        top: &[],
+        role: Role::Student,
+        rows: &t.fit.all,
+        targets: &targets,
+        seed: t.opts.seed,
+        name: "student",
+    };
+    let students = t.ensemble(net, t.opts.student_members);
+    let oof = (t.opts.thresholds == Thresholds::OutOfFold)
+        .then(|| out_of_fold(t, &config, &targets, fit_rows));
+    let vote = Vote {
+        members: students.iter().map(|s| &s.model).collect(),
+        config: &config,
+        role: Role::Student,
+        tta: false,
+    };
+    let done = vote.finish((t.tune, val), t.labels, oof.as_ref(), t.device);
+    let row = Ablation {
+        name: format!(
+            "early-fusion student ({} members, 160x240, MiniLM-L3){}",
+            students.len(),
+            match t.opts.thresholds {
+                Thresholds::Tune => String::new(),
+                Thresholds::OutOfFold => format!(", {FOLDS}-fold thresholds"),
+            }
+        ),
+        val: done.val.clone(),
+        val_text_less: Some(done.val_text_less.clone()),
+        best_epochs: students.iter().map(|s| s.best_epoch).collect(),
+        train_seconds: students.iter().map(|s| s.seconds).sum(),
+    };
+    let members = students.into_iter().map(|s| s.model).collect();
+    Student {
+        ensemble: Ensemble::new(config, members, &done),
+        row,
+        spread: oof.map(|o| o.spread).unwrap_or_default(),
+    }
+}
+
+/// The student's targets: the hard labels and the teacher's plain-view scores of
+/// every fit row, mixed by `hard_weight`.
+fn soft_targets(t: &Trainer, teacher: &Ensemble) -> Vec<f32> {
+    note("scoring the fit rows with the teacher for distillation");
+    let vote = Vote {
+        members: teacher.members.iter().collect(),
+        config: &teacher.config,
+        role: Role::Teacher,
+        tta: false,
+    };
+    let soft = vote.scores(t.fit, &t.fit.all, false, t.device);
+    let w = t.opts.hard_weight;
+    t.fit
+        .hard(&t.fit.all)
+        .iter()
+        .zip(&soft)
+        .map(|(h, s)| w * h + (1.0 - w) * s)
+        .collect()
+}
+
+/// Out of fold: each fold's student is trained without the fit films it scores.
+/// One network per fold keeps the recipe inside its time budget; the tune films are
+/// scored by the whole ensemble.
+fn out_of_fold(t: &Trainer, config: &FusionConfig, targets: &[f32], fit_rows: &[Row]) -> OutOfFold {
+    let (fit, k) = (t.fit, t.labels.len());
+    let fold: Vec<usize> = fit_rows.iter().map(|r| fold_of(&r.film)).collect();
+    let mut with_text = vec![0f32; fit.with_text.len() * k];
+    let mut text_less = vec![0f32; fit.all.len() * k];
+    // Each fold's own thresholds, to show how far they move (not used to decide).
+    let (mut f_text, mut f_less) = (Vec::new(), Vec::new());
+    for f in 0..FOLDS {
+        let kept: Vec<usize> = fit.all.iter().copied().filter(|&r| fold[r] != f).collect();
+        let kept_targets: Vec<f32> = kept
+            .iter()
+            .flat_map(|&r| targets[r * k..(r + 1) * k].iter().copied())
+            .collect();
+        let name = format!("student, fold {}/{FOLDS}", f + 1);
+        let m = t
+            .train(Net {
+                config,
+                top: &[],
+                role: Role::Student,
+                rows: &kept,
+                targets: &kept_targets,
+                seed: t.opts.seed,
+                name: &name,
+            })
+            .model;
+        for (rows, text_hidden, out, folds) in [
+            (&fit.with_text, false, &mut with_text, &mut f_text),
+            (&fit.all, true, &mut text_less, &mut f_less),
+        ] {
+            let held: Vec<usize> = (0..rows.len()).filter(|&i| fold[rows[i]] == f).collect();
+            let held_rows: Vec<usize> = held.iter().map(|&i| rows[i]).collect();
+            let scoring = Scoring {
+                set: &fit.set,
+                rows: &held_rows,
+                role: Role::Student,
+                view: View::Plain,
+                text_less: text_hidden,
+            };
+            let s = fusion::score(&m, config, &scoring, t.device);
+            for (j, &i) in held.iter().enumerate() {
+                out[i * k..(i + 1) * k].copy_from_slice(&s[j * k..(j + 1) * k]);
+            }
+            folds.push(tune_thresholds(&s, &fit.y_of(&held_rows), k));
+        }
+    }
+    OutOfFold {
+        with_text: (with_text, fit.y_of(&fit.with_text)),
+        text_less: (text_less, fit.y_of(&fit.all)),
+        spread: vec![
+            ThresholdSpread::of("early-fusion student, fold networks", &f_text, t.labels),
+            ThresholdSpread::of(
+                "early-fusion student, fold networks, text-less",
+                &f_less,
+                t.labels,
+            ),
+        ],
+    }
+}
