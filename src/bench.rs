@@ -82,16 +82,15 @@ pub fn run(
             continue;
         }
         stages.entry("decode".into()).or_default().push(decode_ms);
-        for (name, t) in alone.timings_ms {
-            let (name, t) = match name.as_str() {
-                "total" => ("total_sequential".to_string(), decode_ms + t),
+        for (name, t) in alone.timings_ms.stages() {
+            let (name, t) = match name {
+                "total" => ("total_sequential", decode_ms + t),
                 "towers" => continue,
                 _ => (name, t),
             };
-            stages.entry(name).or_default().push(t);
+            stages.entry(name.to_string()).or_default().push(t);
         }
-        let served = served.timings_ms.iter().find(|(n, _)| n == "total");
-        total.push(decode_ms + served.map_or(f64::NAN, |(_, t)| *t));
+        total.push(decode_ms + served.timings_ms.total);
     }
     let long = long_ids(&classifier, overview)?;
     for i in 0..runs + 2 {

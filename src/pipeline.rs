@@ -6,12 +6,12 @@
 
 use crate::caption::stage::{CaptionStage, Captioned};
 use crate::health::{Health, Heartbeat};
+use crate::infer::timings::Timings;
 use crate::infer::{Classifier, GenreScore};
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use image::RgbImage;
 use serde::Serialize;
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -74,7 +74,7 @@ pub struct ScanResult {
     pub overview: Option<String>,
     pub genres: Vec<GenreScore>,
     pub predicted: Vec<String>,
-    pub timings_ms: BTreeMap<String, f64>,
+    pub timings_ms: Timings,
     /// A small JPEG of the poster for the status page (not published).
     #[serde(skip)]
     pub thumbnail: Vec<u8>,
@@ -86,67 +86,73 @@ pub trait Sink: Send {
     fn accept(&mut self, result: &ScanResult) -> Result<(), String>;
 }
 
-/// What the queue's two ends and the MQTT session share.
-#[derive(Debug, Default)]
-pub struct QueueShared {
-    /// Overview from the MQTT command topic, for the next scan that has none.
-    pub next_overview: Mutex<Option<String>>,
-    /// Jobs waiting for the classifier (a diagnostic for Home Assistant).
-    pending: AtomicUsize,
+/// The overview an MQTT command left for the next scan that comes without one: the
+/// MQTT session sets it and shows it, the classifier takes it.
+#[derive(Debug, Default, Clone)]
+pub struct OverviewCommand(Arc<Mutex<Option<String>>>);
+
+impl OverviewCommand {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The overview waiting for the next scan, if any (it stays waiting).
+    pub fn peek(&self) -> Option<String> {
+        self.slot().clone()
+    }
+
+    /// Leaves `text` for the next scan (`None` clears it).
+    pub fn set(&self, text: Option<String>) {
+        *self.slot() = text;
+    }
+
+    /// Takes the waiting overview: one command serves one scan.
+    pub fn take(&self) -> Option<String> {
+        self.slot().take()
+    }
 }
 
-impl QueueShared {
+/// How many posters wait for the classifier (a diagnostic for Home Assistant).
+#[derive(Clone)]
+pub struct Backlog(Receiver<Job>);
+
+impl Backlog {
+    /// The backlog of the queue whose receiving end is `jobs`.
+    pub fn new(jobs: &Receiver<Job>) -> Self {
+        Self(jobs.clone())
+    }
+
+    /// Posters queued and not yet taken by the classifier.
     pub fn pending(&self) -> usize {
-        self.pending.load(Ordering::SeqCst)
-    }
-
-    /// The overview waiting for the next scan, if any.
-    pub fn next_overview(&self) -> Option<String> {
-        self.next_overview
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub fn set_next_overview(&self, text: Option<String>) {
-        *self.next_overview.lock().unwrap_or_else(|e| e.into_inner()) = text;
-    }
-
-    fn take_next_overview(&self) -> Option<String> {
-        self.next_overview
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.0.len()
     }
 }
 
 /// The sending side that sources hold.
 #[derive(Clone)]
 pub struct Queue {
-    tx: SyncSender<Job>,
-    capacity: usize,
-    pub shared: Arc<QueueShared>,
+    tx: Sender<Job>,
 }
 
+/// Why a job could not be queued.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
+    /// Every place in the queue is taken (uploads get 503).
     #[error("the classifier queue is full")]
     Full,
+    /// The classifier has stopped (shutdown).
     #[error("the pipeline has stopped")]
     Closed,
 }
 
+/// How often a source waiting for room beats its heartbeat and looks at `stop`.
+const SEND_WAIT: Duration = Duration::from_millis(200);
+
 impl Queue {
+    /// A queue of `capacity` jobs, and the classifier's end of it.
     pub fn new(capacity: usize) -> (Self, Receiver<Job>) {
-        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
-        (
-            Self {
-                tx,
-                capacity,
-                shared: Arc::default(),
-            },
-            rx,
-        )
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        (Self { tx }, rx)
     }
 
     /// Waits for room (sources that can wait: folder, camera), beating `heartbeat`
@@ -161,20 +167,10 @@ impl Queue {
         let mut job = job;
         loop {
             heartbeat.beat();
-            // Counted before it is sent: the classifier may take it at once.
-            self.shared.pending.fetch_add(1, Ordering::SeqCst);
-            match self.tx.try_send(job) {
+            match self.tx.send_timeout(job, SEND_WAIT) {
                 Ok(()) => return Ok(()),
-                Err(e) => {
-                    self.shared.pending.fetch_sub(1, Ordering::SeqCst);
-                    match e {
-                        TrySendError::Full(j) if !stop.load(Ordering::SeqCst) => {
-                            job = j;
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        _ => return Err(QueueError::Closed),
-                    }
-                }
+                Err(SendTimeoutError::Timeout(j)) if !stop.load(Ordering::SeqCst) => job = j,
+                Err(_) => return Err(QueueError::Closed),
             }
         }
     }
@@ -182,18 +178,14 @@ impl Queue {
     /// Whether a job sent now would find the queue full (uploads ask before they
     /// spend memory on decoding).
     pub fn is_full(&self) -> bool {
-        self.shared.pending() >= self.capacity
+        self.tx.is_full()
     }
 
     /// Never waits (uploads: the client gets 503 instead, and the job is dropped).
     pub fn try_send(&self, job: Job) -> Result<(), QueueError> {
-        self.shared.pending.fetch_add(1, Ordering::SeqCst);
-        self.tx.try_send(job).map_err(|e| {
-            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
-            match e {
-                TrySendError::Full(_) => QueueError::Full,
-                TrySendError::Disconnected(_) => QueueError::Closed,
-            }
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => QueueError::Full,
+            TrySendError::Disconnected(_) => QueueError::Closed,
         })
     }
 }
@@ -220,59 +212,123 @@ fn thumbnail(img: &RgbImage) -> Vec<u8> {
     }
 }
 
-/// Runs until `stop` is set (then finishes the jobs already queued) or every
-/// `Queue` is dropped: classify, hand to the sinks, call `done`.
-#[allow(clippy::too_many_arguments)]
-pub fn run_classifier(
-    device_id: &str,
-    classifier: &Classifier,
-    captioner: Option<&CaptionStage>,
-    rx: Receiver<Job>,
-    shared: Arc<QueueShared>,
-    sinks: &mut [Box<dyn Sink>],
-    health: &Health,
-    heartbeat: &Heartbeat,
-    stop: &AtomicBool,
-) {
-    loop {
-        heartbeat.beat();
-        let job = match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(job) => job,
-            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => match rx.try_recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            },
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
+/// The classifier thread: it owns everything a scan needs, takes jobs off the queue
+/// until `stop` is set (then finishes the jobs already queued) or every `Queue` is
+/// dropped, and hands each result to the sinks before calling the job's `done`.
+pub struct Worker {
+    /// Names every result's id.
+    pub device_id: String,
+    /// The genre model.
+    pub classifier: Classifier,
+    /// The caption stage, when captioning is on.
+    pub captioner: Option<Arc<CaptionStage>>,
+    /// The queue's receiving end.
+    pub jobs: Receiver<Job>,
+    /// The MQTT overview command, for a scan that comes without an overview.
+    pub overview: OverviewCommand,
+    /// Where results go, in order: the outbox, the status page.
+    pub sinks: Vec<Box<dyn Sink>>,
+    /// Counters and the captioner's state.
+    pub health: Arc<Health>,
+    /// Beaten on every job and every wait.
+    pub heartbeat: Heartbeat,
+    /// Set at shutdown.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Worker {
+    /// Classifies until stopped.
+    pub fn run(mut self) {
+        while let Some(Job { poster, done }) = self.next_job() {
+            // One poster's panic (a model or kernel defect) fails that poster, with its
+            // reason, and the appliance goes on: its hot-folder file reaches failed/
+            // instead of crash-looping the service.
+            let scanned =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.scan(&poster)))
+                    .unwrap_or_else(|panic| {
+                        Err(format!("internal error: {}", panic_text(&*panic)))
+                    });
+            let delivered = scanned.and_then(|r| {
+                for sink in self.sinks.iter_mut() {
+                    sink.accept(&r)?;
+                }
+                Ok(r)
+            });
+            match &delivered {
+                Ok(r) => {
+                    self.health.processed(r.timings_ms.pipeline.unwrap_or(0.0));
+                    tracing::info!(id = %r.id, name = %r.name, predicted = ?r.predicted, "classified")
+                }
+                Err(e) => {
+                    self.health.failed();
+                    tracing::warn!(name = %poster.name, "{e}");
+                }
+            }
+            if let Some(done) = done {
+                done(delivered.as_ref().map_err(Clone::clone));
+            }
+        }
+    }
+
+    /// The next job; `None` once stopped with the queue empty, or closed.
+    fn next_job(&self) -> Option<Job> {
+        loop {
+            self.heartbeat.beat();
+            match self.jobs.recv_timeout(Duration::from_millis(200)) {
+                Ok(job) => return Some(job),
+                Err(RecvTimeoutError::Timeout) if self.stop.load(Ordering::SeqCst) => {
+                    return self.jobs.try_recv().ok();
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Captions (when asked) and classifies one poster.
+    fn scan(&self, poster: &Poster) -> Result<ScanResult, String> {
+        let start = Instant::now();
+        let overview = poster
+            .overview
+            .clone()
+            .or_else(|| self.overview.take())
+            .map(|o| clip(&o, OVERVIEW_MAX_CHARS));
+        let captioner = self.captioner.as_deref();
+        let captioned = match (&poster.caption, captioner) {
+            (Some(given), _) => Captioned::given(given),
+            (None, Some(c)) => c.caption(&poster.image),
+            (None, None) => Captioned::off(),
         };
-        shared.pending.fetch_sub(1, Ordering::SeqCst);
-        let Job { poster, done } = job;
-        // One poster's panic (a model or kernel defect) fails that poster, with its
-        // reason, and the appliance goes on: its hot-folder file reaches failed/
-        // instead of crash-looping the service.
-        let scanned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            scan(device_id, classifier, captioner, &shared, health, &poster)
-        }))
-        .unwrap_or_else(|panic| Err(format!("internal error: {}", panic_text(&*panic))));
-        let delivered = scanned.and_then(|r| {
-            for sink in sinks.iter_mut() {
-                sink.accept(&r)?;
-            }
-            Ok(r)
-        });
-        match &delivered {
-            Ok(r) => {
-                health.processed(r.timings_ms.get("pipeline").copied().unwrap_or(0.0));
-                tracing::info!(id = %r.id, name = %r.name, predicted = ?r.predicted, "classified")
-            }
-            Err(e) => {
-                health.failed();
-                tracing::warn!(name = %poster.name, "{e}");
-            }
+        if captioner.is_some() && poster.caption.is_none() {
+            self.health
+                .set_captioner(captioned.caption.is_some(), &captioned.status.to_string());
         }
-        if let Some(done) = done {
-            done(delivered.as_ref().map_err(Clone::clone));
+        let caption = captioned
+            .caption
+            .as_deref()
+            .map(|c| clip(c, CAPTION_MAX_CHARS));
+        let p = self
+            .classifier
+            .classify(&poster.image, overview.as_deref(), caption.as_deref())
+            .map_err(|e| format!("classify failed: {e:#}"))?;
+        let mut timings = p.timings_ms;
+        timings.pipeline = Some(start.elapsed().as_secs_f64() * 1e3);
+        if captioner.is_some() && poster.caption.is_none() {
+            timings.caption = Some(captioned.waited_ms);
         }
+        Ok(ScanResult {
+            id: new_id(&self.device_id),
+            timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            source: poster.source,
+            name: clip(&poster.name, NAME_MAX_CHARS),
+            caption,
+            caption_status: captioned.status.to_string(),
+            overview,
+            genres: p.genres,
+            predicted: p.predicted,
+            timings_ms: timings,
+            thumbnail: thumbnail(&poster.image),
+        })
     }
 }
 
@@ -287,57 +343,6 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
-}
-
-/// Captions (when asked) and classifies one poster.
-fn scan(
-    device_id: &str,
-    classifier: &Classifier,
-    captioner: Option<&CaptionStage>,
-    shared: &QueueShared,
-    health: &Health,
-    poster: &Poster,
-) -> Result<ScanResult, String> {
-    let start = Instant::now();
-    let overview = poster
-        .overview
-        .clone()
-        .or_else(|| shared.take_next_overview())
-        .map(|o| clip(&o, OVERVIEW_MAX_CHARS));
-    let captioned = match (&poster.caption, captioner) {
-        (Some(given), _) => Captioned::given(given),
-        (None, Some(c)) => c.caption(&poster.image),
-        (None, None) => Captioned::off(),
-    };
-    if captioner.is_some() && poster.caption.is_none() {
-        // "none: ..." is the stage's word for a scan that went out without one.
-        health.set_captioner(captioned.caption.is_some(), &captioned.status);
-    }
-    let caption = captioned
-        .caption
-        .as_deref()
-        .map(|c| clip(c, CAPTION_MAX_CHARS));
-    let p = classifier
-        .classify(&poster.image, overview.as_deref(), caption.as_deref())
-        .map_err(|e| format!("classify failed: {e:#}"))?;
-    let mut timings: BTreeMap<String, f64> = p.timings_ms.into_iter().collect();
-    timings.insert("pipeline".into(), start.elapsed().as_secs_f64() * 1e3);
-    if captioner.is_some() && poster.caption.is_none() {
-        timings.insert("caption".into(), captioned.waited_ms);
-    }
-    Ok(ScanResult {
-        id: new_id(device_id),
-        timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        source: poster.source,
-        name: clip(&poster.name, NAME_MAX_CHARS),
-        caption,
-        caption_status: captioned.status.clone(),
-        overview,
-        genres: p.genres,
-        predicted: p.predicted,
-        timings_ms: timings,
-        thumbnail: thumbnail(&poster.image),
-    })
 }
 
 #[cfg(test)]

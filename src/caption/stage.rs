@@ -59,6 +59,9 @@ impl Default for CaptionConfig {
 
 type Reply = Result<CaptionOutput, String>;
 
+const BUSY: &str = "captioner still busy with an earlier poster";
+const STOPPED: &str = "captioner stopped";
+
 struct Ask {
     image: RgbImage,
     reply: Sender<Reply>,
@@ -81,9 +84,48 @@ pub struct CaptionStage {
 /// What a scan got: the caption, or why not, and how long it waited.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Captioned {
+    /// The caption, when one came in time.
     pub caption: Option<String>,
-    pub status: String,
+    /// Where it came from, or why there is none.
+    pub status: CaptionStatus,
+    /// How long the scan waited for it.
     pub waited_ms: f64,
+}
+
+/// Why a scan has the caption it has. Results carry it as one line
+/// (`caption_status`): "ok: …", "given: …" or "none: …".
+#[derive(Debug, Clone, PartialEq)]
+pub enum CaptionStatus {
+    /// The stage's captioner answered in time.
+    Captioned {
+        /// The captioner's label ("local florence-2-base", "remote http://…").
+        by: String,
+        /// How long it took.
+        ms: f64,
+    },
+    /// The caption came with the poster (the desk).
+    Given,
+    /// Captioning is off.
+    Off,
+    /// None this time, and why: busy, stopped, failed or too slow.
+    Missed(String),
+    /// This scan's status, and why the previous poster's caption failed after its
+    /// scan had stopped waiting.
+    AfterLateFailure(Box<CaptionStatus>, String),
+}
+
+impl std::fmt::Display for CaptionStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CaptionStatus::Captioned { by, ms } => write!(f, "ok: {by} in {ms:.0} ms"),
+            CaptionStatus::Given => write!(f, "given: sent with the poster"),
+            CaptionStatus::Off => write!(f, "none: captioning is off"),
+            CaptionStatus::Missed(why) => write!(f, "none: {why}"),
+            CaptionStatus::AfterLateFailure(now, e) => {
+                write!(f, "{now} (the previous caption failed late: {e})")
+            }
+        }
+    }
 }
 
 impl Captioned {
@@ -91,7 +133,7 @@ impl Captioned {
     pub fn given(caption: &str) -> Self {
         Self {
             caption: Some(caption.to_string()).filter(|c| !c.trim().is_empty()),
-            status: "given: sent with the poster".into(),
+            status: CaptionStatus::Given,
             waited_ms: 0.0,
         }
     }
@@ -99,7 +141,7 @@ impl Captioned {
     pub fn off() -> Self {
         Self {
             caption: None,
-            status: "none: captioning is off".into(),
+            status: CaptionStatus::Off,
             waited_ms: 0.0,
         }
     }
@@ -145,7 +187,7 @@ impl CaptionStage {
         let mut c = self.ask(image);
         let late = self.late.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(e) = late {
-            c.status = format!("{} (the previous caption failed late: {e})", c.status);
+            c.status = CaptionStatus::AfterLateFailure(Box::new(c.status), e);
         }
         c
     }
@@ -161,35 +203,36 @@ impl CaptionStage {
         if self.busy.swap(true, Ordering::SeqCst) {
             return Captioned {
                 caption: None,
-                status: "none: captioner still busy with an earlier poster".into(),
+                status: CaptionStatus::Missed(BUSY.into()),
                 waited_ms: 0.0,
             };
         }
         let status = match self.tx.try_send(ask) {
-            Err(TrySendError::Full(_)) => {
-                "none: captioner still busy with an earlier poster".to_string()
-            }
-            Err(TrySendError::Disconnected(_)) => "none: captioner stopped".to_string(),
+            Err(TrySendError::Full(_)) => BUSY.to_string(),
+            Err(TrySendError::Disconnected(_)) => STOPPED.to_string(),
             Ok(()) => match rx.recv_timeout(self.deadline) {
                 Ok(Ok(out)) => {
                     return Captioned {
-                        status: format!("ok: {} in {:.0} ms", self.label, waited(start)),
+                        status: CaptionStatus::Captioned {
+                            by: self.label.clone(),
+                            ms: waited(start),
+                        },
                         caption: Some(out.caption).filter(|c| !c.is_empty()),
                         waited_ms: waited(start),
                     };
                 }
-                Ok(Err(e)) => format!("none: {e}"),
+                Ok(Err(e)) => e,
                 Err(RecvTimeoutError::Timeout) => format!(
-                    "none: deadline of {} ms passed ({})",
+                    "deadline of {} ms passed ({})",
                     self.deadline.as_millis(),
                     self.label
                 ),
-                Err(RecvTimeoutError::Disconnected) => "none: captioner stopped".to_string(),
+                Err(RecvTimeoutError::Disconnected) => STOPPED.to_string(),
             },
         };
         Captioned {
             caption: None,
-            status,
+            status: CaptionStatus::Missed(status),
             waited_ms: waited(start),
         }
     }

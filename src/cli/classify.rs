@@ -3,10 +3,10 @@
 use super::args::ClassifyArgs;
 use super::{Global, read_image};
 use anyhow::Result;
+use marquee::infer::timings::Timings;
 use marquee::infer::{Classifier, GenreScore, Prediction};
 use marquee::model::dir::default_model_dir;
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::fmt;
 
 /// The contract's JSON: `{"genres", "predicted", "caption", "timings_ms": {stage: ms}}`.
@@ -15,17 +15,13 @@ pub struct ClassifyReport {
     genres: Vec<GenreScore>,
     predicted: Vec<String>,
     caption: Option<String>,
-    timings_ms: BTreeMap<String, f64>,
-    /// Stage order as run, for the text form.
-    #[serde(skip)]
-    order: Vec<(String, f64)>,
+    timings_ms: Timings,
 }
 
 impl From<Prediction> for ClassifyReport {
     fn from(p: Prediction) -> Self {
         Self {
-            timings_ms: p.timings_ms.iter().cloned().collect(),
-            order: p.timings_ms,
+            timings_ms: p.timings_ms,
             genres: p.genres,
             predicted: p.predicted,
             caption: p.caption,
@@ -41,8 +37,9 @@ impl fmt::Display for ClassifyReport {
             writeln!(f, "  {:<16} {:>5.3} {bar}", g.label, g.score)?;
         }
         let t: Vec<String> = self
-            .order
-            .iter()
+            .timings_ms
+            .stages()
+            .into_iter()
             .map(|(k, v)| format!("{k} {v:.1} ms"))
             .collect();
         write!(f, "timings: {}", t.join(", "))

@@ -2,6 +2,7 @@
 //! It takes decoded images and strings, never paths: reading files is the caller's job.
 
 use super::batch::{FusionRow, batch};
+use super::timings::Timings;
 use crate::infer::labels::decide;
 use crate::model::cache::CacheDir;
 use crate::model::dir::{ImageInput, ModelDir, TowerSource, top_file};
@@ -110,8 +111,8 @@ pub struct Prediction {
     pub genres: Vec<GenreScore>,
     pub predicted: Vec<String>,
     pub caption: Option<String>,
-    /// Per stage, in the order they ran, then "total".
-    pub timings_ms: Vec<(String, f64)>,
+    /// Where the time went, stage by stage.
+    pub timings_ms: Timings,
 }
 
 /// How the two towers share the CPU within one poster.
@@ -204,11 +205,9 @@ impl Classifier {
         caption: Option<&str>,
     ) -> Result<Prediction> {
         let start = Instant::now();
-        let mut timings = Vec::new();
-        let lap = |timings: &mut Vec<(String, f64)>, name: &str, since: Instant| {
-            timings.push((name.to_string(), ms(since)));
-            Instant::now()
-        };
+        let mut timings = Timings::default();
+        // The stage's milliseconds since `since`, and the start of the next stage.
+        let lap = |since: Instant| (ms(since), Instant::now());
         let spec = &self.model.spec;
         let dev = &self.device;
         let t = Instant::now();
@@ -217,12 +216,14 @@ impl Classifier {
             let flipped = image::imageops::flip_horizontal(poster);
             inputs.push(image_input(&[flipped], spec.image_input));
         }
-        let t = lap(&mut timings, "preprocess", t);
+        let (preprocess, t) = lap(t);
+        timings.preprocess = preprocess;
         let ids = match compose_text(overview, caption) {
             Some(s) => self.towers.tokenizer.encode(&s)?,
             None => Vec::new(),
         };
-        let t = lap(&mut timings, "tokenize", t);
+        let (tokenize, t) = lap(t);
+        timings.tokenize = tokenize;
         let has_text = !ids.is_empty();
         // Read back inside the stage, so that an asynchronous backend (wgpu) is timed
         // for the work and not just for queueing it.
@@ -251,9 +252,10 @@ impl Classifier {
             Schedule::Overlapped => rayon::join(image, text),
             Schedule::Sequential => (image(), text()),
         };
-        timings.push(("image_tower".into(), image_ms));
-        timings.push(("text_tower".into(), text_ms));
-        let t = lap(&mut timings, "towers", t);
+        timings.image_tower = image_ms;
+        timings.text_tower = text_ms;
+        let (towers, t) = lap(t);
+        timings.towers = towers;
         let cells = views[0].len() / FEATURE_DIM;
         let k = spec.fusion.classes;
         let mut scores = vec![0f32; k];
@@ -295,8 +297,8 @@ impl Classifier {
                 *a += b * weight;
             }
         }
-        lap(&mut timings, "fusion", t);
-        timings.push(("total".into(), ms(start)));
+        timings.fusion = ms(t);
+        timings.total = ms(start);
         Ok(self.prediction(&scores, has_text, caption, timings))
     }
 
@@ -305,7 +307,7 @@ impl Classifier {
         scores: &[f32],
         has_text: bool,
         caption: Option<&str>,
-        timings_ms: Vec<(String, f64)>,
+        timings_ms: Timings,
     ) -> Prediction {
         let spec = &self.model.spec;
         let thresholds = if has_text {

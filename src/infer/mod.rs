@@ -9,6 +9,7 @@ pub mod captioner;
 pub mod classifier;
 pub mod labels;
 pub mod task;
+pub mod timings;
 
 pub use batch::TEXT_DIM;
 pub use captioner::Captioner;

@@ -27,7 +27,7 @@ use super::outbox::Outbox;
 use super::topics::{STATE_MAX, Topics, discovery_payload, state_payload};
 use crate::config::{DeviceId, MqttConfig};
 use crate::health::{Health, Heartbeat};
-use crate::pipeline::{QueueShared, ScanResult, Sink, clip};
+use crate::pipeline::{Backlog, OverviewCommand, ScanResult, Sink, clip};
 use crate::util::backoff::Backoff;
 use crate::util::limited::read_file;
 use crate::util::tls::{CA_MAX, client_config};
@@ -113,9 +113,10 @@ impl Mqtt {
         id: &DeviceId,
         outbox: Arc<Outbox>,
         health: Arc<Health>,
-        queue: Arc<QueueShared>,
+        pipeline: (Backlog, OverviewCommand),
         heartbeat: Heartbeat,
     ) -> Result<Self> {
+        let (backlog, overview) = pipeline;
         let topics = Topics::new(m, id);
         let options = options(m, id, &topics)?;
         let (client, connection) = Client::new(options.clone(), REQUEST_QUEUE);
@@ -128,7 +129,8 @@ impl Mqtt {
             topics,
             outbox,
             health,
-            queue,
+            backlog,
+            overview,
             overview_shown: None,
             heartbeat,
             stats_every: Duration::from_secs(m.stats_interval_s),
@@ -190,7 +192,10 @@ struct Session {
     discovery: String,
     outbox: Arc<Outbox>,
     health: Arc<Health>,
-    queue: Arc<QueueShared>,
+    /// Posters waiting for the classifier (for the stats).
+    backlog: Backlog,
+    /// The overview command: set from `cmd/overview`, shown on `overview/state`.
+    overview: OverviewCommand,
     /// The overview last requested (retained) on the overview state topic.
     overview_shown: Option<Option<String>>,
     heartbeat: Heartbeat,
@@ -258,7 +263,7 @@ impl Session {
         if self.delivery.wants_head() {
             self.load_head();
         }
-        if self.overview_shown.as_ref() != Some(&self.queue.next_overview()) {
+        if self.overview_shown.as_ref() != Some(&self.overview.peek()) {
             self.delivery.on(Event::OverviewChanged);
         }
         let actions = self.delivery.on(Event::Tick {
@@ -387,7 +392,7 @@ impl Session {
                         .is_ok()
                 }
                 Control::Overview => {
-                    let now = self.queue.next_overview();
+                    let now = self.overview.peek();
                     // Home Assistant refuses a text entity's state over 255 characters.
                     let payload = clip(now.as_deref().unwrap_or_default(), STATE_MAX).into_bytes();
                     let ok = self
@@ -413,7 +418,7 @@ impl Session {
     fn publish_stats(&mut self) {
         let stats = self
             .health
-            .stats_json(self.outbox.len(), self.queue.pending());
+            .stats_json(self.outbox.len(), self.backlog.pending());
         if self
             .client
             .try_publish(
@@ -482,8 +487,7 @@ impl Session {
             let text = String::from_utf8_lossy(&p.payload);
             let text = clip(text.trim(), COMMAND_MAX_CHARS);
             tracing::info!("overview for the next scan received over MQTT");
-            self.queue
-                .set_next_overview(Some(text).filter(|s| !s.is_empty()));
+            self.overview.set(Some(text).filter(|s| !s.is_empty()));
         } else if p.topic == self.topics.ha_status && p.payload.trim_ascii() == b"online" {
             self.delivery.on(Event::DiscoveryWanted);
         }

@@ -263,6 +263,27 @@ pub struct Trained {
     pub seconds: f64,
 }
 
+/// One epoch's batches of positions in `fit`. Rows of similar text length share a
+/// batch (poster-only rows have none), so little is spent on padding; the batches
+/// themselves go in random order.
+fn epoch_batches(
+    order: &mut [usize],
+    set: &TokenSet,
+    fit: &[usize],
+    batch: usize,
+    rng: &mut StdRng,
+) -> Vec<Vec<usize>> {
+    order.shuffle(rng);
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for window in order.chunks(batch * 16) {
+        let mut w = window.to_vec();
+        w.sort_by_key(|&j| set.text_len(fit[j]));
+        batches.extend(w.chunks(batch).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(rng);
+    batches
+}
+
 /// Held-out rows that pick the epoch and the thresholds, with their labels.
 #[derive(Clone, Copy)]
 pub struct TuneRows<'a> {
@@ -335,17 +356,7 @@ pub fn train(job: Job, device: &Device) -> Trained {
     let mut best: Option<Trained> = None;
     let mut since_best = 0;
     for epoch in 1..=opts.epochs {
-        order.shuffle(&mut rng);
-        // Rows of similar text length share a batch (poster-only rows have none), so
-        // little is spent on padding; the batches themselves go in random order.
-        let mut batches: Vec<Vec<usize>> = Vec::new();
-        for window in order.chunks(opts.batch * 16) {
-            let mut w = window.to_vec();
-            w.sort_by_key(|&j| set.text_len(fit[j]));
-            batches.extend(w.chunks(opts.batch).map(<[usize]>::to_vec));
-        }
-        batches.shuffle(&mut rng);
-        for chunk in &batches {
+        for chunk in &epoch_batches(&mut order, set, fit, opts.batch, &mut rng) {
             let idx: Vec<usize> = chunk.iter().map(|&j| fit[j]).collect();
             let mut hide_text = Vec::with_capacity(idx.len());
             let mut hide_image = Vec::with_capacity(idx.len());

@@ -225,14 +225,16 @@ fn appliance_stage_publishes_on_deadline_and_with_caption() {
     let c = stage.caption(&img);
     assert!(c.caption.is_none());
     assert!(
-        c.status.starts_with("none: deadline of 400 ms passed"),
+        c.status
+            .to_string()
+            .starts_with("none: deadline of 400 ms passed"),
         "{}",
         c.status
     );
     assert!(t.elapsed() < Duration::from_millis(1500));
     // The worker is still stuck on that request: the next scan does not wait at all.
     let c = stage.caption(&img);
-    assert!(c.status.contains("busy"), "{}", c.status);
+    assert!(c.status.to_string().contains("busy"), "{}", c.status);
 
     // A live server: the caption arrives in time.
     let server = serve(ServerConfig::default());
@@ -245,14 +247,20 @@ fn appliance_stage_publishes_on_deadline_and_with_caption() {
     let stage = CaptionStage::start(&cfg, &device).unwrap().unwrap();
     let c = stage.caption(&img);
     assert!(c.caption.is_some(), "{}", c.status);
-    assert!(c.status.starts_with("ok: remote"), "{}", c.status);
+    assert!(
+        c.status.to_string().starts_with("ok: remote"),
+        "{}",
+        c.status
+    );
 
     // A dead server: no caption, the reason, no panic.
     server.shutdown();
     let c = stage.caption(&img);
     assert!(c.caption.is_none());
     assert!(
-        c.status.starts_with("none: caption server unreachable"),
+        c.status
+            .to_string()
+            .starts_with("none: caption server unreachable"),
         "{}",
         c.status
     );
@@ -266,7 +274,11 @@ fn appliance_stage_publishes_on_deadline_and_with_caption() {
     };
     let stage = CaptionStage::start(&cfg, &device).unwrap().unwrap();
     let c = stage.caption(&img);
-    assert!(c.status.starts_with("ok: local tiny"), "{}", c.status);
+    assert!(
+        c.status.to_string().starts_with("ok: local tiny"),
+        "{}",
+        c.status
+    );
 }
 
 #[test]
@@ -444,7 +456,7 @@ fn a_late_timeout_reaches_the_next_scan_s_status() {
     let stage = CaptionStage::start(&cfg, &device).unwrap().unwrap();
     let c = stage.caption(&img);
     assert!(
-        c.status.contains("deadline of 200 ms passed"),
+        c.status.to_string().contains("deadline of 200 ms passed"),
         "{}",
         c.status
     );
@@ -452,6 +464,7 @@ fn a_late_timeout_reaches_the_next_scan_s_status() {
     let c = stage.caption(&img);
     assert!(
         c.status
+            .to_string()
             .contains("failed late: caption server timed out after 600 ms"),
         "{}",
         c.status
