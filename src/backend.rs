@@ -3,6 +3,7 @@
 use anyhow::{Result, bail};
 use burn::prelude::Device;
 
+/// A backend of burn's, chosen at run time (`--backend`, `classify.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
@@ -35,10 +36,12 @@ impl Backend {
         }
     }
 
+    /// The device this backend computes on (an error when the build or the machine lacks it).
     pub fn device(self) -> Result<Device> {
         Ok(self.select()?.1)
     }
 
+    /// The backend's name as the CLI and the config spell it.
     pub fn name(self) -> &'static str {
         match self {
             Backend::Auto => "auto",

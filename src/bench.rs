@@ -25,11 +25,16 @@ use std::time::Instant;
 /// Posters in the throughput batch.
 pub const BATCH: usize = 8;
 
+/// What `marquee bench` measures of the genre model, per poster at batch 1.
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
+    /// The backend it ran on.
     pub backend: String,
+    /// Threads of the CPU pool.
     pub threads: usize,
+    /// The model's id and version.
     pub model: String,
+    /// Timed runs (after two warm-up runs).
     pub runs: usize,
     /// Reading the model folder and building the networks, cold.
     pub load_ms: f64,
@@ -46,6 +51,7 @@ pub struct BenchReport {
     /// Best rate of one 1024³ matrix product on this backend (burn's matmul, and on a
     /// CPU the host layers' GEMM): the peak the stages are held against.
     pub peak_gflops: f64,
+    /// Peak resident memory of the process.
     pub peak_rss_mb: f64,
 }
 
@@ -53,6 +59,7 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// Loads the model and times `runs` classifications of `poster` (with `overview`).
 pub fn run(
     model_dir: &Path,
     cache: &CacheDir,

@@ -13,21 +13,29 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[error("config {path}: {msg}")]
 pub struct ConfigError {
+    /// The key, dotted (`mqtt.port`).
     pub path: String,
+    /// What is wrong with it.
     pub msg: String,
 }
 
+/// The appliance config (`/etc/marquee/marquee.toml`), parsed and checked once.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Names this appliance in MQTT topics and Home Assistant.
     pub device_id: DeviceId,
+    /// `[mqtt]`: the broker and the topics.
     pub mqtt: MqttConfig,
+    /// `[sources]`: the hot folder and the camera.
     pub sources: SourcesConfig,
+    /// `[status]`: the status page.
     pub status: StatusConfig,
+    /// `[classify]`: the model and the backend.
     pub classify: ClassifyConfig,
     /// Florence-2 captions: off, on the device, or from a caption server.
     pub caption: CaptionConfig,
+    /// `[pipeline]`: the classifier queue.
     pub pipeline: PipelineConfig,
     /// Folder for the MQTT outbox and other state (systemd's StateDirectory).
     pub state_dir: PathBuf,
@@ -71,6 +79,7 @@ impl TryFrom<String> for DeviceId {
 }
 
 impl DeviceId {
+    /// The id as written.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -82,18 +91,27 @@ impl std::fmt::Display for DeviceId {
     }
 }
 
+/// `[mqtt]`: the broker, the credentials, the topics and the outbox.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
+    /// Publish results over MQTT.
     pub enabled: bool,
+    /// Broker host name or address.
     pub host: String,
+    /// Broker port (1883, or 8883 with TLS).
     pub port: u16,
+    /// Topic prefix of the device's own topics.
     pub prefix: String,
+    /// Home Assistant's discovery prefix.
     pub discovery_prefix: String,
+    /// Broker user name.
     pub username: Option<String>,
+    /// Broker password (or `MARQUEE_MQTT_PASSWORD`).
     pub password: Option<String>,
     /// PEM file of the CA that signed the broker's certificate; set it to use TLS.
     pub tls_ca: Option<PathBuf>,
+    /// MQTT keep-alive interval.
     pub keep_alive_s: u64,
     /// Seconds between `stats` messages.
     pub stats_interval_s: u64,
@@ -119,16 +137,21 @@ impl Default for MqttConfig {
     }
 }
 
+/// `[sources]`: where posters come from.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourcesConfig {
+    /// The hot folder, if any.
     pub folder: Option<FolderConfig>,
+    /// The kiosk camera, if any.
     pub camera: Option<CameraConfig>,
 }
 
+/// `[sources.folder]`: a folder watched for poster files.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FolderConfig {
+    /// The inbox; done/ and failed/ go beside the files.
     pub path: PathBuf,
     /// Milliseconds between scans.
     pub poll_ms: u64,
@@ -146,13 +169,19 @@ impl Default for FolderConfig {
     }
 }
 
+/// `[sources.camera]`: a V4L2 camera, or a replay of recorded frames.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CameraConfig {
+    /// The device node (`/dev/video0`) or `replay:DIR`.
     pub device: PathBuf,
+    /// Frame width asked of the camera.
     pub width: u32,
+    /// Frame height asked of the camera.
     pub height: u32,
+    /// Frames per second asked of the camera.
     pub fps: u32,
+    /// Pixel format asked of the camera.
     pub format: CameraFormat,
     /// Frames a new poster must stay still before it is classified.
     pub steady_frames: u32,
@@ -175,14 +204,19 @@ impl Default for CameraConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CameraFormat {
+    /// Motion JPEG.
     Mjpeg,
+    /// Packed YUV 4:2:2.
     Yuyv,
 }
 
+/// `[status]`: the local status page and upload desk.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StatusConfig {
+    /// Serve the status page.
     pub enabled: bool,
+    /// Address and port (loopback by default).
     pub listen: SocketAddr,
     /// Bearer token for the mutating endpoints (POST /api/classify).
     pub token: Option<String>,
@@ -204,11 +238,13 @@ impl Default for StatusConfig {
     }
 }
 
+/// `[classify]`: the genre model and where it runs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClassifyConfig {
     /// Model directory; empty means the bundled models/.
     pub model: Option<PathBuf>,
+    /// The burn backend.
     pub backend: Backend,
     /// Cache of converted tower weights; empty means `$MARQUEE_CACHE` or ~/.cache/marquee.
     pub cache: Option<PathBuf>,
@@ -224,6 +260,7 @@ impl Default for ClassifyConfig {
     }
 }
 
+/// `[pipeline]`: between the sources and the classifier.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
@@ -280,6 +317,7 @@ impl Config {
         })
     }
 
+    /// Takes secrets from the environment (`MARQUEE_MQTT_PASSWORD`, `MARQUEE_HTTP_TOKEN`, ...) over the file.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
         if let Some(p) = get("MARQUEE_MQTT_PASSWORD") {
             self.mqtt.password = Some(p);
@@ -292,6 +330,7 @@ impl Config {
         }
     }
 
+    /// Checks every value against its range and the paths against the disk.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_ranges()?;
         for (key, v) in [
@@ -518,6 +557,7 @@ impl Config {
         Ok(())
     }
 
+    /// `stats_interval_s` as a duration.
     pub fn stats_interval(&self) -> Duration {
         Duration::from_secs(self.mqtt.stats_interval_s)
     }

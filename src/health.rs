@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 pub struct Component {
     /// None: not configured.
     pub ok: Option<bool>,
+    /// What the component last said of itself.
     pub detail: String,
+    /// When that was (RFC 3339).
     pub since: String,
 }
 
@@ -32,11 +34,16 @@ fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// Counts since start.
 #[derive(Debug, Clone, Serialize)]
 pub struct Counters {
+    /// Posters classified and delivered to every sink.
     pub processed: u64,
+    /// Posters that failed.
     pub failed: u64,
+    /// Results the broker acknowledged.
     pub published: u64,
+    /// Uploads refused (auth, size, bad image, queue full).
     pub rejected_uploads: u64,
     /// Results moved to the dead-letter folder (they could never be published).
     pub dead_letters: u64,
@@ -58,6 +65,7 @@ struct Inner {
     outbox_unwritable: Option<String>,
 }
 
+/// The appliance's state: each component's last word, counters, heartbeats and latencies, shared by every worker.
 #[derive(Debug)]
 pub struct Health {
     inner: Mutex<Inner>,
@@ -97,6 +105,7 @@ impl Heartbeat {
         }
     }
 
+    /// Says the worker is alive.
     pub fn beat(&self) {
         self.last
             .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -109,14 +118,22 @@ impl Heartbeat {
     }
 }
 
+/// A snapshot of `Health` for the status page and `/healthz`.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthView {
+    /// The MQTT broker.
     pub broker: Component,
+    /// The camera.
     pub camera: Component,
+    /// The caption stage.
     pub captioner: Component,
+    /// The hot folder.
     pub folder: Component,
+    /// The outbox on disk.
     pub outbox: Component,
+    /// Counts since start.
     pub counters: Counters,
+    /// Seconds since start.
     pub uptime_s: u64,
 }
 
@@ -162,22 +179,27 @@ impl Health {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Records the broker's state.
     pub fn set_broker(&self, ok: bool, detail: &str) {
         self.with(|i| set(&mut i.broker, ok, detail));
     }
 
+    /// Records the camera's state.
     pub fn set_camera(&self, ok: bool, detail: &str) {
         self.with(|i| set(&mut i.camera, ok, detail));
     }
 
+    /// Records the hot folder's state.
     pub fn set_folder(&self, ok: bool, detail: &str) {
         self.with(|i| set(&mut i.folder, ok, detail));
     }
 
+    /// Records the caption stage's state.
     pub fn set_captioner(&self, ok: bool, detail: &str) {
         self.with(|i| set(&mut i.captioner, ok, detail));
     }
 
+    /// Records the outbox's state.
     pub fn set_outbox(&self, ok: bool, detail: &str) {
         self.with(|i| set(&mut i.outbox, ok, detail));
     }
@@ -205,6 +227,7 @@ impl Health {
         self.with(|i| i.outbox_unwritable.clone())
     }
 
+    /// Counts a result the outbox gave up on, and says why.
     pub fn dead_lettered(&self, why: &str) {
         self.with(|i| {
             i.counters.dead_letters += 1;
@@ -241,6 +264,7 @@ impl Health {
             .collect()
     }
 
+    /// Counts a delivered poster and its latency.
     pub fn processed(&self, latency_ms: f64) {
         self.latency.observe(latency_ms);
         self.with(|i| {
@@ -252,14 +276,17 @@ impl Health {
         });
     }
 
+    /// Counts a failed poster.
     pub fn failed(&self) {
         self.with(|i| i.counters.failed += 1);
     }
 
+    /// Counts a result the broker acknowledged.
     pub fn published(&self) {
         self.with(|i| i.counters.published += 1);
     }
 
+    /// Counts a refused upload.
     pub fn rejected_upload(&self) {
         self.with(|i| i.counters.rejected_uploads += 1);
     }
@@ -269,10 +296,12 @@ impl Health {
         self.latency.clone()
     }
 
+    /// The latencies kept (most recent last), in ms.
     pub fn latencies(&self) -> Vec<f64> {
         self.with(|i| i.latencies.iter().copied().collect())
     }
 
+    /// A snapshot for the status page.
     pub fn view(&self) -> HealthView {
         let uptime_s = self.started.elapsed().as_secs();
         self.with(|i| HealthView {

@@ -29,7 +29,9 @@ use tokio::sync::Notify;
 
 /// Request line plus headers, in bytes.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Most headers a request may carry.
 pub const MAX_HEADERS: usize = 64;
+/// Longest a client may take to send its request line and headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a handler waits for a declared body to arrive.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,6 +48,7 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// A running server: its own small tokio runtime, an acceptor task, and a way to stop.
 pub struct HttpServer {
+    /// The bound address.
     pub addr: SocketAddr,
     stop: Arc<Notify>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -316,6 +319,7 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
+/// A plain-text response.
 pub fn text(code: StatusCode, body: &str) -> Response {
     (
         code,
@@ -325,6 +329,7 @@ pub fn text(code: StatusCode, body: &str) -> Response {
         .into_response()
 }
 
+/// A JSON response (the body is already JSON).
 pub fn json(code: StatusCode, body: String) -> Response {
     (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
@@ -336,6 +341,7 @@ pub fn retry_soon(mut r: Response) -> Response {
     r
 }
 
+/// Whether `headers` carry `Authorization: Bearer <token>`, compared in constant time.
 pub fn bearer_ok(headers: &HeaderMap, token: &str) -> bool {
     let got = headers
         .get(header::AUTHORIZATION)
@@ -351,6 +357,7 @@ pub fn bearer_ok(headers: &HeaderMap, token: &str) -> bool {
             == 0
 }
 
+/// A header's value as text, if it is text.
 pub fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get(name)

@@ -15,11 +15,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+/// Where a poster came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
+    /// The kiosk camera.
     Camera,
+    /// The hot folder.
     Folder,
+    /// An HTTP upload or the desk.
     Upload,
 }
 
@@ -42,10 +46,13 @@ pub fn clip(s: &str, max: usize) -> String {
 
 /// A decoded poster on its way to the classifier.
 pub struct Poster {
+    /// Where it came from.
     pub source: Source,
     /// File name, or a camera/upload label, for people reading the result.
     pub name: String,
+    /// The decoded poster.
     pub image: RgbImage,
+    /// The film's plot text, when it came with one.
     pub overview: Option<String>,
     /// A caption given with the poster (the desk); the captioner is then not asked.
     pub caption: Option<String>,
@@ -53,27 +60,39 @@ pub struct Poster {
 
 /// What happened to a job: its result, or why there is none.
 pub type Outcome<'a> = Result<&'a ScanResult, String>;
+/// Called once the job's result is safe in every sink, or with why it failed.
 pub type Done = Box<dyn FnOnce(Outcome<'_>) + Send>;
 
+/// A poster and what to do when it is done.
 pub struct Job {
+    /// The poster.
     pub poster: Poster,
+    /// Called with the outcome (a hot-folder file then moves to done/ or failed/).
     pub done: Option<Done>,
 }
 
 /// One classified poster, as published and shown.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScanResult {
+    /// Unique per result: device id, milliseconds, a sequence number.
     pub id: String,
     /// RFC 3339, UTC.
     pub timestamp: String,
+    /// Where the poster came from.
     pub source: Source,
+    /// Its file name or label.
     pub name: String,
+    /// The caption it was classified with.
     pub caption: Option<String>,
     /// Why `caption` is null, when it is.
     pub caption_status: String,
+    /// The overview it was classified with.
     pub overview: Option<String>,
+    /// Every genre's score, highest first.
     pub genres: Vec<GenreScore>,
+    /// The genres over their thresholds.
     pub predicted: Vec<String>,
+    /// Where the time went.
     pub timings_ms: Timings,
     /// A small JPEG of the poster for the status page (not published).
     #[serde(skip)]

@@ -235,7 +235,7 @@ FLORENCE = [("vision", "vision_s"), ("text_encoder", "text_encoder_s"),
 
 def florence(args, env):
     """Florence-2-base (random weights, fp32): the kit's PyTorch script and
-    `marquee bench --florence base`, alternating, in this one run."""
+    `marquee bench florence base`, alternating, in this one run."""
     script = args.florence_kit / "scripts" / "bench_base.py"
     mine = {k: [] for k, _ in FLORENCE}
     theirs = {k: [] for k, _ in FLORENCE}
@@ -251,7 +251,7 @@ def florence(args, env):
         for k, key in FLORENCE:
             theirs[k].append(run[key]["wall_median"])
         log(f"compare: Florence-2 round {i + 1}/{args.florence_rounds}: marquee")
-        r = subprocess.run([args.marquee, "--backend", args.backend, "--json", "bench", "--florence", "base",
+        r = subprocess.run([args.marquee, "--backend", args.backend, "--json", "bench", "florence", "base",
                             "--runs", "3", "--reference", str(out / "bench_base_cpu.json")],
                            check=True, capture_output=True, text=True, env=env)
         b = json.loads(r.stdout)

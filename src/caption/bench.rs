@@ -1,4 +1,4 @@
-//! `marquee bench --florence base|large`: the full-size architecture with random
+//! `marquee bench florence base|large`: the full-size architecture with random
 //! weights (fp32, batch 1, one 768x768 image, the `<CAPTION>` prompt), timed per
 //! stage as the reference kit's PyTorch figures were: vision (DaViT + projector), the
 //! text encoder over 577 + 8 tokens, decoder step 0 (which also projects the cross K/V),
@@ -21,18 +21,26 @@ use std::time::Instant;
 const CAPTION_PROMPT: [i64; 8] = [0, 2264, 473, 5, 2274, 6190, 116, 2];
 const DECODER_STEPS: usize = 31;
 
+/// What `marquee bench florence` measures.
 #[derive(Debug, Serialize)]
 pub struct FlorenceBench {
+    /// base or large.
     pub size: String,
+    /// The backend it ran on.
     pub backend: String,
+    /// Threads of the CPU pool.
     pub threads: usize,
+    /// Parameters of the network.
     pub params: usize,
+    /// Building the network with random weights.
     pub init_ms: f64,
     /// Seconds per stage, p50/p90; decoder figures are per step.
     pub stages_s: BTreeMap<String, Percentiles>,
     /// burn p50 / PyTorch median, per stage (< 1 = faster than PyTorch).
     pub ratio_vs_pytorch: BTreeMap<String, f64>,
+    /// PyTorch's medians from the reference file, per stage (seconds).
     pub pytorch_s: BTreeMap<String, f64>,
+    /// Peak resident memory of the process.
     pub peak_rss_mb: f64,
 }
 
@@ -61,6 +69,7 @@ fn pytorch_anchors(path: &Path) -> Result<BTreeMap<String, f64>> {
     Ok(out)
 }
 
+/// Builds Florence-2 of `size` with random weights and times its stages `runs` times.
 pub fn run(
     size: &str,
     device: &Device,

@@ -19,11 +19,15 @@ use tokenizers::Tokenizer;
 /// Longest prompt we feed the encoder, in tokens (Florence's prompts are ~15).
 const MAX_PROMPT_TOKENS: usize = 256;
 
+/// Florence-2 in burn, loaded from a model directory: image in, caption out.
 pub struct FlorenceCaptioner {
     model: Florence2,
     tokenizer: Tokenizer,
+    /// Beams, token limits and forced tokens (the directory's generation_config.json).
     pub generation: GenerationConfig,
+    /// The input size the processor resizes to.
     pub image_size: ImageSize,
+    /// The network's shape.
     pub config: FlorenceConfig,
     /// The directory's name, reported with every caption.
     pub name: String,
@@ -55,6 +59,7 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
 }
 
 impl FlorenceCaptioner {
+    /// Loads a Florence-2 directory (weights, tokenizer, configs), checking each file.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path)
@@ -106,10 +111,12 @@ impl FlorenceCaptioner {
         })
     }
 
+    /// The network.
     pub fn model(&self) -> &Florence2 {
         &self.model
     }
 
+    /// The device it runs on.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -151,6 +158,7 @@ impl FlorenceCaptioner {
         self.model.merge(image, ids, mask)
     }
 
+    /// Token ids to text, special tokens dropped.
     pub fn decode_text(&self, ids: &[u32]) -> String {
         clean(&self.tokenizer.decode(ids, false).unwrap_or_default())
     }
@@ -167,6 +175,7 @@ impl FlorenceCaptioner {
         g
     }
 
+    /// Captions one image with `task`, timing each stage.
     pub fn caption(
         &self,
         image: &RgbImage,

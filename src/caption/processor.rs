@@ -10,7 +10,9 @@ const STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// `processor_config.json` / `preprocessor_config.json`: the input size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageSize {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
 }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// How the caption server is spoken to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -21,11 +22,13 @@ pub enum Protocol {
     Openai,
 }
 
+/// `[caption.remote]`: the caption server and how patient to be with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RemoteConfig {
     /// Base URL, e.g. `http://captioner.local:8788`.
     pub url: String,
+    /// Marquee's own API or OpenAI's chat completions.
     pub protocol: Protocol,
     /// Bearer token (`MARQUEE_CAPTION_TOKEN` overrides).
     pub token: Option<String>,
@@ -59,16 +62,22 @@ impl Default for RemoteConfig {
 /// Why there is no caption. One line each; they end up in `caption_status`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RemoteError {
+    /// No answer within the timeout (ms).
     #[error("caption server timed out after {0} ms")]
     Timeout(u64),
+    /// The server answered 503.
     #[error("caption server busy (503)")]
     Busy,
+    /// The breaker is open: failures in a row, and seconds until it tries again.
     #[error("circuit open after {0} consecutive failures; retrying in {1} s")]
     CircuitOpen(u32, u64),
+    /// A 4xx: its status and the first line of its body.
     #[error("caption server refused the request: HTTP {0}: {1}")]
     Refused(u16, String),
+    /// No connection could be made.
     #[error("caption server unreachable: {0}")]
     Unreachable(String),
+    /// An answer that could not be read.
     #[error("caption server sent a bad response: {0}")]
     BadResponse(String),
 }
@@ -90,6 +99,7 @@ struct Breaker {
     open_until: Option<Instant>,
 }
 
+/// A captioner on another machine, behind a retrying client with a circuit breaker.
 pub struct RemoteCaptioner {
     cfg: RemoteConfig,
     agent: ureq::Agent,
@@ -106,6 +116,7 @@ const MAX_RESPONSE: u64 = 1 << 20;
 const ERROR_BODY_MAX: u64 = 4096;
 
 impl RemoteCaptioner {
+    /// A client for `cfg` (nothing is sent until the first caption).
     pub fn new(cfg: RemoteConfig) -> Self {
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_millis(cfg.timeout_ms)))
@@ -119,6 +130,7 @@ impl RemoteCaptioner {
         }
     }
 
+    /// Its configuration.
     pub fn config(&self) -> &RemoteConfig {
         &self.cfg
     }

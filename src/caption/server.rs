@@ -38,9 +38,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+/// `marquee serve-captions`: where it listens and who may ask.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// Address and port.
     pub listen: SocketAddr,
+    /// Bearer token every request must carry (none: open).
     pub token: Option<String>,
     /// Requests captioned at once (each runs the whole model).
     pub workers: usize,
@@ -81,6 +84,7 @@ struct Work {
     opts: CaptionOptions,
 }
 
+/// A running caption server; dropping it does not stop it (see `stop`).
 pub struct CaptionServer {
     http: HttpServer,
     tx: Arc<Mutex<Option<SyncSender<Work>>>>,
@@ -108,6 +112,7 @@ struct Shared {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl CaptionServer {
+    /// Binds `cfg.listen` and serves `captioner` on worker threads.
     pub fn start(captioner: Arc<FlorenceCaptioner>, cfg: ServerConfig) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Work>(cfg.queue.max(1));
         let tx = Arc::new(Mutex::new(Some(tx)));
@@ -155,6 +160,7 @@ impl CaptionServer {
         self.shared.all_alive()
     }
 
+    /// The bound address (the port when 0 was asked).
     pub fn addr(&self) -> SocketAddr {
         self.http.addr
     }

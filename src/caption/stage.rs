@@ -18,12 +18,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
+/// Where captions come from, `caption.mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// No captions.
     #[default]
     Off,
+    /// Florence-2 on this device.
     Local,
+    /// A caption server (Marquee's or an OpenAI-compatible one).
     Remote,
 }
 
@@ -31,15 +35,19 @@ pub enum Mode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaptionConfig {
+    /// Off, local or remote.
     pub mode: Mode,
     /// Florence-2 model directory (mode = local).
     pub model: Option<PathBuf>,
+    /// The Florence-2 task prompt.
     pub task: Task,
     /// Overrides of the model's generation_config.json (local).
     pub beams: Option<usize>,
+    /// Most tokens a caption may have (local; overrides the model's).
     pub max_new_tokens: Option<usize>,
     /// Longest a scan waits for its caption before publishing without one.
     pub deadline_ms: u64,
+    /// The server (mode = remote).
     pub remote: RemoteConfig,
 }
 
@@ -138,6 +146,7 @@ impl Captioned {
         }
     }
 
+    /// No caption: captioning is off.
     pub fn off() -> Self {
         Self {
             caption: None,

@@ -37,7 +37,7 @@ pub enum Command {
     /// Train the early-fusion teacher, the ablations and the distilled student.
     Train(TrainArgs),
     /// Per-poster latency of a model (batch 1): percentiles per stage, load time, peak RSS.
-    /// With `--florence base|large`: Florence-2's vision encoder and decoder steps
+    /// With `florence base|large`: Florence-2's vision encoder and decoder steps
     /// (random weights) against the reference kit's PyTorch CPU figures.
     Bench(BenchArgs),
     /// Caption one image with a Florence-2 model directory.
@@ -153,26 +153,44 @@ pub struct TrainArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Time Florence-2 of this size instead of the genre model.
-    #[arg(long, value_enum)]
-    pub florence: Option<FlorenceSize>,
-    /// PyTorch figures to compare with [default: ../shared/reference/florence2/bench_base_cpu.json].
-    #[arg(long)]
-    pub reference: Option<PathBuf>,
+    /// `florence SIZE`: time Florence-2 instead of the genre model.
+    #[command(subcommand)]
+    pub florence: Option<BenchCommand>,
     /// Model directory [default: models/].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Poster to classify [default: examples/poster.png].
-    #[arg(long)]
-    pub poster: Option<PathBuf>,
+    #[arg(long, default_value = "examples/poster.png")]
+    pub poster: PathBuf,
     /// Plot text to classify with [default: a 60-word overview].
     #[arg(long)]
     pub overview: Option<String>,
     /// Poster only, no text.
     #[arg(long)]
     pub text_less: bool,
+    /// Timed runs (two warm-up runs come first).
     #[arg(long, default_value_t = 20, value_parser = in_range::<1, 100_000>)]
     pub runs: usize,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Florence-2's vision encoder and decoder steps, with random weights, and their
+    /// ratio to PyTorch's figures when `--reference` gives them.
+    Florence(FlorenceBenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FlorenceBenchArgs {
+    /// Which Florence-2.
+    #[arg(value_enum)]
+    pub size: FlorenceSize,
+    /// PyTorch figures to compare with (the reference kit's bench_base_cpu.json).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Timed runs [default: 3; Florence-2 runs are long].
+    #[arg(long, value_parser = in_range::<1, 100_000>)]
+    pub runs: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]

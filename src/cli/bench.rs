@@ -1,22 +1,24 @@
-//! `marquee bench`: per-poster latency of the genre model, or with `--florence`,
+//! `marquee bench`: per-poster latency of the genre model, or with `florence SIZE`,
 //! Florence-2's stages against the reference kit's PyTorch figures.
 
 use super::Global;
-use super::args::BenchArgs;
+use super::args::{BenchArgs, BenchCommand};
 use super::report::Report;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use marquee::bench::BenchReport;
 use marquee::caption::bench::FlorenceBench;
 use marquee::model::dir::default_model_dir;
 use serde::Serialize;
 use std::fmt;
-use std::path::{Path, PathBuf};
 
 /// A made-up plot of typical length, so the bench exercises the text tower.
 const BENCH_OVERVIEW: &str = "A retired detective is pulled back into one last case when a string of \
     robberies across the city mirrors the crimes of a gang he put away twenty years ago. \
     With an ambitious young partner and a daughter who wants him home, he must decide how \
     far he will go before the past catches up with both of them.";
+
+/// Timed Florence-2 runs unless `--runs` says otherwise: each takes seconds.
+const FLORENCE_RUNS: usize = 3;
 
 #[derive(Serialize)]
 #[serde(transparent)]
@@ -80,24 +82,20 @@ impl fmt::Display for FlorenceReport {
 
 pub fn run(a: BenchArgs, g: &Global) -> Result<Box<dyn Report>> {
     let (backend, device) = g.backend.select()?;
-    if let Some(size) = a.florence {
-        let reference = a
-            .reference
-            .unwrap_or_else(|| "../shared/reference/florence2/bench_base_cpu.json".into());
-        // Florence-2 runs are long: 3 unless asked.
-        let runs = if a.runs == 20 { 3 } else { a.runs };
+    if let Some(BenchCommand::Florence(f)) = a.florence {
+        let runs = f.runs.unwrap_or(FLORENCE_RUNS);
         let bench = marquee::caption::bench::run(
-            size.name(),
+            f.size.name(),
             &device,
             backend.name(),
             runs,
-            Some(&reference),
+            f.reference.as_deref(),
         )?;
         return Ok(Box::new(FlorenceReport { runs, bench }));
     }
     let model_dir = a.model.unwrap_or_else(default_model_dir);
-    let poster = a.poster.unwrap_or_else(example_poster);
-    let bytes = marquee::util::limited::read_file(&poster, marquee::preprocess::image::MAX_BYTES)?;
+    let bytes = marquee::util::limited::read_file(&a.poster, marquee::preprocess::image::MAX_BYTES)
+        .with_context(|| format!("--poster {}", a.poster.display()))?;
     let overview = a.overview.unwrap_or_else(|| BENCH_OVERVIEW.to_string());
     let overview = (!a.text_less).then_some(overview.as_str());
     let r = marquee::bench::run(
@@ -110,13 +108,4 @@ pub fn run(a: BenchArgs, g: &Global) -> Result<Box<dyn Report>> {
         a.runs,
     )?;
     Ok(Box::new(ModelBench(r)))
-}
-
-/// examples/poster.png of this checkout.
-fn example_poster() -> PathBuf {
-    let here = Path::new("examples/poster.png");
-    if here.is_file() {
-        return here.to_path_buf();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/poster.png")
 }

@@ -99,17 +99,23 @@ pub fn text_tokens(towers: &Towers, ids: &[i64], layers: usize, device: &Device)
         .expect("f32 hidden states")
 }
 
+/// One genre's sigmoid score.
 #[derive(Debug, Clone, Serialize)]
 pub struct GenreScore {
+    /// The genre.
     pub label: String,
+    /// Its score in 0..=1.
     pub score: f32,
 }
 
+/// What the classifier says of one poster.
 #[derive(Debug, Clone, Serialize)]
 pub struct Prediction {
     /// All genres, highest score first.
     pub genres: Vec<GenreScore>,
+    /// The genres over their thresholds, highest score first.
     pub predicted: Vec<String>,
+    /// The caption it read, if any.
     pub caption: Option<String>,
     /// Where the time went, stage by stage.
     pub timings_ms: Timings,
@@ -128,9 +134,13 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// The genre model, loaded: towers, fusion members and thresholds, on one device.
 pub struct Classifier {
+    /// The poster and text towers, and the tokenizer.
     pub towers: Towers,
+    /// The fusion networks and their spec.
     pub model: ModelDir,
+    /// Where it computes.
     pub device: Device,
     /// The members copied for the host kernels (on a CPU device, when every member
     /// has the served shape); empty otherwise.
@@ -176,6 +186,7 @@ impl Classifier {
         })
     }
 
+    /// The genre names, in the model's order.
     pub fn labels(&self) -> &[String] {
         &self.model.spec.labels
     }

@@ -3,17 +3,23 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A Florence-2 task prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Task {
+    /// `<CAPTION>`: one sentence.
     #[default]
     Caption,
+    /// `<DETAILED_CAPTION>`.
     DetailedCaption,
+    /// `<MORE_DETAILED_CAPTION>`.
     MoreDetailedCaption,
+    /// `<OCR>`: the text on the image.
     Ocr,
 }
 
 impl Task {
+    /// Every task, in order.
     pub const ALL: [Task; 4] = [
         Task::Caption,
         Task::DetailedCaption,
@@ -41,6 +47,7 @@ impl Task {
         }
     }
 
+    /// The task's name as the CLI and the APIs spell it.
     pub fn name(self) -> &'static str {
         match self {
             Task::Caption => "caption",

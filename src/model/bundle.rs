@@ -28,8 +28,11 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+/// The bundled poster tower.
 pub const IMAGE_FILE: &str = "image_tower.safetensors";
+/// The bundled text tower.
 pub const TEXT_FILE: &str = "text_tower.safetensors";
+/// The bundled wordpiece vocabulary.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 const WORD_EMBEDDINGS: &str = "embeddings.word.weight";
 

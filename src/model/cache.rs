@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 pub struct CacheDir(PathBuf);
 
 impl CacheDir {
+    /// A cache rooted at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self(root.into())
     }
 
+    /// `MARQUEE_CACHE`, else `$XDG_CACHE_HOME/marquee`, else `~/.cache/marquee`.
     pub fn from_env() -> Self {
         if let Some(p) = std::env::var_os("MARQUEE_CACHE") {
             return Self(p.into());
@@ -24,14 +26,17 @@ impl CacheDir {
         Self(home.join(".cache").join("marquee"))
     }
 
+    /// The cache's folder.
     pub fn root(&self) -> &Path {
         &self.0
     }
 
+    /// The converted pretrained towers.
     pub fn towers(&self) -> PathBuf {
         self.0.join("towers")
     }
 
+    /// The downloaded wheels.
     pub fn wheels(&self) -> PathBuf {
         self.0.join("wheels")
     }

@@ -10,12 +10,15 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The spec's file name in a model directory.
 pub const SPEC_FILE: &str = "model.json";
 
 /// How posters are resized before the image tower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageInput {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
 }
 
@@ -25,7 +28,9 @@ pub struct ImageInput {
 pub enum TowerSource {
     /// `image_tower.safetensors`, `text_tower.safetensors` and `tokenizer.json` in the folder.
     Bundled {
+        /// The bundled MiniLM's vocabulary size (cut to the training texts).
         vocab_size: usize,
+        /// The bundled MiniLM's longest input.
         max_positions: usize,
     },
     /// The converted pretrained towers in the cache (`marquee models fetch`).
@@ -35,21 +40,27 @@ pub enum TowerSource {
 /// Everything about a trained model except its weights.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelSpec {
+    /// The model's name.
     pub id: String,
+    /// The Marquee version that trained it.
     pub version: String,
+    /// The genres, in score order.
     pub labels: Vec<String>,
     /// Per-genre thresholds on the sigmoid score when the input has text.
     pub thresholds: Vec<f32>,
     /// Per-genre thresholds for text-less input (a kiosk scan with no overview).
     pub thresholds_text_less: Vec<f32>,
+    /// The fusion networks' shape.
     pub fusion: FusionConfig,
     /// Networks whose scores are averaged (`fusion_0` …).
     pub members: usize,
     /// Also score the mirror image of the poster and average.
     pub tta_flip: bool,
+    /// The poster size the image tower reads.
     pub image_input: ImageInput,
     /// MiniLM layers the text tokens pass through.
     pub text_layers: usize,
+    /// Where the towers come from.
     pub towers: TowerSource,
     /// Free-form facts about training (seed, epochs, data), for the model card.
     #[serde(default)]
@@ -57,6 +68,7 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// Checks the spec against itself (grid, heads, thresholds, members).
     pub fn validate(&self) -> Result<()> {
         let k = self.fusion.classes;
         if self.labels.len() != k
@@ -108,6 +120,7 @@ impl ModelSpec {
     }
 }
 
+/// Member `i`'s weights file.
 pub fn member_file(i: usize) -> String {
     format!("fusion_{i}.bpk")
 }
@@ -119,11 +132,14 @@ pub fn top_file(i: usize) -> String {
 
 /// The fusion networks of a model and their spec.
 pub struct ModelDir {
+    /// Everything but the weights.
     pub spec: ModelSpec,
+    /// The fusion networks, one per member.
     pub members: Vec<EarlyFusion>,
 }
 
 impl ModelDir {
+    /// Reads and checks a directory's model.json.
     pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
         let spec_path = dir.join(SPEC_FILE);
         let text = std::fs::read_to_string(&spec_path)
@@ -134,6 +150,7 @@ impl ModelDir {
         Ok(spec)
     }
 
+    /// Loads a model directory's spec and fusion networks.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let spec = Self::load_spec(dir)?;
         let members = (0..spec.members)
@@ -146,6 +163,7 @@ impl ModelDir {
         Ok(Self { spec, members })
     }
 
+    /// Writes the spec and the members' weights to `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let json = serde_json::to_string_pretty(&self.spec)?;
@@ -160,8 +178,8 @@ impl ModelDir {
 /// Where the .deb installs the bundled model.
 pub const INSTALLED_MODEL_DIR: &str = "/usr/share/marquee/models";
 
-/// `MARQUEE_MODEL`, else `./models`, else the installed package's, else the models/
-/// folder of the source tree the binary was built from.
+/// `MARQUEE_MODEL`, else `./models` (a checkout), else the installed package's.
+/// When none holds a model, `./models`, so that the error names it.
 pub fn default_model_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("MARQUEE_MODEL") {
         return p.into();
@@ -171,5 +189,5 @@ pub fn default_model_dir() -> PathBuf {
             return dir.into();
         }
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")
+    PathBuf::from("models")
 }

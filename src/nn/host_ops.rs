@@ -52,6 +52,7 @@ impl Dense {
         Self::new(t, bias)
     }
 
+    /// A copy of burn's `Linear` for the host kernels.
     pub fn from_linear(l: &Linear) -> Self {
         let w = host(l.weight.val());
         let cout = l.weight.dims()[1];
@@ -75,10 +76,12 @@ impl Dense {
         Self::new(w, bias)
     }
 
+    /// Output features.
     pub fn cout(&self) -> usize {
         self.bias.len()
     }
 
+    /// `x @ W + b` for rows of `x`.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let n = x.len() / self.cin;
         let mut y: Vec<f32> = Vec::with_capacity(n * self.cout());
@@ -148,6 +151,7 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
+    /// Self-attention from burn's four projections, with `heads` heads.
     pub fn new(query: &Linear, key: &Linear, value: &Linear, out: &Linear, heads: usize) -> Self {
         Self {
             qkv: Dense::side_by_side(&[

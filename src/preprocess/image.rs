@@ -18,14 +18,19 @@ pub const MAX_ALLOC: u64 = 256 * 1024 * 1024;
 /// Why an image was refused. One line each, suitable for a log or `failed/` reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// No bytes at all.
     #[error("empty image (0 bytes)")]
     Empty,
+    /// More bytes than `MAX_BYTES`.
     #[error("image too large: {0} bytes (limit {MAX_BYTES})")]
     TooManyBytes(usize),
+    /// Not JPEG, PNG, WebP or BMP.
     #[error("unrecognised image format (not JPEG, PNG, WebP or BMP)")]
     UnknownFormat,
+    /// Wider or taller than `MAX_SIDE`.
     #[error("image dimensions {0}x{1} exceed the limit of {MAX_SIDE} pixels per side")]
     TooLarge(u32, u32),
+    /// The decoder's complaint.
     #[error("corrupt image: {0}")]
     Corrupt(String),
 }

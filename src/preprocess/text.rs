@@ -13,6 +13,7 @@ pub const MAX_TOKENS: usize = 128;
 /// tokenizer sees it, so it costs bounded time and memory.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 
+/// A tokenizer that could not be read or used.
 #[derive(Debug, thiserror::Error)]
 #[error("tokenizer: {0}")]
 pub struct TokenizerError(String);
@@ -20,23 +21,30 @@ pub struct TokenizerError(String);
 /// A right-padded batch of token ids with its 0/1 attention mask, row-major `[rows, len]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenBatch {
+    /// Token ids.
     pub ids: Vec<i64>,
+    /// 1 for a token, 0 for padding.
     pub mask: Vec<f32>,
+    /// Texts in the batch.
     pub rows: usize,
+    /// Tokens per row (the longest text's).
     pub len: usize,
 }
 
+/// MiniLM's wordpiece tokenizer, truncating to the model's length.
 pub struct TextTokenizer {
     inner: Tokenizer,
 }
 
 impl TextTokenizer {
+    /// Reads a tokenizer.json.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
         let inner = Tokenizer::from_file(path)
             .map_err(|e| TokenizerError(format!("{}: {e}", path.display())))?;
         Self::from_tokenizer(inner)
     }
 
+    /// A tokenizer from tokenizer.json's bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, TokenizerError> {
         let inner = Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError(e.to_string()))?;
         Self::from_tokenizer(inner)

@@ -53,9 +53,12 @@ pub enum Control {
 pub enum Tag {
     /// Message `index` of outbox entry `seq`.
     Entry {
+        /// The entry's outbox number.
         seq: u64,
+        /// Which of its publishes.
         index: usize,
     },
+    /// One of the session's own messages (discovery, state, availability, ...).
     Control(Control),
     /// QoS 0 statistics: never acknowledged.
     Stats,
@@ -67,19 +70,38 @@ pub enum Tag {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The broker accepted the connection.
-    ConnAck { session_present: bool },
+    ConnAck {
+        /// The broker kept the session (never, with a clean session).
+        session_present: bool,
+    },
     /// The session read the oldest outbox entry: `messages` publishes make it.
-    Head { seq: u64, messages: usize },
+    Head {
+        /// The entry's outbox number.
+        seq: u64,
+        /// How many publishes it makes.
+        messages: usize,
+    },
     /// The oldest outbox entry can never go out (unreadable, or over the budget).
-    RecordTooBig { seq: u64, reason: String },
+    RecordTooBig {
+        /// The entry's outbox number.
+        seq: u64,
+        /// Why it cannot go out.
+        reason: String,
+    },
     /// rumqttc's queue took the request.
     Queued(Tag),
     /// rumqttc's queue was full: the request was not made.
     QueueFull(Tag),
     /// rumqttc wrote the oldest requested publish with this packet id (0: QoS 0).
-    Outgoing { pkid: u16 },
+    Outgoing {
+        /// The packet id rumqttc gave it.
+        pkid: u16,
+    },
     /// The broker acknowledged packet `pkid`.
-    PubAck { pkid: u16 },
+    PubAck {
+        /// The acknowledged packet id.
+        pkid: u16,
+    },
     /// Home Assistant came online: it wants the discovery document again.
     DiscoveryWanted,
     /// The overview waiting for the next scan changed.
@@ -87,7 +109,10 @@ pub enum Event {
     /// The connection failed or was dropped.
     ConnectionLost,
     /// Time passed (the deadline checks).
-    Tick { now: Instant },
+    Tick {
+        /// The time now.
+        now: Instant,
+    },
 }
 
 /// What the session must do.
@@ -96,11 +121,22 @@ pub enum Action {
     /// Request this publish (or subscription), then report `Queued` or `QueueFull`.
     Send(Tag),
     /// Every message of entry `seq` is acknowledged: remove it from the outbox.
-    Delivered { seq: u64 },
+    Delivered {
+        /// The entry's outbox number.
+        seq: u64,
+    },
     /// Entry `seq` can never go out: move it to the dead-letter folder.
-    DeadLetter { seq: u64, reason: String },
+    DeadLetter {
+        /// The entry's outbox number.
+        seq: u64,
+        /// Why, for the dead-letter file.
+        reason: String,
+    },
     /// Drop this connection and make a new one.
-    Reconnect { reason: String },
+    Reconnect {
+        /// Why, for the log and the broker's health line.
+        reason: String,
+    },
 }
 
 /// The outbox entry on the wire.
@@ -136,6 +172,7 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A session state before the first connection.
     pub fn new(now: Instant) -> Self {
         Self {
             connected: false,
@@ -150,6 +187,7 @@ impl Delivery {
         }
     }
 
+    /// Whether the broker has accepted the connection.
     pub fn connected(&self) -> bool {
         self.connected
     }

@@ -56,6 +56,7 @@ pub const PAYLOAD_MAX: usize = 256 * 1024;
 /// Longest `cmd/overview` text kept (characters); the rest is cut.
 pub const COMMAND_MAX_CHARS: usize = crate::pipeline::OVERVIEW_MAX_CHARS;
 
+/// The MQTT session's thread and its stop flag.
 pub struct Mqtt {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -63,7 +64,9 @@ pub struct Mqtt {
 
 /// The pipeline's MQTT sink: it only writes to the outbox; the session publishes.
 pub struct OutboxSink {
+    /// The outbox it appends to.
     pub outbox: Arc<Outbox>,
+    /// Counts results it could not keep.
     pub health: Arc<Health>,
 }
 
@@ -108,6 +111,7 @@ fn options(m: &MqttConfig, id: &DeviceId, t: &Topics) -> Result<MqttOptions> {
 }
 
 impl Mqtt {
+    /// Starts the session thread: connect, discovery, then the outbox in order.
     pub fn start(
         m: &MqttConfig,
         id: &DeviceId,

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
+/// Results on disk, oldest first, until the broker acknowledges them.
 pub struct Outbox {
     dir: PathBuf,
     dead: PathBuf,
@@ -21,7 +22,9 @@ pub struct Outbox {
 /// One stored message: its sequence number and JSON payload, or why it cannot be
 /// read (too large).
 pub struct Entry {
+    /// The entry's number.
     pub seq: u64,
+    /// Its bytes, or why they could not be read.
     pub payload: Result<Vec<u8>, String>,
 }
 
@@ -131,6 +134,7 @@ impl Outbox {
         out
     }
 
+    /// Removes entry `seq` (delivered).
     pub fn remove(&self, seq: u64) {
         let _ = fs::remove_file(self.path(seq));
     }
@@ -154,10 +158,12 @@ impl Outbox {
         Self::seqs(&self.dead).map_or(0, |s| s.len())
     }
 
+    /// Entries waiting.
     pub fn len(&self) -> usize {
         Self::seqs(&self.dir).map_or(0, |s| s.len())
     }
 
+    /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -6,14 +6,22 @@ use serde_json::json;
 /// Home Assistant limits a state to 255 characters.
 pub const STATE_MAX: usize = 255;
 
+/// Every topic of one device, from the config's prefixes and the device id.
 #[derive(Debug, Clone)]
 pub struct Topics {
+    /// `PREFIX/DEVICE`: the device's own topics hang below it.
     pub base: String,
+    /// `online` / `offline` (retained; the last will says `offline`).
     pub availability: String,
+    /// The predicted genres as one string (retained).
     pub state: String,
+    /// The last result without its picture (retained).
     pub attributes: String,
+    /// Every result (not retained).
     pub events: String,
+    /// Queue, outbox and counters (QoS 0).
     pub stats: String,
+    /// The overview command for the next scan.
     pub cmd_overview: String,
     /// The overview waiting for the next scan (retained; empty once used).
     pub overview_state: String,
@@ -21,11 +29,14 @@ pub struct Topics {
     pub scan: String,
     /// The last poster, a base64 JPEG thumbnail (retained).
     pub poster: String,
+    /// The Home Assistant discovery document's topic.
     pub discovery: String,
+    /// Home Assistant's own status (`online` asks for discovery again).
     pub ha_status: String,
 }
 
 impl Topics {
+    /// The topics of device `id` under `m`'s prefixes.
     pub fn new(m: &MqttConfig, id: &DeviceId) -> Self {
         let base = format!("{}/{id}", m.prefix);
         Self {

@@ -24,9 +24,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Yields raw frames; `Ok(None)` means the stream ended (a replay ran out).
 pub trait FrameSource {
+    /// The next frame; `Ok(None)` at the end of the stream.
     fn next_frame(&mut self) -> std::io::Result<Option<Frame>>;
 }
 
+/// Recorded frames played back at the configured rate (`replay:DIR`).
 pub struct Replay {
     files: Vec<PathBuf>,
     next: usize,
@@ -38,6 +40,7 @@ pub struct Replay {
 }
 
 impl Replay {
+    /// The frames of `dir`, in name order.
     pub fn open(dir: &Path, c: &CameraConfig) -> std::io::Result<Self> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
             .flatten()

@@ -24,6 +24,7 @@ const TEMP_SUFFIXES: [&str; 4] = [".tmp", ".part", ".partial", ".crdownload"];
 /// Largest sidecar read (bytes); the pipeline clips the overview further.
 const SIDECAR_MAX: usize = 4 << 20;
 
+/// A hot folder: poster files in, results out, files to done/ or failed/.
 pub struct Folder {
     dir: PathBuf,
     done: PathBuf,
@@ -51,6 +52,7 @@ struct Seen {
 }
 
 impl Folder {
+    /// Opens the inbox and its done/ and failed/ folders (made if missing).
     pub fn new(c: &FolderConfig) -> std::io::Result<Self> {
         let f = Self {
             dir: c.path.clone(),

@@ -3,20 +3,29 @@
 use crate::preprocess::image::{ImageError, decode};
 use image::RgbImage;
 
+/// How a frame's bytes are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PixelFormat {
+    /// Each frame a JPEG.
     Mjpeg,
+    /// Packed YUV 4:2:2.
     Yuyv,
 }
 
+/// One raw camera frame.
 #[derive(Debug, Clone)]
 pub struct Frame {
+    /// Its layout.
     pub format: PixelFormat,
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
+    /// The bytes.
     pub data: Vec<u8>,
 }
 
+/// A frame as an RGB picture (bounded like any image).
 pub fn decode_frame(f: &Frame) -> Result<RgbImage, ImageError> {
     match f.format {
         PixelFormat::Mjpeg => decode(&f.data),

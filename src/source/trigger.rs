@@ -42,6 +42,7 @@ fn detail(s: &Sig) -> f32 {
     (s.iter().map(|&x| (x as f32 - mean).powi(2)).sum::<f32>() / s.len() as f32).sqrt()
 }
 
+/// Fires once a scene has held still for a number of frames.
 pub struct SteadyTrigger {
     steady_frames: u32,
     previous: Option<Sig>,
@@ -50,6 +51,7 @@ pub struct SteadyTrigger {
 }
 
 impl SteadyTrigger {
+    /// A trigger that waits for `steady_frames` still frames.
     pub fn new(steady_frames: u32) -> Self {
         Self {
             steady_frames: steady_frames.max(1),

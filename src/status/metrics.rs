@@ -12,6 +12,7 @@ fn up(ok: Option<bool>) -> i64 {
     i64::from(ok == Some(true))
 }
 
+/// `/metrics` in the Prometheus text format.
 pub fn render(health: &Health, outbox: usize, queue_capacity: usize) -> String {
     let h = health.view();
     let c = &h.counters;

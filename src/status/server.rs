@@ -30,17 +30,21 @@ const DESK: &str = include_str!("desk.html");
 pub const MAX_SSE: usize = 32;
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What the status page shows: recent results, health, live subscribers.
 pub struct StatusState {
+    /// The device's id.
     pub device_id: String,
     history: Mutex<VecDeque<ScanResult>>,
     capacity: usize,
     subscribers: Mutex<Vec<mpsc::Sender<String>>>,
+    /// The appliance's health.
     pub health: Arc<Health>,
     outbox: Option<Arc<Outbox>>,
     queue_capacity: usize,
 }
 
 impl StatusState {
+    /// The state of a page for device `device_id`.
     pub fn new(
         id: &DeviceId,
         s: &StatusConfig,
@@ -133,13 +137,16 @@ impl Sink for StatusSink {
     }
 }
 
+/// The running status page.
 pub struct StatusServer {
     http: HttpServer,
     state: Arc<StatusState>,
+    /// The bound address.
     pub addr: std::net::SocketAddr,
 }
 
 impl StatusServer {
+    /// Binds `cfg.listen` and serves the page, the desk, uploads, SSE and metrics.
     pub fn start(
         s: &StatusConfig,
         state: Arc<StatusState>,
@@ -188,6 +195,7 @@ impl StatusServer {
         })
     }
 
+    /// Stops serving, letting open requests finish briefly.
     pub fn stop(self) {
         // Dropping the senders ends every SSE stream, so the drain is quick.
         self.state

@@ -23,13 +23,20 @@ struct Cached {
     error: Option<String>,
 }
 
+/// What `train --captions` did.
 #[derive(Debug, Serialize)]
 pub struct CaptionReport {
+    /// The captioner.
     pub source: String,
+    /// Posters captioned now.
     pub captioned: usize,
+    /// Posters whose caption came from the cache.
     pub from_cache: usize,
+    /// Posters that could not be captioned.
     pub failed: usize,
+    /// The caption cache.
     pub cache: PathBuf,
+    /// The captioned manifest.
     pub manifest: PathBuf,
 }
 

@@ -30,16 +30,24 @@ pub enum Role {
 /// Which view of the poster a batch uses (the teacher averages both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {
+    /// The poster as given.
     Plain,
+    /// Its mirror image.
     Flipped,
 }
 
+/// How every network of a run is trained.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FusionOptions {
+    /// Most epochs (early stopping usually ends sooner).
     pub epochs: usize,
+    /// Rows per step.
     pub batch: usize,
+    /// Peak learning rate.
     pub lr: f64,
+    /// AdamW's weight decay.
     pub weight_decay: f32,
+    /// Seed of the weights and the shuffles.
     pub seed: u64,
     /// Epochs without a better tune macro-F1 before stopping.
     pub patience: usize,
@@ -125,6 +133,7 @@ impl Default for FusionOptions {
     }
 }
 
+/// The shape of a network of `role` that reads the poster, the text or both.
 pub fn config(role: Role, use_image: bool, use_text: bool, classes: usize) -> FusionConfig {
     // The teacher pools its 11x7 map to 6x4 tokens, which keeps CPU training affordable;
     // the student's 8x5 map is small enough to read whole.
@@ -255,11 +264,17 @@ pub fn score(model: &TunedFusion, c: &FusionConfig, s: &Scoring, device: &Device
     out
 }
 
+/// A trained network and how it got there.
 pub struct Trained {
+    /// The network at its best epoch.
     pub model: TunedFusion,
+    /// Its thresholds, tuned on the tune rows.
     pub thresholds: Vec<f32>,
+    /// The epoch with the best tune macro-F1.
     pub best_epoch: usize,
+    /// That macro-F1.
     pub tune_macro_f1: f64,
+    /// Wall time of its training.
     pub seconds: f64,
 }
 

@@ -8,16 +8,23 @@ use std::path::{Path, PathBuf};
 /// Largest manifest read (bytes): posters-v1's is about 5 MB.
 const MANIFEST_MAX: usize = 512 << 20;
 
+/// One row of a manifest (movies.jsonl).
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct Row {
+    /// The row's id.
     pub id: String,
+    /// The film it belongs to (rows of one film stay in one split).
     #[serde(default)]
     pub film: String,
+    /// The plot text (may be empty).
     #[serde(default)]
     pub overview: String,
+    /// The film's genres.
     #[serde(default)]
     pub genres: Vec<String>,
+    /// The poster file, relative to the manifest.
     pub poster: String,
+    /// train, val or test.
     #[serde(default)]
     pub split: String,
     /// A caption of the poster, when the manifest carries one (`train --captions`).
@@ -25,13 +32,17 @@ pub struct Row {
     pub caption: Option<String>,
 }
 
+/// A manifest and the folder its poster paths are relative to.
 #[derive(Debug, Clone)]
 pub struct Manifest {
+    /// The manifest's folder.
     pub root: PathBuf,
+    /// Its rows.
     pub rows: Vec<Row>,
 }
 
 impl Manifest {
+    /// Reads a manifest, bounded, with one line of error per bad row.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = crate::util::limited::read_file(path, MANIFEST_MAX)
             .with_context(|| format!("reading manifest {}", path.display()))?;
@@ -62,6 +73,7 @@ impl Manifest {
             .collect()
     }
 
+    /// The poster file of `row`.
     pub fn poster_path(&self, row: &Row) -> PathBuf {
         self.root.join(&row.poster)
     }

@@ -5,21 +5,33 @@ use crate::infer::labels::decide;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
+/// One genre's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct GenreF1 {
+    /// True positives over predicted positives.
     pub precision: f64,
+    /// True positives over actual positives.
     pub recall: f64,
+    /// Their harmonic mean.
     pub f1: f64,
+    /// Actual positives.
     pub support: usize,
 }
 
+/// Micro, macro, weighted and samples F1, and each genre's.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Rows scored.
     pub n: usize,
+    /// F1 over all decisions together.
     pub micro_f1: f64,
+    /// Mean of the genres' F1.
     pub macro_f1: f64,
+    /// Mean of the genres' F1, weighted by support.
     pub weighted_f1: f64,
+    /// Mean of the rows' F1.
     pub samples_f1: f64,
+    /// Per genre.
     pub per_genre: BTreeMap<String, GenreF1>,
 }
 
@@ -126,10 +138,13 @@ pub fn tune_thresholds(scores: &[f32], truth: &[u8], k: usize) -> Vec<f32> {
 /// own (on the scores of the films its model never saw).
 #[derive(Debug, Clone, Serialize)]
 pub struct ThresholdSpread {
+    /// The model the thresholds belong to.
     pub model: String,
     /// Standard deviation over the folds, averaged over the genres.
     pub mean_sd: f64,
+    /// The largest standard deviation of a genre.
     pub max_sd: f64,
+    /// That genre.
     pub max_sd_genre: String,
     /// Per genre: the thresholds each fold chose.
     pub per_genre: BTreeMap<String, Vec<f32>>,

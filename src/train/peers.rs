@@ -2,7 +2,7 @@
 //! same pretrained towers without training a network. Every training run prints
 //! them beside the networks, so the gap is always in view.
 //!
-//! - text: MiniLM-L6's last layer mean-pooled over every wordpiece, [CLS] and [SEP]
+//! - text: MiniLM-L6's last layer mean-pooled over every wordpiece, `[CLS]` and `[SEP]`
 //!   included (the way sentence-transformers pools all-MiniLM-L6-v2);
 //! - poster: EfficientNet-Lite0's 224x336 feature map averaged over its cells (the
 //!   network's own global pooling);
@@ -43,9 +43,13 @@ const MAX_ITERATIONS: u64 = 100;
 /// row has no text), `poster` is `[n, 1280]`.
 #[derive(Debug, Clone, Default)]
 pub struct Pooled {
+    /// Rows.
     pub n: usize,
+    /// Pooled text features, `[n, 384]`.
     pub text: Vec<f32>,
+    /// Whether each row has text.
     pub has_text: Vec<bool>,
+    /// Pooled poster features, `[n, 1280]`.
     pub poster: Vec<f32>,
 }
 
@@ -240,8 +244,11 @@ impl Pair {
 /// One point of the alpha grid: a peer's macro-F1 on the tune films.
 #[derive(Debug, Clone, Serialize)]
 pub struct AlphaTrial {
+    /// The peer.
     pub peer: String,
+    /// The L2 weight tried.
     pub alpha: f64,
+    /// The macro-F1 it reached on the tune films.
     pub tune_macro_f1: f64,
 }
 
@@ -249,24 +256,33 @@ pub struct AlphaTrial {
 /// threshold spread of each peer.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerReport {
+    /// The peers' rows of the ablation table.
     pub ablations: Vec<Ablation>,
     /// The text peer's alpha, then the poster peer's.
     pub alpha: [f64; 2],
+    /// Every point of the alpha grid.
     pub alpha_search: Vec<AlphaTrial>,
+    /// Folds of the out-of-fold tuning.
     pub folds: usize,
+    /// How far each peer's thresholds move between the folds.
     pub spread: Vec<ThresholdSpread>,
 }
 
 /// Training rows (fit and tune, together) and val, with their labels.
 pub struct PeerData<'a> {
+    /// Pooled features of the training rows.
     pub train: &'a Pooled,
+    /// Their labels, row-major.
     pub y_train: &'a [u8],
     /// Indices into `train` of the fit rows and the tune rows.
     pub fit: &'a [usize],
+    /// See `fit`.
     pub tune: &'a [usize],
     /// The fold of each training row (by film).
     pub fold: &'a [usize],
+    /// Pooled features of val.
     pub val: &'a Pooled,
+    /// Its labels, row-major.
     pub y_val: &'a [u8],
 }
 

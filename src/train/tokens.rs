@@ -30,16 +30,19 @@ const CHUNK: usize = 128;
 const IMAGE_BATCH: usize = 8;
 const TEXT_BATCH: usize = 16;
 
+/// The teacher's poster input.
 pub const TEACHER_INPUT: ImageInput = ImageInput {
     width: 224,
     height: 336,
 };
+/// The student's poster input (the shipped model's).
 pub const STUDENT_INPUT: ImageInput = ImageInput {
     width: 160,
     height: 240,
 };
 /// MiniLM layers whose hidden states are kept: the student's depth, the teacher's.
 pub const STUDENT_TEXT_LAYERS: usize = 3;
+/// MiniLM layers the teacher reads.
 pub const TEACHER_TEXT_LAYERS: usize = 6;
 
 const RECIPE: &str =
@@ -77,11 +80,17 @@ pub fn grid_tokens(input: ImageInput) -> usize {
 /// row `i` owns tokens `text_off[i]..text_off[i + 1]` of `[tokens, 384]`.
 #[derive(Debug, Default, Clone)]
 pub struct TokenSet {
+    /// Rows.
     pub n: usize,
+    /// Teacher maps (224x336 input).
     pub teacher_map: Vec<f16>,
+    /// Student maps (160x240 input).
     pub student_map: Vec<f16>,
+    /// Where each row's text tokens start, and the end (`n + 1` entries).
     pub text_off: Vec<usize>,
+    /// MiniLM states after 3 layers.
     pub text_l3: Vec<f16>,
+    /// MiniLM states after 6 layers.
     pub text_l6: Vec<f16>,
     /// Flipped teacher maps; empty unless asked for.
     pub flip_map: Vec<f16>,
@@ -91,6 +100,7 @@ pub struct TokenSet {
 }
 
 impl TokenSet {
+    /// Text tokens of row `i` (0: no text).
     pub fn text_len(&self, i: usize) -> usize {
         self.text_off[i + 1] - self.text_off[i]
     }

@@ -12,6 +12,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays from `min`, doubling up to `max`.
     pub fn new(min: Duration, max: Duration) -> Self {
         Self {
             min,
@@ -32,6 +33,7 @@ impl Backoff {
         wait
     }
 
+    /// Back to `min` (after a success).
     pub fn reset(&mut self) {
         self.next = self.min;
     }

@@ -4,17 +4,31 @@
 use std::io::Read;
 use std::path::Path;
 
+/// Why a file was not read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
+    /// The system refused.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The file.
         path: String,
+        /// The system's error.
         source: std::io::Error,
     },
+    /// Over the caller's limit (nothing was read).
     #[error("{path}: file larger than the {max}-byte limit")]
-    TooLarge { path: String, max: usize },
+    TooLarge {
+        /// The file.
+        path: String,
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// A folder, a FIFO, a device: not read at all.
     #[error("{path}: not a regular file")]
-    NotAFile { path: String },
+    NotAFile {
+        /// The path.
+        path: String,
+    },
 }
 
 /// Reads all of `path` if it holds at most `max` bytes.

@@ -40,6 +40,7 @@ pub fn note(line: &str) {
 pub struct Stage(());
 
 impl Stage {
+    /// A stage of `total` steps named `name`.
     pub fn start(name: &str, total: u64) -> Self {
         if let Some(r) = reporter() {
             r.start(name, total);
@@ -47,12 +48,14 @@ impl Stage {
         Stage(())
     }
 
+    /// `n` more steps done.
     pub fn inc(&self, n: u64) {
         if let Some(r) = reporter() {
             r.advance(n, None);
         }
     }
 
+    /// What the stage is doing now.
     pub fn message(&self, message: &str) {
         if let Some(r) = reporter() {
             r.advance(0, Some(message));

@@ -17,6 +17,7 @@ pub enum Tick {
     Fail(anyhow::Error),
 }
 
+/// The process under systemd: readiness, the watchdog, SIGTERM.
 pub struct Service {
     stop: Arc<AtomicBool>,
 }

@@ -10,13 +10,17 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize]
 }
 
+/// The median and the 90th percentile of some samples.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Percentiles {
+    /// The median.
     pub p50: f64,
+    /// The 90th percentile.
     pub p90: f64,
 }
 
 impl Percentiles {
+    /// The percentiles of `samples` (NaN when there are none).
     pub fn of(mut samples: Vec<f64>) -> Self {
         samples.sort_by(f64::total_cmp);
         Self {

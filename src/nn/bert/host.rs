@@ -20,6 +20,7 @@ pub struct HostBert {
 }
 
 impl HostBert {
+    /// Copies `bert`'s layers for the host kernels.
     pub fn new(bert: &Bert) -> Self {
         Self {
             layers: bert.layers.iter().map(Layer::new).collect(),

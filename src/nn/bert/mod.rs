@@ -12,12 +12,19 @@ use burn::tensor::activation::softmax;
 /// Shape of a BERT encoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BertConfig {
+    /// Wordpieces in the vocabulary.
     pub vocab_size: usize,
+    /// Hidden width.
     pub hidden: usize,
+    /// Transformer layers.
     pub layers: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Feed-forward width.
     pub intermediate: usize,
+    /// Longest input, in wordpieces.
     pub max_positions: usize,
+    /// Token types (segments).
     pub type_vocab_size: usize,
 }
 
@@ -42,6 +49,7 @@ fn layer_norm(d: usize, device: &Device) -> LayerNorm {
     LayerNormConfig::new(d).with_epsilon(LN_EPS).init(device)
 }
 
+/// Word, position and token-type embeddings, then LayerNorm.
 #[derive(Module, Debug)]
 pub struct BertEmbeddings {
     word: Embedding,
@@ -50,6 +58,7 @@ pub struct BertEmbeddings {
     norm: LayerNorm,
 }
 
+/// One post-LN transformer layer.
 #[derive(Module, Debug)]
 pub struct BertLayer {
     query: Linear,
@@ -64,6 +73,7 @@ pub struct BertLayer {
 }
 
 impl BertLayer {
+    /// A layer of shape `c`, randomly initialised.
     pub fn new(c: &BertConfig, device: &Device) -> Self {
         let lin = |i, o| LinearConfig::new(i, o).init(device);
         Self {
@@ -104,6 +114,7 @@ impl BertLayer {
     }
 }
 
+/// The BERT encoder: embeddings and layers.
 #[derive(Module, Debug)]
 pub struct Bert {
     embeddings: BertEmbeddings,
@@ -111,6 +122,7 @@ pub struct Bert {
 }
 
 impl Bert {
+    /// An encoder of shape `c`, randomly initialised.
     pub fn new(c: &BertConfig, device: &Device) -> Self {
         Self {
             embeddings: BertEmbeddings {

@@ -168,6 +168,7 @@ pub struct HostLite0 {
 }
 
 impl HostLite0 {
+    /// Copies `net`'s layers for the host kernels.
     pub fn new(net: &EfficientNetLite0) -> Self {
         let blocks = net.blocks.iter().map(block).collect();
         Self::with_blocks(net, blocks)

@@ -104,6 +104,7 @@ impl MbConv {
         }
     }
 
+    /// The block on `[batch, channels, height, width]`.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
         let mut x = input.clone();
         if let (Some(conv), Some(bn)) = (&self.expand_conv, &self.bn0) {
@@ -123,6 +124,7 @@ pub struct EfficientNetOutput {
     pub pooled: Tensor<2>,
 }
 
+/// EfficientNet-Lite0 up to its pooled features (the classifier head is not used).
 #[derive(Module, Debug)]
 pub struct EfficientNetLite0 {
     conv_stem: Conv2d,

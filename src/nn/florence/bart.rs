@@ -14,6 +14,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 /// Added to masked attention scores: far below any real score, finite in f32.
 const MASK_BIAS: f32 = -1e9;
 
+/// Multi-head attention with separate q, k, v and out projections.
 #[derive(Module, Debug)]
 pub struct Attention {
     q_proj: Linear,
@@ -78,6 +79,7 @@ impl Attention {
     }
 }
 
+/// Cached keys and values of one attention.
 #[derive(Clone, Debug)]
 pub struct KeyValue {
     k: Tensor<4>,
@@ -103,6 +105,7 @@ fn ln(d: usize, device: &Device) -> LayerNorm {
     LayerNormConfig::new(d).init(device)
 }
 
+/// One encoder layer.
 #[derive(Module, Debug)]
 pub struct EncoderLayer {
     self_attn: Attention,
@@ -127,6 +130,7 @@ impl EncoderLayer {
     }
 }
 
+/// One decoder layer: self-attention, cross-attention, feed-forward.
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
     self_attn: Attention,
@@ -138,6 +142,7 @@ pub struct DecoderLayer {
     final_layer_norm: LayerNorm,
 }
 
+/// The BART encoder.
 #[derive(Module, Debug)]
 pub struct Encoder {
     embed_positions: Embedding,
@@ -145,6 +150,7 @@ pub struct Encoder {
     layers: Vec<EncoderLayer>,
 }
 
+/// The BART decoder.
 #[derive(Module, Debug)]
 pub struct Decoder {
     embed_positions: Embedding,
@@ -152,6 +158,7 @@ pub struct Decoder {
     layers: Vec<DecoderLayer>,
 }
 
+/// BART: the shared embedding, the encoder and the decoder.
 #[derive(Module, Debug)]
 pub struct Bart {
     shared: Embedding,
@@ -174,6 +181,7 @@ impl DecoderCache {
     pub fn len(&self) -> usize {
         self.len
     }
+    /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -204,6 +212,7 @@ pub fn padding_bias(mask: Tensor<2>) -> Tensor<4> {
 }
 
 impl Bart {
+    /// A BART of shape `c`, randomly initialised.
     pub fn new(c: &TextConfig, device: &Device) -> Self {
         let d = c.d_model;
         let positions = c.max_position_embeddings + POSITION_OFFSET;
@@ -246,6 +255,7 @@ impl Bart {
         self.encoder.embed_positions.weight.dims()[0] - POSITION_OFFSET
     }
 
+    /// The scaled token embeddings of `ids`.
     pub fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         self.shared.forward(ids)
     }

@@ -4,21 +4,34 @@
 
 use serde::{Deserialize, Serialize};
 
+/// DaViT's shape (`vision_config` of config.json).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VisionConfig {
+    /// Channels per stage.
     #[serde(alias = "dim_embed")]
     pub embed_dim: Vec<usize>,
+    /// Blocks per stage.
     pub depths: Vec<usize>,
+    /// Spatial attention heads per stage.
     pub num_heads: Vec<usize>,
+    /// Channel attention groups per stage.
     pub num_groups: Vec<usize>,
+    /// Patch-embedding kernel per stage.
     pub patch_size: Vec<usize>,
+    /// Patch-embedding stride per stage.
     pub patch_stride: Vec<usize>,
+    /// Patch-embedding padding per stage.
     pub patch_padding: Vec<usize>,
+    /// LayerNorm before each patch embedding.
     pub patch_prenorm: Vec<bool>,
+    /// Side of the attention windows.
     pub window_size: usize,
+    /// Width of the projected image tokens.
     pub projection_dim: usize,
+    /// Positions of the 2-D position embedding.
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// Frames of the temporal embedding.
     #[serde(default = "default_max_temporal")]
     pub max_temporal_embeddings: usize,
 }
@@ -30,22 +43,35 @@ fn default_max_temporal() -> usize {
     100
 }
 
+/// BART's shape (`text_config` of config.json).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TextConfig {
+    /// Tokens in the vocabulary.
     pub vocab_size: usize,
+    /// Model width.
     pub d_model: usize,
+    /// Encoder layers.
     pub encoder_layers: usize,
+    /// Decoder layers.
     pub decoder_layers: usize,
+    /// Encoder attention heads.
     pub encoder_attention_heads: usize,
+    /// Decoder attention heads.
     pub decoder_attention_heads: usize,
+    /// Encoder feed-forward width.
     pub encoder_ffn_dim: usize,
+    /// Decoder feed-forward width.
     pub decoder_ffn_dim: usize,
+    /// Longest input, in tokens.
     pub max_position_embeddings: usize,
 }
 
+/// Florence-2's shape (its config.json).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FlorenceConfig {
+    /// The vision encoder.
     pub vision_config: VisionConfig,
+    /// The language model.
     pub text_config: TextConfig,
 }
 

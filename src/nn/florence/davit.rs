@@ -83,6 +83,7 @@ fn depthwise(c: usize, device: &Device) -> Conv2d {
         .init(device)
 }
 
+/// The blocks' two-layer GELU MLP.
 #[derive(Module, Debug)]
 pub struct Mlp {
     fc1: Linear,
@@ -101,6 +102,7 @@ impl Mlp {
     }
 }
 
+/// The fused q, k, v projection.
 #[derive(Module, Debug)]
 pub struct QkvProj {
     qkv: Linear,
@@ -258,12 +260,14 @@ impl ChannelBlock {
     }
 }
 
+/// A spatial and a channel block, each with its MLP.
 #[derive(Module, Debug)]
 pub struct DavitBlock {
     spatial_block: SpatialBlock,
     channel_block: ChannelBlock,
 }
 
+/// DaViT: patch embeddings and blocks, stage by stage.
 #[derive(Module, Debug)]
 pub struct Davit {
     convs: Vec<ConvEmbed>,
@@ -274,6 +278,7 @@ pub struct Davit {
 pub type Tap = (String, Tensor<4>);
 
 impl Davit {
+    /// A DaViT of shape `c`, randomly initialised.
     pub fn new(c: &VisionConfig, device: &Device) -> Self {
         let stages = c.embed_dim.len();
         Self {

@@ -10,24 +10,34 @@ use serde::{Deserialize, Deserializer};
 /// `generation_config.json`, the fields decoding uses.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct GenerationConfig {
+    /// The token the decoder starts from.
     #[serde(default = "two")]
     pub decoder_start_token_id: u32,
+    /// The token that ends a caption.
     #[serde(default = "two")]
     pub eos_token_id: u32,
+    /// The padding token.
     #[serde(default = "one")]
     pub pad_token_id: u32,
+    /// A token forced first, if any.
     #[serde(default)]
     pub forced_bos_token_id: Option<u32>,
+    /// A token forced at the length limit, if any.
     #[serde(default)]
     pub forced_eos_token_id: Option<u32>,
+    /// No n-gram of this size repeats (0: off).
     #[serde(default)]
     pub no_repeat_ngram_size: usize,
+    /// Beams of the search (1: greedy).
     #[serde(default = "one_usize")]
     pub num_beams: usize,
+    /// Exponent of the length in a beam's score.
     #[serde(default = "unit")]
     pub length_penalty: f32,
+    /// Stop as soon as enough beams are done.
     #[serde(default, deserialize_with = "early_stopping")]
     pub early_stopping: bool,
+    /// Most tokens to generate.
     #[serde(default = "twenty")]
     pub max_new_tokens: usize,
 }
@@ -79,14 +89,18 @@ impl Default for GenerationConfig {
 /// asked for (greedy only; for parity checks).
 #[derive(Debug, Clone, Default)]
 pub struct Generated {
+    /// Each sequence's token ids.
     pub ids: Vec<Vec<u32>>,
+    /// Each sequence's beam score.
     pub scores: Vec<f32>,
+    /// Each step's logits (greedy, when asked).
     pub step_logits: Vec<Vec<f32>>,
 }
 
 /// The most beams and new tokens a model's own generation config may ask for (the
 /// appliance's `caption.beams` and `caption.max_new_tokens` have the same bounds).
 pub const MAX_BEAMS: usize = 8;
+/// Most new tokens (see `MAX_BEAMS`).
 pub const MAX_NEW_TOKENS: usize = 1024;
 
 impl GenerationConfig {

@@ -14,6 +14,7 @@ use config::FlorenceConfig;
 use davit::{Davit, Tap};
 use projector::Projector;
 
+/// Florence-2: DaViT, the projector and BART.
 #[derive(Module, Debug)]
 pub struct Florence2 {
     vision_tower: Davit,
@@ -22,6 +23,7 @@ pub struct Florence2 {
 }
 
 impl Florence2 {
+    /// A Florence-2 of shape `c`, randomly initialised.
     pub fn new(c: &FlorenceConfig, device: &Device) -> Self {
         Self {
             vision_tower: Davit::new(&c.vision_config, device),
@@ -35,6 +37,7 @@ impl Florence2 {
         self.encode_image_taps(pixels, None)
     }
 
+    /// `encode_image`, recording each stage's output in `taps` (parity tests).
     pub fn encode_image_taps(&self, pixels: Tensor<4>, taps: Option<&mut Vec<Tap>>) -> Tensor<3> {
         let (x, h, w) = self.vision_tower.forward_taps(pixels, taps);
         self.multi_modal_projector.forward(x, h, w)
@@ -54,10 +57,12 @@ impl Florence2 {
         (Tensor::cat(vec![image, text], 1), mask)
     }
 
+    /// The BART encoder over the merged tokens.
     pub fn encode(&self, embeds: Tensor<3>, mask: Tensor<2>) -> Tensor<3> {
         self.language_model.encode(embeds, mask)
     }
 
+    /// A decoder cache for `encoded`, ready for the first step.
     pub fn start(&self, encoded: Tensor<3>, mask: Tensor<2>) -> DecoderCache {
         self.language_model.start(encoded, mask)
     }

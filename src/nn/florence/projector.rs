@@ -6,18 +6,21 @@ use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
+/// The learned 2-D position embedding of the image tokens.
 #[derive(Module, Debug)]
 pub struct PositionEmbed2d {
     row_embeddings: Embedding,
     column_embeddings: Embedding,
 }
 
+/// The sinusoidal temporal embedding.
 #[derive(Module, Debug)]
 pub struct TemporalEmbed {
     /// Sinusoidal table, a buffer upstream; only row 0 is used for a still image.
     pos_idx_to_embed: Param<Tensor<2>>,
 }
 
+/// Image features to the language model's width.
 #[derive(Module, Debug)]
 pub struct Projector {
     image_position_embed: PositionEmbed2d,
@@ -27,6 +30,7 @@ pub struct Projector {
 }
 
 impl Projector {
+    /// A projector of shape `c`, randomly initialised.
     pub fn new(c: &VisionConfig, device: &Device) -> Self {
         let dim = *c.embed_dim.last().expect("validated: four stages");
         Self {

@@ -25,19 +25,29 @@ use burn::prelude::*;
 /// Shape of a fusion network. Stored in model.json.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FusionConfig {
+    /// Width of an image token (EfficientNet's channels).
     pub image_dim: usize,
     /// Rows and columns of the feature map (fixed by the input size).
     pub image_grid: [usize; 2],
     /// Average 2x2 cells into one token first (fewer tokens, cheaper layers).
     pub pool: bool,
+    /// Width of a text token (MiniLM's hidden size).
     pub text_dim: usize,
+    /// Reads the poster.
     pub use_image: bool,
+    /// Reads the text.
     pub use_text: bool,
+    /// Width of the joint layers.
     pub d_model: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Joint transformer layers.
     pub layers: usize,
+    /// Feed-forward width.
     pub d_ff: usize,
+    /// Genres scored.
     pub classes: usize,
+    /// Dropout in training.
     pub dropout: f64,
 }
 
@@ -49,7 +59,9 @@ pub struct FusionInput {
     pub image: Tensor<3>,
     /// `[B, 1]`, true where the row's poster is hidden.
     pub image_hidden: Tensor<2, Bool>,
+    /// Text tokens, `[B, T, text_dim]`.
     pub text: Tensor<3>,
+    /// `[B, T]`, true where a text token is padding.
     pub text_mask: Tensor<2, Bool>,
 }
 
@@ -90,6 +102,7 @@ const SUMMARY: i64 = 0;
 const IMAGE: i64 = 1;
 const TEXT: i64 = 2;
 
+/// The early-fusion network: projections, modality embeddings, joint layers, a summary token and the genre head.
 #[derive(Module, Debug)]
 pub struct EarlyFusion {
     image_proj: Option<Linear>,
@@ -107,6 +120,7 @@ pub struct EarlyFusion {
 }
 
 impl EarlyFusion {
+    /// A network of shape `c`, randomly initialised.
     pub fn new(c: &FusionConfig, device: &Device) -> Self {
         let d = c.d_model;
         Self {

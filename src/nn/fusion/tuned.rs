@@ -6,10 +6,12 @@ use super::{EarlyFusion, FusionInput};
 use crate::nn::bert::{Bert, BertLayer};
 use burn::prelude::*;
 
+/// A fusion network with the MiniLM layers it tunes (a teacher's); none for a student.
 #[derive(Module, Debug)]
 pub struct TunedFusion {
     /// Pretrained MiniLM layers, trained on with the fusion layers.
     pub top: Vec<BertLayer>,
+    /// The fusion layers.
     pub fusion: EarlyFusion,
 }
 
