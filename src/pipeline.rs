@@ -10,13 +10,13 @@ use crate::infer::timings::Timings;
 use crate::infer::{Classifier, GenreScore};
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use image::RgbImage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Where a poster came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     /// The kiosk camera.
@@ -59,7 +59,32 @@ pub struct Poster {
 }
 
 /// What happened to a job: its result, or why there is none.
-pub type Outcome<'a> = Result<&'a ScanResult, String>;
+pub type Outcome<'a> = Result<&'a ScanResult, ScanError>;
+
+/// Why a poster has no result.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ScanError {
+    /// The classifier refused it.
+    #[error("classify failed: {0}")]
+    Classify(String),
+    /// A defect (a panic) while scanning it, caught for this poster only.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// A sink could not keep its result.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+/// Why a sink could not keep a result.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// The result could not be encoded for the outbox.
+    #[error("result could not be encoded: {0}")]
+    Encode(String),
+    /// The outbox could not write it (a full or read-only disk).
+    #[error("outbox write failed: {0}")]
+    OutboxWrite(String),
+}
 /// Called once the job's result is safe in every sink, or with why it failed.
 pub type Done = Box<dyn FnOnce(Outcome<'_>) + Send>;
 
@@ -72,7 +97,7 @@ pub struct Job {
 }
 
 /// One classified poster, as published and shown.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScanResult {
     /// Unique per result: device id, milliseconds, a sequence number.
     pub id: String,
@@ -102,7 +127,7 @@ pub struct ScanResult {
 /// Receives every result, in order, on the classifier thread.
 pub trait Sink: Send {
     /// Must not return before the result is durable where durability matters.
-    fn accept(&mut self, result: &ScanResult) -> Result<(), String>;
+    fn accept(&mut self, result: &ScanResult) -> Result<(), SinkError>;
 }
 
 /// The overview an MQTT command left for the next scan that comes without one: the
@@ -264,9 +289,7 @@ impl Worker {
             // instead of crash-looping the service.
             let scanned =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.scan(&poster)))
-                    .unwrap_or_else(|panic| {
-                        Err(format!("internal error: {}", panic_text(&*panic)))
-                    });
+                    .unwrap_or_else(|panic| Err(ScanError::Internal(panic_text(&*panic))));
             let delivered = scanned.and_then(|r| {
                 for sink in self.sinks.iter_mut() {
                     sink.accept(&r)?;
@@ -305,7 +328,7 @@ impl Worker {
     }
 
     /// Captions (when asked) and classifies one poster.
-    fn scan(&self, poster: &Poster) -> Result<ScanResult, String> {
+    fn scan(&self, poster: &Poster) -> Result<ScanResult, ScanError> {
         let start = Instant::now();
         let overview = poster
             .overview
@@ -329,7 +352,7 @@ impl Worker {
         let p = self
             .classifier
             .classify(&poster.image, overview.as_deref(), caption.as_deref())
-            .map_err(|e| format!("classify failed: {e:#}"))?;
+            .map_err(|e| ScanError::Classify(format!("{e:#}")))?;
         let mut timings = p.timings_ms;
         timings.pipeline = Some(start.elapsed().as_secs_f64() * 1e3);
         if captioner.is_some() && poster.caption.is_none() {

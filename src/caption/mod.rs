@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod local;
+pub mod openai;
 pub mod processor;
 pub mod remote;
 pub mod server;

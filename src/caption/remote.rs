@@ -3,6 +3,7 @@
 //! Ollama, vLLM). Timeouts on every request, a bounded number of retries, and a circuit
 //! breaker so a dead server costs one fast "circuit open" instead of a timeout per scan.
 
+use super::openai::{ChatRequest, ChatResponse, ImageUrl, Message, Part};
 use crate::infer::captioner::{CaptionOutput, Captioner, StageTimings};
 use crate::infer::task::Task;
 use crate::util::backoff::Backoff;
@@ -235,19 +236,23 @@ impl RemoteCaptioner {
                 Ok(out)
             }
             Protocol::Openai => {
-                let v: serde_json::Value = serde_json::from_str(&body)
+                let answer: ChatResponse = serde_json::from_str(&body)
                     .map_err(|e| RemoteError::BadResponse(e.to_string()))?;
-                let text = v["choices"][0]["message"]["content"]
-                    .as_str()
+                let text = answer
+                    .choices
+                    .first()
+                    .and_then(|c| c.message.as_ref())
+                    .and_then(|m| m.content.as_deref())
                     .ok_or_else(|| {
                         RemoteError::BadResponse("no choices[0].message.content".into())
                     })?;
+                let usage = answer.usage.clone().unwrap_or_default();
                 Ok(CaptionOutput {
                     caption: crate::infer::task::clean(text),
                     task,
-                    model: v["model"].as_str().unwrap_or(&self.cfg.model).to_string(),
-                    tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
-                    prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+                    model: answer.model.unwrap_or_else(|| self.cfg.model.clone()),
+                    tokens: usage.completion_tokens as usize,
+                    prompt_tokens: usage.prompt_tokens as usize,
                     ids: Vec::new(),
                     timings_ms: StageTimings {
                         total: elapsed,
@@ -294,22 +299,33 @@ fn first_line(s: &str) -> String {
 }
 
 /// A chat-completions request carrying the image as a data URL and the task's prompt.
-pub fn openai_request(model: &str, image: &[u8], task: Task) -> serde_json::Value {
+pub fn openai_request(model: &str, image: &[u8], task: Task) -> ChatRequest {
     let mime = match image {
         [0x89, b'P', b'N', b'G', ..] => "image/png",
         [b'R', b'I', b'F', b'F', ..] => "image/webp",
         _ => "image/jpeg",
     };
     let data = base64::engine::general_purpose::STANDARD.encode(image);
-    serde_json::json!({
-        "model": model,
-        "temperature": 0,
-        "messages": [{
-            "role": "user",
-            "content": [
-                {"type": "text", "text": format!("{} {}", task.token(), task.prompt())},
-                {"type": "image_url", "image_url": {"url": format!("data:{mime};base64,{data}")}}
-            ]
-        }]
-    })
+    ChatRequest {
+        model: Some(model.to_string()),
+        temperature: Some(0.0),
+        messages: vec![Message {
+            role: "user".into(),
+            content: vec![
+                Part {
+                    kind: Some("text".into()),
+                    text: Some(format!("{} {}", task.token(), task.prompt())),
+                    ..Default::default()
+                },
+                Part {
+                    kind: Some("image_url".into()),
+                    image_url: Some(ImageUrl {
+                        url: format!("data:{mime};base64,{data}"),
+                    }),
+                    ..Default::default()
+                },
+            ],
+        }],
+        ..Default::default()
+    }
 }

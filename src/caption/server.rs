@@ -17,6 +17,7 @@
 //! queued, and returns.
 
 use super::local::FlorenceCaptioner;
+use super::openai::{ChatRequest, ChatResponse, Choice, Reply, Usage};
 use crate::http::{HttpServer, bearer_ok, drain, json, read_body, retry_soon};
 use crate::infer::captioner::CaptionOptions;
 use crate::infer::task::Task;
@@ -29,10 +30,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use base64::Engine;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -87,7 +88,7 @@ struct Work {
 /// A running caption server; dropping it does not stop it (see `stop`).
 pub struct CaptionServer {
     http: HttpServer,
-    tx: Arc<Mutex<Option<SyncSender<Work>>>>,
+    tx: Arc<Mutex<Option<Sender<Work>>>>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
@@ -105,7 +106,7 @@ struct Shared {
     queued: AtomicUsize,
     /// Worker threads still running (each counts itself out when it ends).
     alive: AtomicUsize,
-    tx: Arc<Mutex<Option<SyncSender<Work>>>>,
+    tx: Arc<Mutex<Option<Sender<Work>>>>,
 }
 
 /// Longest a request waits in the queue and the worker together.
@@ -114,9 +115,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 impl CaptionServer {
     /// Binds `cfg.listen` and serves `captioner` on worker threads.
     pub fn start(captioner: Arc<FlorenceCaptioner>, cfg: ServerConfig) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Work>(cfg.queue.max(1));
+        // Every worker takes from the one queue (a multi-consumer channel).
+        let (tx, rx) = crossbeam_channel::bounded::<Work>(cfg.queue.max(1));
         let tx = Arc::new(Mutex::new(Some(tx)));
-        let rx = Arc::new(Mutex::new(rx));
         let shared = Arc::new(Shared {
             captioner,
             cfg: cfg.clone(),
@@ -324,18 +325,14 @@ fn marquee_request(
 /// The OpenAI vision form: the first `image_url` (a base64 data URL) and the task token
 /// found in the text parts (`<CAPTION>` when there is none).
 fn openai_request(body: &[u8], cap: usize) -> Result<Parsed, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
-    let parts: Vec<&serde_json::Value> = v["messages"]
-        .as_array()
-        .ok_or("no messages")?
-        .iter()
-        .filter_map(|m| m["content"].as_array())
-        .flatten()
-        .collect();
-    let url = parts
-        .iter()
-        .find_map(|p| p["image_url"]["url"].as_str())
+    let req: ChatRequest = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => format!("not a chat request: {e}"),
+        _ => format!("body is not JSON: {e}"),
+    })?;
+    let url = req
+        .parts()
+        .find_map(|p| p.image_url.as_ref())
+        .map(|u| u.url.as_str())
         .ok_or("no image_url part")?;
     let data = url
         .split_once(";base64,")
@@ -344,20 +341,20 @@ fn openai_request(body: &[u8], cap: usize) -> Result<Parsed, String> {
     let image = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
         .map_err(|e| format!("image_url: {e}"))?;
-    let task = parts
-        .iter()
-        .filter_map(|p| p["text"].as_str())
+    let task = req
+        .parts()
+        .filter_map(|p| p.text.as_deref())
         .flat_map(|t| t.split_whitespace())
         .find_map(|w| w.parse::<Task>().ok().filter(|_| w.starts_with('<')))
         .unwrap_or_default();
     let opts = CaptionOptions {
         beams: None,
-        max_new_tokens: v["max_completion_tokens"]
-            .as_u64()
-            .or(v["max_tokens"].as_u64())
+        max_new_tokens: req
+            .max_completion_tokens
+            .or(req.max_tokens)
             .map(|n| (n as usize).clamp(1, cap)),
     };
-    Ok((image, task, opts, v["stream"].as_bool().unwrap_or(false)))
+    Ok((image, task, opts, req.stream))
 }
 
 /// Counts a worker out when its thread ends, however it ends.
@@ -369,16 +366,10 @@ impl Drop for Alive<'_> {
     }
 }
 
-fn worker(rx: &Mutex<Receiver<Work>>, shared: &Shared) {
+fn worker(rx: &Receiver<Work>, shared: &Shared) {
     let _alive = Alive(&shared.alive);
-    loop {
-        let work = {
-            let Ok(rx) = rx.lock() else { return };
-            match rx.recv() {
-                Ok(w) => w,
-                Err(_) => return,
-            }
-        };
+    // Ends when the queue is closed (shutdown) and empty.
+    for work in rx {
         shared.queued.fetch_sub(1, Ordering::SeqCst);
         shared.busy.fetch_add(1, Ordering::SeqCst);
         let _idle = Alive(&shared.busy);
@@ -417,44 +408,53 @@ fn answer(w: &Work, captioner: &FlorenceCaptioner) -> Response {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let usage = serde_json::json!({
-        "prompt_tokens": out.prompt_tokens,
-        "completion_tokens": out.tokens,
-        "total_tokens": out.prompt_tokens + out.tokens,
-    });
+    let usage = Usage {
+        prompt_tokens: out.prompt_tokens as u64,
+        completion_tokens: out.tokens as u64,
+        total_tokens: (out.prompt_tokens + out.tokens) as u64,
+    };
+    // One answer, or one chunk of a streamed one.
+    let answer = |object: &str, choice: Choice, usage: Option<Usage>| ChatResponse {
+        id: id.clone(),
+        object: object.into(),
+        created,
+        model: Some(out.model.clone()),
+        choices: vec![choice],
+        usage,
+    };
+    let said = |role: Option<&str>, content: Option<&str>| Reply {
+        role: role.map(str::to_string),
+        content: content.map(str::to_string),
+    };
     let body = match w.api {
         Api::Marquee => serde_json::to_value(&out).unwrap_or_default(),
-        Api::Openai => serde_json::json!({
-            "id": id, "object": "chat.completion", "created": created, "model": out.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": out.caption},
-                "finish_reason": "stop"
-            }],
-            "usage": usage,
-        }),
+        Api::Openai => {
+            let choice = Choice {
+                index: 0,
+                message: Some(said(Some("assistant"), Some(&out.caption))),
+                delta: None,
+                finish_reason: Some("stop".into()),
+            };
+            serde_json::to_value(answer("chat.completion", choice, Some(usage))).unwrap_or_default()
+        }
         Api::OpenaiStream => {
             // The caption is whole before the first byte: it goes out as one content
             // chunk between the role chunk and the finishing one (with the usage).
-            let chunk =
-                |delta: serde_json::Value, finish: Option<&str>, usage: serde_json::Value| {
-                    let c = serde_json::json!({
-                        "id": id, "object": "chat.completion.chunk", "created": created,
-                        "model": out.model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                        "usage": usage,
-                    });
-                    format!("data: {c}\n\n")
+            let chunk = |delta: Reply, finish: Option<&str>, usage: Option<Usage>| {
+                let choice = Choice {
+                    index: 0,
+                    message: None,
+                    delta: Some(delta),
+                    finish_reason: finish.map(str::to_string),
                 };
-            let null = serde_json::Value::Null;
+                let c = serde_json::to_string(&answer("chat.completion.chunk", choice, usage))
+                    .unwrap_or_default();
+                format!("data: {c}\n\n")
+            };
             let sse = [
-                chunk(
-                    serde_json::json!({"role": "assistant", "content": ""}),
-                    None,
-                    null.clone(),
-                ),
-                chunk(serde_json::json!({"content": out.caption}), None, null),
-                chunk(serde_json::json!({}), Some("stop"), usage),
+                chunk(said(Some("assistant"), Some("")), None, None),
+                chunk(said(None, Some(&out.caption)), None, None),
+                chunk(Reply::default(), Some("stop"), Some(usage)),
                 "data: [DONE]\n\n".to_string(),
             ]
             .concat();

@@ -100,7 +100,7 @@ pub fn text_tokens(towers: &Towers, ids: &[i64], layers: usize, device: &Device)
 }
 
 /// One genre's sigmoid score.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct GenreScore {
     /// The genre.
     pub label: String,

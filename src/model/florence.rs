@@ -465,5 +465,5 @@ fn download(agent: &ureq::Agent, url: &str, to: &Path) -> Result<String> {
     }
     file.flush()?;
     drop(bar);
-    Ok(crate::util::hex(&hash.finalize()))
+    Ok(hex::encode(hash.finalize()))
 }

@@ -11,11 +11,11 @@ use crate::nn::bert::{Bert, BertConfig, HostBert};
 use crate::nn::cpu_ops::host_device;
 use crate::nn::efficientnet::{EfficientNetLite0, HostLite0};
 use crate::preprocess::text::TextTokenizer;
-use crate::util::hex;
 use crate::util::progress::note;
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::store::{BurnpackStore, KeyRemapper, ModuleSnapshot, PytorchStore, SafetensorsStore};
+use hex::encode as hex;
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -350,7 +350,7 @@ fn download_wheel(cache: &CacheDir, pin: &PinnedFile) -> Result<PathBuf> {
 }
 
 fn check_sha256(bytes: &[u8], expected: &str, what: &str) -> Result<()> {
-    let got = hex(&Sha256::digest(bytes));
+    let got = hex(Sha256::digest(bytes));
     if got != expected {
         bail!("sha256 mismatch for {what}: expected {expected}, got {got}");
     }
@@ -358,5 +358,5 @@ fn check_sha256(bytes: &[u8], expected: &str, what: &str) -> Result<()> {
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    Ok(hex(&Sha256::digest(std::fs::read(path)?)))
+    Ok(hex(Sha256::digest(std::fs::read(path)?)))
 }

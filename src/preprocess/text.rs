@@ -100,12 +100,5 @@ pub fn pad_batch(rows: &[Vec<i64>]) -> TokenBatch {
 
 /// Cuts `s` to at most `max` bytes, on a character boundary.
 fn clip(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    &s[..s.floor_char_boundary(max)]
 }

@@ -27,7 +27,7 @@ use super::outbox::Outbox;
 use super::topics::{STATE_MAX, Topics, discovery_payload, state_payload};
 use crate::config::{DeviceId, MqttConfig};
 use crate::health::{Health, Heartbeat};
-use crate::pipeline::{Backlog, OverviewCommand, ScanResult, Sink, clip};
+use crate::pipeline::{Backlog, OverviewCommand, ScanResult, Sink, SinkError, clip};
 use crate::util::backoff::Backoff;
 use crate::util::limited::read_file;
 use crate::util::tls::{CA_MAX, client_config};
@@ -71,17 +71,17 @@ pub struct OutboxSink {
 }
 
 impl Sink for OutboxSink {
-    fn accept(&mut self, r: &ScanResult) -> Result<(), String> {
-        let json = record(r).map_err(|e| e.to_string())?;
+    fn accept(&mut self, r: &ScanResult) -> Result<(), SinkError> {
+        let json = record(r).map_err(|e| SinkError::Encode(e.to_string()))?;
         match self.outbox.push(&json) {
             Ok(_) => {
                 self.health.outbox_writable();
                 Ok(())
             }
             Err(e) => {
-                let msg = format!("outbox write failed: {e}");
-                self.health.outbox_write_failed(&msg);
-                Err(msg)
+                let e = SinkError::OutboxWrite(e.to_string());
+                self.health.outbox_write_failed(&e.to_string());
+                Err(e)
             }
         }
     }
@@ -574,6 +574,15 @@ fn record(r: &ScanResult) -> serde_json::Result<Vec<u8>> {
     })
 }
 
+/// An outbox record as read back: the result, and its thumbnail.
+#[derive(serde::Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    result: ScanResult,
+    #[serde(default)]
+    thumbnail_jpeg_b64: Option<String>,
+}
+
 fn wire(payload: &[u8]) -> Result<Wire, String> {
     if payload.len() > PAYLOAD_MAX {
         return Err(format!(
@@ -581,42 +590,28 @@ fn wire(payload: &[u8]) -> Result<Wire, String> {
             payload.len()
         ));
     }
-    let mut v: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(payload).map_err(|e| format!("unreadable outbox record: {e}"))?;
-    let image = match v.remove("thumbnail_jpeg_b64") {
-        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
-        _ => None,
-    };
-    #[derive(serde::Deserialize)]
-    struct Genre {
-        label: String,
-        score: f64,
-    }
-    let predicted: Vec<String> = serde_json::from_value(
-        v.get("predicted")
-            .cloned()
-            .unwrap_or(serde_json::Value::Null),
-    )
-    .map_err(|e| format!("unreadable outbox record: predicted: {e}"))?;
-    let genres: Vec<Genre> =
-        serde_json::from_value(v.get("genres").cloned().unwrap_or_default()).unwrap_or_default();
-    let top = genres.iter().max_by(|a, b| a.score.total_cmp(&b.score));
+    let Stored {
+        result: r,
+        thumbnail_jpeg_b64,
+    } = serde_json::from_slice(payload).map_err(|e| format!("unreadable outbox record: {e}"))?;
+    let top = r.genres.iter().max_by(|a, b| a.score.total_cmp(&b.score));
     let event = serde_json::json!({
         "event_type": "scanned",
-        "predicted": predicted,
+        "predicted": r.predicted,
         "top_genre": top.map(|g| g.label.as_str()),
         "top_score": top.map(|g| g.score),
-        "caption": v.get("caption"),
-        "source": v.get("source"),
-        "name": v.get("name"),
-        "id": v.get("id"),
+        "caption": r.caption,
+        "source": r.source,
+        "name": r.name,
+        "id": r.id,
     })
     .to_string();
     Ok(Wire {
-        state: state_payload(&predicted),
-        attrs: serde_json::Value::Object(v).to_string(),
+        state: state_payload(&r.predicted),
+        // The thumbnail is not a field of the result: the attributes go without it.
+        attrs: serde_json::to_string(&r).map_err(|e| format!("unwritable result: {e}"))?,
         event,
-        image,
+        image: thumbnail_jpeg_b64.filter(|s| !s.is_empty()),
     })
 }
 
@@ -637,8 +632,17 @@ mod tests {
 
     #[test]
     fn wire_refuses_oversized_and_unreadable_records() {
-        let ok = br#"{"predicted":["Drama","Crime"],"id":"x"}"#;
-        assert_eq!(wire(ok).unwrap().state, "Drama, Crime");
+        let ok = br#"{"id":"x","timestamp":"2026-12-05T00:00:00Z","source":"folder","name":"a.jpg",
+            "caption":null,"caption_status":"none: captioning is off","overview":null,
+            "genres":[{"label":"Drama","score":0.9},{"label":"Crime","score":0.7}],
+            "predicted":["Drama","Crime"],"timings_ms":{"total":1.0},"thumbnail_jpeg_b64":"AAAA"}"#;
+        let w = wire(ok).unwrap();
+        assert_eq!(w.state, "Drama, Crime");
+        assert_eq!(w.image.as_deref(), Some("AAAA"));
+        assert!(!w.attrs.contains("thumbnail"), "{}", w.attrs);
+        assert!(w.event.contains(r#""top_genre":"Drama""#), "{}", w.event);
+        let partial = br#"{"predicted":["Drama"],"id":"x"}"#;
+        assert!(wire(partial).unwrap_err().contains("unreadable"));
         assert!(wire(b"{not json").unwrap_err().contains("unreadable"));
         let big = format!(
             r#"{{"predicted":[],"overview":"{}"}}"#,

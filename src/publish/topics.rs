@@ -63,13 +63,7 @@ pub fn state_payload(predicted: &[String]) -> String {
     } else {
         predicted.join(", ")
     };
-    if s.len() > STATE_MAX {
-        let mut end = STATE_MAX;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
+    s.truncate(s.floor_char_boundary(STATE_MAX));
     s
 }
 

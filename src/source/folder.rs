@@ -246,7 +246,9 @@ impl Folder {
                 overview,
                 caption: None,
             },
-            done: Some(Box::new(move |o| done(o.map(|_| ())))),
+            done: Some(Box::new(move |o| {
+                done(o.map(|_| ()).map_err(|e| e.to_string()))
+            })),
         };
         if let Err(e) = queue.send(job, heartbeat, stop) {
             tracing::warn!("{e}");

@@ -7,7 +7,7 @@ use super::metrics;
 use crate::config::{DeviceId, StatusConfig};
 use crate::health::Health;
 use crate::http::{HttpServer, bearer_ok, drain, header_text, json, read_body, retry_soon, text};
-use crate::pipeline::{Job, Poster, Queue, QueueError, ScanResult, Sink, Source};
+use crate::pipeline::{Job, Poster, Queue, QueueError, ScanResult, Sink, SinkError, Source};
 use crate::preprocess::image::decode;
 use crate::publish::outbox::Outbox;
 use axum::Router;
@@ -123,7 +123,7 @@ impl StatusState {
 pub struct StatusSink(pub Arc<StatusState>);
 
 impl Sink for StatusSink {
-    fn accept(&mut self, r: &ScanResult) -> Result<(), String> {
+    fn accept(&mut self, r: &ScanResult) -> Result<(), SinkError> {
         {
             let mut h = self.0.history.lock().unwrap_or_else(|p| p.into_inner());
             h.push_back(r.clone());
@@ -413,7 +413,11 @@ async fn upload(State(ctx): Shared, headers: HeaderMap, body: Body) -> Response 
             caption: up.caption,
         },
         done: Some(Box::new(move |outcome| {
-            let _ = tx.send(outcome.map(|r| serde_json::to_string(r).unwrap_or_default()));
+            let _ = tx.send(
+                outcome
+                    .map(|r| serde_json::to_string(r).unwrap_or_default())
+                    .map_err(|e| e.to_string()),
+            );
         })),
     };
     match ctx.queue.try_send(job) {

@@ -51,7 +51,7 @@ pub fn caption_manifest(
 ) -> Result<CaptionReport> {
     let manifest = Manifest::load(manifest_path)?;
     let source = captioner.describe();
-    let key = crate::util::hex(&Sha256::digest(format!("{source}|{task}").as_bytes())[..8]);
+    let key = hex::encode(&Sha256::digest(format!("{source}|{task}").as_bytes())[..8]);
     std::fs::create_dir_all(cache_dir)?;
     let cache_path = cache_dir.join(format!("{key}.jsonl"));
     let mut known: HashMap<String, Cached> = HashMap::new();

@@ -303,7 +303,7 @@ fn chunk_path(cache: &Path, manifest: &Manifest, rows: &[Row], recipe: &str) -> 
             h.update(part);
         }
     }
-    let key = crate::util::hex(&h.finalize()[..16]);
+    let key = hex::encode(&h.finalize()[..16]);
     cache.join(format!("{key}.safetensors"))
 }
 

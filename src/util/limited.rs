@@ -68,8 +68,8 @@ mod tests {
 
     #[test]
     fn refuses_one_byte_over_and_reads_the_limit_exactly() {
-        let dir = std::env::temp_dir().join(format!("marquee-limited-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("f");
         std::fs::write(&p, [7u8; 10]).unwrap();
         assert_eq!(read_file(&p, 10).unwrap().len(), 10);
@@ -83,10 +83,6 @@ mod tests {
             read_file(Path::new("/dev/zero"), 9),
             Err(ReadError::NotAFile { .. })
         ));
-        assert!(matches!(
-            read_file(&dir, 9),
-            Err(ReadError::NotAFile { .. })
-        ));
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(read_file(dir, 9), Err(ReadError::NotAFile { .. })));
     }
 }

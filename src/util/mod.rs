@@ -7,8 +7,3 @@ pub mod progress;
 pub mod service;
 pub mod stats;
 pub mod tls;
-
-/// Lower-case hex of bytes (cache keys, sha256 checks).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
