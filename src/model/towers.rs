@@ -237,7 +237,7 @@ impl Towers {
     }
 }
 
-/// Reads a burnpack file into `model`, every tensor accounted for.
+/// Reads a burnpack file into `model`.
 pub fn load_burnpack<M: ModuleSnapshot>(model: &mut M, path: &Path) -> Result<()> {
     let mut store = BurnpackStore::from_file(path);
     model
