@@ -5,7 +5,8 @@
 //! poster still being copied in is never read half-written. A file that fails to
 //! decode is watched a little longer beside the others (a slow writer with long
 //! pauses makes it change, and it is tried again once it settles); one that stays
-//! unchanged goes to `failed/`. No file ever holds up the ones behind it.
+//! unchanged goes to `failed/`. No file ever holds up the ones behind it. Only this
+//! thread moves files: the classifier hands each outcome back over a channel.
 
 use crate::config::FolderConfig;
 use crate::health::{Health, Heartbeat};
@@ -15,8 +16,8 @@ use crate::util::limited::read_file;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 const SIDECARS: [&str; 2] = ["txt", "json"];
@@ -33,12 +34,28 @@ pub struct Folder {
     settle: Duration,
 }
 
+/// A file the classifier is done with, on its way back to the folder thread, which
+/// moves it: the classifier thread does no file moves of the folder's.
+struct Finished {
+    path: PathBuf,
+    sidecars: Vec<PathBuf>,
+    outcome: Result<(), String>,
+}
+
 /// A file that failed to decode, watched for a change until `until`.
 struct Junk {
     seen: Seen,
     until: Instant,
     reason: String,
     sidecars: Vec<PathBuf>,
+}
+
+/// Where a scan sends a file: the queue, and the way its outcome comes back.
+struct Sender<'a> {
+    queue: &'a Queue,
+    finished: &'a crossbeam_channel::Sender<Finished>,
+    heartbeat: &'a Heartbeat,
+    stop: &'a AtomicBool,
 }
 
 /// The shortest watch of a file that failed to decode.
@@ -76,13 +93,17 @@ impl Folder {
         heartbeat: Heartbeat,
         stop: Arc<AtomicBool>,
     ) {
-        let this = Arc::new(self);
+        let this = self;
         let mut seen: HashMap<PathBuf, Seen> = HashMap::new();
         let mut junk: HashMap<PathBuf, Junk> = HashMap::new();
-        let in_flight: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
+        let mut in_flight: HashSet<PathBuf> = HashSet::new();
+        let (finished, finishing) = crossbeam_channel::unbounded::<Finished>();
         health.set_folder(true, &format!("watching {}", this.dir.display()));
         while !stop.load(Ordering::SeqCst) {
             heartbeat.beat();
+            for f in finishing.try_iter() {
+                this.finish(f, &mut in_flight);
+            }
             match this.candidates() {
                 Ok(files) => {
                     let now = SystemTime::now();
@@ -94,7 +115,7 @@ impl Folder {
                             break;
                         }
                         heartbeat.beat();
-                        if in_flight.lock().expect("folder lock").contains(path) {
+                        if in_flight.contains(path) {
                             continue;
                         }
                         let cur = Seen {
@@ -126,11 +147,15 @@ impl Folder {
                             && now.duration_since(cur.mtime).unwrap_or_default() >= this.settle;
                         if still {
                             seen.remove(path);
-                            in_flight.lock().expect("folder lock").insert(path.clone());
-                            if let Err((reason, sidecars)) =
-                                this.submit(path, &queue, &in_flight, &heartbeat, &stop)
-                            {
-                                in_flight.lock().expect("folder lock").remove(path);
+                            in_flight.insert(path.clone());
+                            let to = Sender {
+                                queue: &queue,
+                                finished: &finished,
+                                heartbeat: &heartbeat,
+                                stop: &stop,
+                            };
+                            if let Err((reason, sidecars)) = this.submit(path, &to) {
+                                in_flight.remove(path);
                                 junk.insert(
                                     path.clone(),
                                     Junk {
@@ -148,6 +173,18 @@ impl Folder {
             }
             heartbeat.sleep_unless(&stop, this.poll);
         }
+        // The posters already queued are still classified after a stop: their files
+        // move once the classifier is done with them (or has dropped them).
+        drop(finished);
+        for f in finishing {
+            this.finish(f, &mut in_flight);
+        }
+    }
+
+    /// Moves a file the classifier is done with, and forgets it.
+    fn finish(&self, f: Finished, in_flight: &mut HashSet<PathBuf>) {
+        finish(&f.path, &f.sidecars, &self.done, &self.failed, &f.outcome);
+        in_flight.remove(&f.path);
     }
 
     fn candidates(&self) -> std::io::Result<Vec<(PathBuf, fs::Metadata)>> {
@@ -211,14 +248,7 @@ impl Folder {
 
     /// Hands the file to the queue, or says why it cannot be read (with its
     /// sidecars), so that the scan can watch it a little longer before failing it.
-    fn submit(
-        self: &Arc<Self>,
-        path: &Path,
-        queue: &Queue,
-        in_flight: &Arc<Mutex<HashSet<PathBuf>>>,
-        heartbeat: &Heartbeat,
-        stop: &AtomicBool,
-    ) -> Result<(), (String, Vec<PathBuf>)> {
+    fn submit(&self, path: &Path, to: &Sender) -> Result<(), (String, Vec<PathBuf>)> {
         let (overview, sidecars) = self.overview(path);
         let name = path
             .file_name()
@@ -231,13 +261,7 @@ impl Folder {
             Ok(image) => image,
             Err(reason) => return Err((reason, sidecars)),
         };
-        let done = {
-            let (this, path, in_flight) = (self.clone(), path.to_path_buf(), in_flight.clone());
-            move |outcome: Result<(), String>| {
-                finish(&path, &sidecars, &this.done, &this.failed, &outcome);
-                in_flight.lock().expect("folder lock").remove(&path);
-            }
-        };
+        let (finished, path) = (to.finished.clone(), path.to_path_buf());
         let job = Job {
             poster: Poster {
                 source: Source::Folder,
@@ -247,10 +271,15 @@ impl Folder {
                 caption: None,
             },
             done: Some(Box::new(move |o| {
-                done(o.map(|_| ()).map_err(|e| e.to_string()))
+                let outcome = o.map(|_| ()).map_err(|e| e.to_string());
+                let _ = finished.send(Finished {
+                    path,
+                    sidecars,
+                    outcome,
+                });
             })),
         };
-        if let Err(e) = queue.send(job, heartbeat, stop) {
+        if let Err(e) = to.queue.send(job, to.heartbeat, to.stop) {
             tracing::warn!("{e}");
         }
         Ok(())
