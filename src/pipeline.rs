@@ -211,6 +211,10 @@ impl Queue {
         let mut job = job;
         loop {
             heartbeat.beat();
+            // After a stop nothing new goes in: the classifier finishes what it has.
+            if stop.load(Ordering::SeqCst) {
+                return Err(QueueError::Closed);
+            }
             match self.tx.send_timeout(job, SEND_WAIT) {
                 Ok(()) => return Ok(()),
                 Err(SendTimeoutError::Timeout(j)) if !stop.load(Ordering::SeqCst) => job = j,

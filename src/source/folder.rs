@@ -58,6 +58,10 @@ struct Sender<'a> {
     stop: &'a AtomicBool,
 }
 
+/// After a stop, how long the folder waits for the next queued poster's outcome
+/// before it leaves the rest in the inbox (a scan takes seconds at most).
+const DRAIN_SILENCE: Duration = Duration::from_secs(20);
+
 /// The shortest watch of a file that failed to decode.
 const JUNK_GRACE_MIN: Duration = Duration::from_secs(3);
 
@@ -174,10 +178,14 @@ impl Folder {
             heartbeat.sleep_unless(&stop, this.poll);
         }
         // The posters already queued are still classified after a stop: their files
-        // move once the classifier is done with them (or has dropped them).
+        // move once the classifier is done with them. A file whose job never comes
+        // back (the classifier gone) stays in the inbox for the next start.
         drop(finished);
-        for f in finishing {
-            this.finish(f, &mut in_flight);
+        while !in_flight.is_empty() {
+            match finishing.recv_timeout(DRAIN_SILENCE) {
+                Ok(f) => this.finish(f, &mut in_flight),
+                Err(_) => break,
+            }
         }
     }
 
