@@ -198,8 +198,12 @@ mod tests {
 
     #[test]
     fn refuses_real_posters_cut_short_with_an_end_marker() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/data/posters-v1/posters");
+        // The shared data beside the checkout, or where MARQUEE_SHARED says.
+        let shared = std::env::var_os("MARQUEE_SHARED").map_or_else(
+            || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
+            std::path::PathBuf::from,
+        );
+        let dir = shared.join("data/posters-v1/posters");
         let mut names: Vec<_> = std::fs::read_dir(&dir)
             .expect("posters-v1 beside the checkout")
             .flatten()
