@@ -85,6 +85,7 @@ pub enum SinkError {
     #[error("outbox write failed: {0}")]
     OutboxWrite(String),
 }
+
 /// Called once the job's result is safe in every sink, or with why it failed.
 pub type Done = Box<dyn FnOnce(Outcome<'_>) + Send>;
 
@@ -217,8 +218,9 @@ impl Queue {
             }
             match self.tx.send_timeout(job, SEND_WAIT) {
                 Ok(()) => return Ok(()),
-                Err(SendTimeoutError::Timeout(j)) if !stop.load(Ordering::SeqCst) => job = j,
-                Err(_) => return Err(QueueError::Closed),
+                // The stop flag is looked at again at the top of the loop.
+                Err(SendTimeoutError::Timeout(j)) => job = j,
+                Err(SendTimeoutError::Disconnected(_)) => return Err(QueueError::Closed),
             }
         }
     }

@@ -111,19 +111,38 @@ impl Outbox {
         Ok(seq)
     }
 
-    /// The oldest record, read through the bounded reader: one over `max_bytes`
-    /// comes back as an error (to be dead-lettered) without being read whole. A
-    /// record that is gone or unreadable (removed by hand) leaves the index.
+    /// The oldest readable record, read through the bounded reader: one over
+    /// `max_bytes` comes back as an error (to be dead-lettered) without being read
+    /// whole. A record that is gone or is no file (changed by hand) leaves the index;
+    /// one that cannot be read now is passed over and tried again next time.
     pub fn oldest(&self, max_bytes: usize) -> Option<Entry> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let mut after = None;
         loop {
-            let seq = self.index().seqs.first().copied()?;
+            let seq = {
+                let index = self.index();
+                match after {
+                    None => index.seqs.first().copied(),
+                    Some(a) => index.seqs.range((Excluded(a), Unbounded)).next().copied(),
+                }
+            }?;
             let payload = match read_file(&self.path(seq), max_bytes) {
                 Ok(payload) => Ok(payload),
                 Err(ReadError::TooLarge { max, .. }) => {
                     Err(format!("record over the {max}-byte payload budget"))
                 }
-                Err(ReadError::Io { .. } | ReadError::NotAFile { .. }) => {
+                Err(ReadError::NotAFile { .. }) => {
                     self.index().seqs.remove(&seq);
+                    continue;
+                }
+                Err(ReadError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    self.index().seqs.remove(&seq);
+                    continue;
+                }
+                Err(ReadError::Io { .. }) => {
+                    after = Some(seq);
                     continue;
                 }
             };

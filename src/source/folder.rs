@@ -51,7 +51,7 @@ struct Junk {
 }
 
 /// Where a scan sends a file: the queue, and the way its outcome comes back.
-struct Sender<'a> {
+struct Handoff<'a> {
     queue: &'a Queue,
     finished: &'a crossbeam_channel::Sender<Finished>,
     heartbeat: &'a Heartbeat,
@@ -97,18 +97,17 @@ impl Folder {
         heartbeat: Heartbeat,
         stop: Arc<AtomicBool>,
     ) {
-        let this = self;
         let mut seen: HashMap<PathBuf, Seen> = HashMap::new();
         let mut junk: HashMap<PathBuf, Junk> = HashMap::new();
         let mut in_flight: HashSet<PathBuf> = HashSet::new();
         let (finished, finishing) = crossbeam_channel::unbounded::<Finished>();
-        health.set_folder(true, &format!("watching {}", this.dir.display()));
+        health.set_folder(true, &format!("watching {}", self.dir.display()));
         while !stop.load(Ordering::SeqCst) {
             heartbeat.beat();
             for f in finishing.try_iter() {
-                this.finish(f, &mut in_flight);
+                self.put_away(f, &mut in_flight);
             }
-            match this.candidates() {
+            match self.candidates() {
                 Ok(files) => {
                     let now = SystemTime::now();
                     let present: HashSet<&PathBuf> = files.iter().map(|(f, _)| f).collect();
@@ -135,7 +134,7 @@ impl Folder {
                                 junk.remove(path);
                             } else if Instant::now() >= j.until {
                                 let j = junk.remove(path).expect("junk entry");
-                                this.fail(path, &j.sidecars, &j.reason);
+                                self.fail(path, &j.sidecars, &j.reason);
                                 continue;
                             } else {
                                 continue;
@@ -147,35 +146,42 @@ impl Folder {
                             continue;
                         }
                         let still = now.duration_since(entry.since).unwrap_or_default()
-                            >= this.settle
-                            && now.duration_since(cur.mtime).unwrap_or_default() >= this.settle;
+                            >= self.settle
+                            && now.duration_since(cur.mtime).unwrap_or_default() >= self.settle;
                         if still {
                             seen.remove(path);
                             in_flight.insert(path.clone());
-                            let to = Sender {
+                            let to = Handoff {
                                 queue: &queue,
                                 finished: &finished,
                                 heartbeat: &heartbeat,
                                 stop: &stop,
                             };
-                            if let Err((reason, sidecars)) = this.submit(path, &to) {
-                                in_flight.remove(path);
-                                junk.insert(
-                                    path.clone(),
-                                    Junk {
-                                        seen: cur,
-                                        until: Instant::now() + this.grace(),
-                                        reason,
-                                        sidecars,
-                                    },
-                                );
+                            match self.submit(path, &to) {
+                                Ok(true) => {}
+                                // Stopping: the file stays in the inbox for the next start.
+                                Ok(false) => {
+                                    in_flight.remove(path);
+                                }
+                                Err((reason, sidecars)) => {
+                                    in_flight.remove(path);
+                                    junk.insert(
+                                        path.clone(),
+                                        Junk {
+                                            seen: cur,
+                                            until: Instant::now() + self.grace(),
+                                            reason,
+                                            sidecars,
+                                        },
+                                    );
+                                }
                             }
                         }
                     }
                 }
-                Err(e) => health.set_folder(false, &format!("{}: {e}", this.dir.display())),
+                Err(e) => health.set_folder(false, &format!("{}: {e}", self.dir.display())),
             }
-            heartbeat.sleep_unless(&stop, this.poll);
+            heartbeat.sleep_unless(&stop, self.poll);
         }
         // The posters already queued are still classified after a stop: their files
         // move once the classifier is done with them. A file whose job never comes
@@ -183,14 +189,14 @@ impl Folder {
         drop(finished);
         while !in_flight.is_empty() {
             match finishing.recv_timeout(DRAIN_SILENCE) {
-                Ok(f) => this.finish(f, &mut in_flight),
+                Ok(f) => self.put_away(f, &mut in_flight),
                 Err(_) => break,
             }
         }
     }
 
     /// Moves a file the classifier is done with, and forgets it.
-    fn finish(&self, f: Finished, in_flight: &mut HashSet<PathBuf>) {
+    fn put_away(&self, f: Finished, in_flight: &mut HashSet<PathBuf>) {
         finish(&f.path, &f.sidecars, &self.done, &self.failed, &f.outcome);
         in_flight.remove(&f.path);
     }
@@ -254,9 +260,10 @@ impl Folder {
         (overview, found)
     }
 
-    /// Hands the file to the queue, or says why it cannot be read (with its
-    /// sidecars), so that the scan can watch it a little longer before failing it.
-    fn submit(&self, path: &Path, to: &Sender) -> Result<(), (String, Vec<PathBuf>)> {
+    /// Hands the file to the queue (`false` when stopping: it was not queued), or
+    /// says why it cannot be read (with its sidecars), so that the scan can watch it
+    /// a little longer before failing it.
+    fn submit(&self, path: &Path, to: &Handoff) -> Result<bool, (String, Vec<PathBuf>)> {
         let (overview, sidecars) = self.overview(path);
         let name = path
             .file_name()
@@ -287,10 +294,13 @@ impl Folder {
                 });
             })),
         };
-        if let Err(e) = to.queue.send(job, to.heartbeat, to.stop) {
-            tracing::warn!("{e}");
+        match to.queue.send(job, to.heartbeat, to.stop) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::warn!("{e}");
+                Ok(false)
+            }
         }
-        Ok(())
     }
 }
 
