@@ -7,7 +7,7 @@ use marquee::backend::Backend;
 use marquee::caption::remote::Protocol;
 use marquee::caption::stage::Mode;
 use marquee::infer::task::Task;
-use marquee::train::fusion::{PositiveWeight, Schedule};
+use marquee::train::fusion::{Loss, PositiveWeight, Schedule};
 use marquee::train::recipe::options::{Thresholds, Until};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -114,6 +114,11 @@ pub struct TrainArgs {
     /// twentieth of the learning rate (0: the teacher reads frozen layer-6 states).
     #[arg(long, default_value_t = 1, value_parser = in_range::<0, 6>)]
     pub teacher_top_layers: usize,
+    /// Tune EfficientNet's last N blocks and its head inside the teacher and the
+    /// poster-only network, at a twentieth of the learning rate, on cached inputs of
+    /// the first tuned block (0: the head alone; unset: frozen poster maps).
+    #[arg(long, value_parser = in_range::<0, 5>)]
+    pub tune_image_blocks: Option<usize>,
     /// Networks in the student ensemble (the shipped model).
     #[arg(long, default_value_t = 2, value_parser = in_range::<1, 4>)]
     pub student_members: usize,
@@ -136,6 +141,13 @@ pub struct TrainArgs {
     /// Weight of each genre's positives in the networks' loss.
     #[arg(long, value_enum, default_value = "sqrt-ratio")]
     pub positives: PositivesArg,
+    /// The networks' loss on each genre.
+    #[arg(long, value_enum, default_value = "bce")]
+    pub loss: LossArg,
+    /// Train half the batches of the networks that read 224x336 maps (the teacher,
+    /// the single-modality networks) on the posters' mirror images.
+    #[arg(long)]
+    pub augment_flip: bool,
     /// Share of the student's training rows with an overview whose overview is
     /// hidden in a step, so that it learns the kiosk case (poster only).
     #[arg(long, default_value_t = 0.5, value_parser = share)]
@@ -366,6 +378,9 @@ pub enum OnlyArg {
     /// The teacher alone (no peers, no single-modality networks), saved in
     /// WORK/teacher: for trying teacher options, then `--teacher` to distil from it.
     Teacher,
+    /// The single-modality networks alone, without the peers: minutes, for trying
+    /// training options on the poster-only (kiosk) and text-only networks.
+    Singles,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -391,6 +406,7 @@ impl From<OnlyArg> for Until {
             OnlyArg::Peers => Until::Peers,
             OnlyArg::Teacher => Until::Teacher,
             OnlyArg::Ablations => Until::Ablations,
+            OnlyArg::Singles => Until::Singles,
         }
     }
 }
@@ -425,6 +441,26 @@ impl From<PositivesArg> for PositiveWeight {
         match p {
             PositivesArg::One => PositiveWeight::One,
             PositivesArg::SqrtRatio => PositiveWeight::SqrtRatio,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LossArg {
+    /// Binary cross-entropy.
+    Bce,
+    /// Asymmetric loss: easy negatives down-weighted by p^4, those under 0.05 dropped.
+    Asymmetric,
+    /// Focal loss, gamma 2.
+    Focal,
+}
+
+impl From<LossArg> for Loss {
+    fn from(l: LossArg) -> Self {
+        match l {
+            LossArg::Bce => Loss::Bce,
+            LossArg::Asymmetric => Loss::Asymmetric,
+            LossArg::Focal => Loss::Focal,
         }
     }
 }

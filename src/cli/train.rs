@@ -45,6 +45,9 @@ impl fmt::Display for TrainReport {
                 threshold_spread,
             } => {
                 table(f, ablations)?;
+                for row in ablations.iter().filter(|r| r.val_text_less.is_some()) {
+                    per_genre(f, row)?;
+                }
                 spread(f, threshold_spread)
             }
             TrainReport::Peers(p) => {
@@ -79,6 +82,23 @@ fn spread(f: &mut fmt::Formatter, spreads: &[ThresholdSpread]) -> fmt::Result {
             "\n{:<72} mean sd {:.3}, max {:.3} ({})",
             s.model, s.mean_sd, s.max_sd, s.max_sd_genre
         )?;
+    }
+    Ok(())
+}
+
+/// Each genre's val F1 with the overview and without it (the kiosk case).
+fn per_genre(f: &mut fmt::Formatter, row: &Ablation) -> fmt::Result {
+    let Some(less) = &row.val_text_less else {
+        return Ok(());
+    };
+    write!(
+        f,
+        "\n\n{}: per genre, val F1 with the overview / text-less (support)",
+        row.name
+    )?;
+    for (genre, g) in &row.val.per_genre {
+        let l = less.per_genre.get(genre).map_or(f64::NAN, |x| x.f1);
+        write!(f, "\n  {genre:<16} {:.3} / {l:.3} ({})", g.f1, g.support)?;
     }
     Ok(())
 }
@@ -119,6 +139,7 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
         seed: a.seed,
         teacher_members: a.teacher_members,
         teacher_top_layers: a.teacher_top_layers,
+        image_tail: a.tune_image_blocks,
         student_members: a.student_members,
         student_text_dropout: a.student_text_dropout,
         fit_limit: a.fit_limit,
@@ -131,6 +152,8 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
     opts.teacher_from = a.teacher;
     opts.fusion.schedule = a.schedule.into();
     opts.fusion.positives = a.positives.into();
+    opts.fusion.loss = a.loss.into();
+    opts.fusion.augment_flip = a.augment_flip;
     if let Some(only) = a.only {
         opts.until = only.into();
     }

@@ -130,6 +130,12 @@ pub fn top_file(i: usize) -> String {
     format!("text_top_{i}.bpk")
 }
 
+/// Member `i`'s tuned EfficientNet blocks and head, in a teacher that tunes them
+/// (training only).
+pub fn tail_file(i: usize) -> String {
+    format!("image_tail_{i}.bpk")
+}
+
 /// The fusion networks of a model and their spec.
 pub struct ModelDir {
     /// Everything but the weights.

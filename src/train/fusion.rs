@@ -6,7 +6,7 @@ use super::metrics::{decide_all, report, tune_thresholds};
 use super::tokens::{STUDENT_INPUT, TEACHER_INPUT, TokenSet, grid, grid_tokens};
 use crate::infer::batch::{FusionRow, TEXT_DIM, batch};
 use crate::nn::bert::BertLayer;
-use crate::nn::efficientnet::FEATURE_DIM;
+use crate::nn::efficientnet::{FEATURE_DIM, Tail};
 use crate::nn::fusion::{EarlyFusion, FusionConfig, FusionInput, TunedFusion};
 use crate::util::progress::{Stage, note};
 use burn::module::Module;
@@ -62,6 +62,58 @@ pub struct FusionOptions {
     /// Learning rate of tuned pretrained (MiniLM) layers, as a share of `lr`: they
     /// start trained, so they move slower than the new layers.
     pub pretrained_lr_share: f64,
+    /// The loss on each genre's logit.
+    pub loss: Loss,
+    /// Train half the batches on the mirror-image poster maps (networks that read
+    /// the teacher's 224x336 maps; the student's maps have no mirror image cached).
+    pub augment_flip: bool,
+}
+
+/// The loss on a genre's logit `z` against a soft target `t`, before the positives'
+/// weight. With `p = sigmoid(z)`, each is `w t a(p) (-log p) + (1 - t) b(p) (-log(1 - q))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Loss {
+    /// Binary cross-entropy: `a = b = 1`, `q = p`.
+    Bce,
+    /// Asymmetric loss (Ridnik et al., 2021): `a = 1`, `b = q^4` with `q = max(p - 0.05, 0)`:
+    /// the many easy negatives of a rare genre stop drowning its few positives.
+    Asymmetric,
+    /// Focal loss (Lin et al., 2017): `a = (1 - p)^2`, `b = p^2`, `q = p`.
+    Focal,
+}
+
+impl Loss {
+    /// Mean loss over `[rows, classes]` logits against soft targets in [0, 1], the
+    /// positives of genre `j` weighted by `pos_weight[j]`.
+    fn mean(self, logits: Tensor<2>, targets: Tensor<2>, pos_weight: Tensor<1>) -> Tensor<1> {
+        match self {
+            Loss::Bce => soft_bce(logits, targets, pos_weight),
+            Loss::Asymmetric => {
+                let w = pos_weight.unsqueeze::<2>();
+                let pos = softplus(logits.clone().neg());
+                let q = sigmoid(logits).sub_scalar(ASL_MARGIN).clamp_min(0.0);
+                let neg = q.clone().powi_scalar(4) * q.neg().add_scalar(1.0).log().neg();
+                (pos * targets.clone() * w + neg * targets.neg().add_scalar(1.0)).mean()
+            }
+            Loss::Focal => {
+                let w = pos_weight.unsqueeze::<2>();
+                let p = sigmoid(logits.clone());
+                let pos =
+                    softplus(logits.clone().neg()) * p.clone().neg().add_scalar(1.0).powi_scalar(2);
+                let neg = softplus(logits) * p.powi_scalar(2);
+                (pos * targets.clone() * w + neg * targets.neg().add_scalar(1.0)).mean()
+            }
+        }
+    }
+}
+
+/// Probability below which the asymmetric loss ignores a negative.
+const ASL_MARGIN: f32 = 0.05;
+
+/// `log(1 + e^z)`, stable for large `|z|`.
+fn softplus(z: Tensor<2>) -> Tensor<2> {
+    relu(z.clone()) + z.abs().neg().exp().log1p()
 }
 
 /// Learning-rate schedule over a run of `epochs` (early stopping may end it sooner).
@@ -129,6 +181,8 @@ impl Default for FusionOptions {
             schedule: Schedule::WarmupCosine,
             positives: PositiveWeight::SqrtRatio,
             pretrained_lr_share: 0.05,
+            loss: Loss::Bce,
+            augment_flip: false,
         }
     }
 }
@@ -162,6 +216,43 @@ struct BatchSpec<'a> {
     idx: &'a [usize],
     hide_text: Vec<bool>,
     hide_image: Vec<bool>,
+}
+
+/// A batch as `net` reads it, and the input of its image tail if it has one.
+fn build_tail(
+    set: &TokenSet,
+    role: Role,
+    view: View,
+    net: &TunedFusion,
+    b: &BatchSpec,
+    device: &Device,
+) -> (FusionInput, Option<Tensor<4>>) {
+    let x = build(set, role, view, net, b, device);
+    if net.tail.is_none() {
+        return (x, None);
+    }
+    assert_eq!(
+        role,
+        Role::Teacher,
+        "the tail's inputs are cached at the teacher's input"
+    );
+    let src = match view {
+        View::Plain => &set.tail_in,
+        View::Flipped => &set.tail_flip,
+    };
+    let [c, h, w] = set.tail_dims;
+    let len = c * h * w;
+    assert!(
+        src.len() == set.n * len,
+        "the tail's {view:?} inputs are not in the feature set"
+    );
+    let data: Vec<f32> = b
+        .idx
+        .iter()
+        .flat_map(|&i| src[i * len..(i + 1) * len].iter().map(|v| v.to_f32()))
+        .collect();
+    let t = Tensor::<4>::from_data(TensorData::new(data, [b.idx.len(), c, h, w]), device);
+    (x, Some(t))
 }
 
 /// A batch as `net` reads it: a network that tunes MiniLM's top layers reads the
@@ -208,6 +299,7 @@ fn build(
 /// `j` weighted by `pos_weight[j]`, mean over all:
 /// `w t softplus(-z) + (1 - t) softplus(z)`, with `softplus(±z) = relu(±z) + log1p(e^-|z|)`.
 fn soft_bce(logits: Tensor<2>, targets: Tensor<2>, pos_weight: Tensor<1>) -> Tensor<1> {
+    // One shared tail (not `softplus` twice): the shipped model's gradients, bit for bit.
     let tail = logits.clone().abs().neg().exp().log1p();
     let pos = relu(logits.clone().neg()) + tail.clone();
     let neg = relu(logits) + tail;
@@ -251,7 +343,8 @@ pub fn score(model: &TunedFusion, c: &FusionConfig, s: &Scoring, device: &Device
             hide_image: vec![!c.use_image; idx.len()],
             idx: &idx,
         };
-        let p = sigmoid(model.forward(build(set, role, view, model, &spec, device)))
+        let (x, tail_in) = build_tail(set, role, view, model, &spec, device);
+        let p = sigmoid(model.forward_tail(x, tail_in))
             .into_data()
             .try_to_vec::<f32>()
             .expect("f32 scores");
@@ -316,6 +409,9 @@ pub struct Job<'a> {
     pub config: &'a FusionConfig,
     /// Pretrained MiniLM layers to tune inside it (none: the text features stay frozen).
     pub top: Vec<BertLayer>,
+    /// EfficientNet's last blocks and head to tune inside it (none: the poster maps
+    /// stay frozen).
+    pub tail: Option<Tail>,
     /// Which cached features it reads.
     pub role: Role,
     /// The training features.
@@ -340,6 +436,7 @@ pub fn train(job: Job, device: &Device) -> Trained {
     let Job {
         config: c,
         top,
+        tail,
         role,
         set,
         fit,
@@ -355,10 +452,12 @@ pub fn train(job: Job, device: &Device) -> Trained {
     let ad = device.clone().autodiff();
     let mut model = TunedFusion {
         top: top.fork(&ad).train(),
+        tail: tail.map(|t| t.fork(&ad).train()),
         fusion: EarlyFusion::new(c, &ad),
     };
     let adamw = AdamWConfig::new().with_weight_decay(opts.weight_decay);
     let (mut optim, mut optim_top) = (adamw.init(), adamw.init());
+    let mut optim_tail = adamw.init();
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut order: Vec<usize> = (0..fit.len()).collect();
     let steps = fit.len().div_ceil(opts.batch);
@@ -366,6 +465,11 @@ pub fn train(job: Job, device: &Device) -> Trained {
     let pos_weight = Tensor::<1>::from_data(
         TensorData::new(opts.positives.weights(targets, k), [k]),
         &ad,
+    );
+    let flip = opts.augment_flip && role == Role::Teacher;
+    assert!(
+        !flip || set.flip_map.len() == set.teacher_map.len(),
+        "flip augmentation needs the fit rows' mirror-image maps"
     );
     let mut step = 0;
     let mut best: Option<Trained> = None;
@@ -392,8 +496,14 @@ pub fn train(job: Job, device: &Device) -> Trained {
                 .flat_map(|&j| targets[j * k..(j + 1) * k].iter().copied())
                 .collect();
             let y = Tensor::<2>::from_data(TensorData::new(y, [idx.len(), k]), &ad);
-            let logits = model.forward(build(set, role, View::Plain, &model, &spec, &ad));
-            let loss = soft_bce(logits, y, pos_weight.clone());
+            // Drawn only when asked for, so that runs without it keep their stream.
+            let view = match flip && rng.random_bool(0.5) {
+                true => View::Flipped,
+                false => View::Plain,
+            };
+            let (x, tail_in) = build_tail(set, role, view, &model, &spec, &ad);
+            let logits = model.forward_tail(x, tail_in);
+            let loss = opts.loss.mean(logits, y, pos_weight.clone());
             let mut grads = loss.backward();
             let lr = opts
                 .schedule
@@ -401,6 +511,10 @@ pub fn train(job: Job, device: &Device) -> Trained {
             if !model.top.is_empty() {
                 let g = GradientsParams::from_module(&mut grads, &model.top);
                 model.top = optim_top.step(lr * opts.pretrained_lr_share, model.top, g);
+            }
+            if let Some(tail) = model.tail.take() {
+                let g = GradientsParams::from_module(&mut grads, &tail);
+                model.tail = Some(optim_tail.step(lr * opts.pretrained_lr_share, tail, g));
             }
             let g = GradientsParams::from_module(&mut grads, &model.fusion);
             model.fusion = optim.step(lr, model.fusion, g);
@@ -480,6 +594,46 @@ mod tests {
     }
 
     #[test]
+    fn asymmetric_and_focal_losses_follow_their_formulas() {
+        let dev = Device::flex();
+        let z = [2.0f32, -1.0, 0.5, -3.0, -2.9];
+        let t = [1.0f32, 0.0, 0.3, 0.0, 1.0];
+        let w = [2.0f32];
+        let loss = |l: Loss| {
+            l.mean(
+                Tensor::<2>::from_data(TensorData::new(z.to_vec(), [5, 1]), &dev),
+                Tensor::<2>::from_data(TensorData::new(t.to_vec(), [5, 1]), &dev),
+                Tensor::<1>::from_data(TensorData::new(w.to_vec(), [1]), &dev),
+            )
+            .into_scalar::<f32>()
+        };
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let asl = |i: usize| {
+            let (p, q) = (sig(z[i]), (sig(z[i]) - 0.05).max(0.0));
+            w[0] * t[i] * -p.ln() + (1.0 - t[i]) * q.powi(4) * -(1.0 - q).ln()
+        };
+        let focal = |i: usize| {
+            let p = sig(z[i]);
+            w[0] * t[i] * (1.0 - p).powi(2) * -p.ln() + (1.0 - t[i]) * p.powi(2) * -(1.0 - p).ln()
+        };
+        for (l, f) in [
+            (Loss::Asymmetric, &asl as &dyn Fn(usize) -> f32),
+            (Loss::Focal, &focal),
+        ] {
+            let want = (0..5).map(f).sum::<f32>() / 5.0;
+            assert!(
+                (loss(l) - want).abs() < 1e-5,
+                "{l:?}: {} vs {want}",
+                loss(l)
+            );
+        }
+        // Below the margin a negative costs nothing under the asymmetric loss: z = -3
+        // (p = 0.047) with target 0 adds only its zero term.
+        assert!(asl(3) == 0.0);
+        assert!(loss(Loss::Bce) > loss(Loss::Focal));
+    }
+
+    #[test]
     fn rare_genres_weigh_more_and_the_schedule_warms_up_then_decays() {
         // Genre 0 positive in 1 of 10 rows, genre 1 in 5 of 10.
         let t: Vec<f32> = (0..10)
@@ -533,6 +687,7 @@ mod tests {
             };
             let net = TunedFusion {
                 top: Vec::new(),
+                tail: None,
                 fusion: EarlyFusion::new(&config(Role::Student, true, true, 18), &dev),
             };
             let trained = build(&set, Role::Student, View::Plain, &net, &spec, &dev);

@@ -11,6 +11,7 @@
 
 use super::manifest::{Manifest, Row};
 use super::split::fit_tune_split;
+use crate::infer::classifier::image_input;
 use crate::infer::{TEXT_DIM, compose_text, image_tokens};
 use crate::model::cache::CacheDir;
 use crate::model::dir::ImageInput;
@@ -49,6 +50,13 @@ const RECIPE: &str =
     "tokens v1 | effnet-lite0 maps 224x336 160x240 catmullrom | minilm-l6 L3 L6 128";
 const FLIP_RECIPE: &str = "tokens-flip v1 | effnet-lite0 map 224x336 hflip catmullrom";
 
+fn tail_recipe(blocks: usize, flip: bool) -> String {
+    format!(
+        "tokens-tail v1 | effnet-lite0 input of the last {blocks} blocks + head 224x336{} catmullrom",
+        if flip { " hflip" } else { "" }
+    )
+}
+
 fn below_recipe(layer: usize) -> String {
     format!("tokens-below v1 | minilm-l6 L{layer} 128")
 }
@@ -60,6 +68,9 @@ pub struct Extra {
     pub flip: bool,
     /// MiniLM's hidden states after this layer (under a teacher's tuned top layers).
     pub below: Option<usize>,
+    /// The input of EfficientNet's last this many blocks and head at the teacher's
+    /// input (under a network's tuned image tail); mirrored too when `flip`.
+    pub tail: Option<usize>,
 }
 
 /// Rows and columns of the feature map for an input (TF-SAME padding rounds up).
@@ -97,6 +108,12 @@ pub struct TokenSet {
     /// Hidden states below the teacher's tuned top layers, packed as the others;
     /// empty unless asked for.
     pub text_below: Vec<f16>,
+    /// Inputs of the tuned image tail, `[n, c, h, w]` flattened; empty unless asked for.
+    pub tail_in: Vec<f16>,
+    /// The same for the mirror images; empty unless asked for with `flip`.
+    pub tail_flip: Vec<f16>,
+    /// `[c, h, w]` of a row of `tail_in`.
+    pub tail_dims: [usize; 3],
 }
 
 impl TokenSet {
@@ -117,14 +134,12 @@ pub fn extract_tokens(
     extra: Extra,
 ) -> Result<TokenSet> {
     std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
-    let name = match (extra.flip, extra.below) {
-        (false, None) => "tokens".to_string(),
-        (flip, below) => format!(
-            "tokens{}{}",
-            if flip { "+flip" } else { "" },
-            below.map(|l| format!("+L{l}")).unwrap_or_default()
-        ),
-    };
+    let name = format!(
+        "tokens{}{}{}",
+        if extra.flip { "+flip" } else { "" },
+        extra.below.map(|l| format!("+L{l}")).unwrap_or_default(),
+        extra.tail.map(|b| format!("+tail{b}")).unwrap_or_default()
+    );
     let pb = Stage::start(&name, rows.len() as u64);
     let mut all = TokenSet {
         text_off: vec![0],
@@ -172,10 +187,73 @@ pub fn extract_tokens(
                 }
             };
         }
+        if let Some(blocks) = extra.tail {
+            let views: &[bool] = if extra.flip { &[false, true] } else { &[false] };
+            for &flip in views {
+                let tpath = chunk_path(cache, manifest, chunk, &tail_recipe(blocks, flip));
+                let (t, dims) = match read_tail(&tpath) {
+                    Some(t) if t.0.len() == chunk.len() * t.1.iter().product::<usize>() => t,
+                    _ => {
+                        let images = load_images(manifest, chunk)?;
+                        let t = tail_inputs(towers, device, &images, blocks, flip);
+                        let dims: Vec<u8> =
+                            t.1.iter().flat_map(|&d| (d as i64).to_le_bytes()).collect();
+                        let data = ("tail_in", f16_bytes(&t.0), vec![t.0.len()]);
+                        write_named(&tpath, &[data, ("tail_dims", dims, vec![3])])?;
+                        t
+                    }
+                };
+                set.tail_dims = dims;
+                match flip {
+                    true => set.tail_flip = t,
+                    false => set.tail_in = t,
+                }
+            }
+        }
         append(&mut all, set);
     }
     drop(pb);
     Ok(all)
+}
+
+/// The input of EfficientNet's last `blocks` blocks and head for each image at the
+/// teacher's input (mirrored when `flip`), flattened `[n, c, h, w]`, and `[c, h, w]`.
+fn tail_inputs(
+    towers: &Towers,
+    device: &Device,
+    images: &[RgbImage],
+    blocks: usize,
+    flip: bool,
+) -> (Vec<f16>, [usize; 3]) {
+    let last = towers.image.block_count() - blocks - 1;
+    let mut out = Vec::new();
+    let mut dims = [0; 3];
+    for batch in images.chunks(IMAGE_BATCH) {
+        let batch: Vec<RgbImage> = match flip {
+            true => batch.iter().map(image::imageops::flip_horizontal).collect(),
+            false => batch.to_vec(),
+        };
+        let x = Tensor::<4>::from_data(image_input(&batch, TEACHER_INPUT), device);
+        let t = towers.image.forward_until(x, last);
+        let [_, c, h, w] = t.dims();
+        dims = [c, h, w];
+        out.extend(t.into_data().iter::<f32>().map(f16::from_f32));
+    }
+    (out, dims)
+}
+
+/// A chunk's cached tail inputs and their `[c, h, w]`.
+fn read_tail(path: &Path) -> Option<(Vec<f16>, [usize; 3])> {
+    let bytes = std::fs::read(path).ok()?;
+    let st = SafeTensors::deserialize(&bytes).ok()?;
+    let t = f16_of(&st, "tail_in")?;
+    let d = st.tensor("tail_dims").ok()?;
+    let d: Vec<usize> = d
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .collect();
+    Some((t, d.try_into().ok()?))
 }
 
 fn append(all: &mut TokenSet, s: TokenSet) {
@@ -189,6 +267,9 @@ fn append(all: &mut TokenSet, s: TokenSet) {
     all.text_l6.extend(s.text_l6);
     all.flip_map.extend(s.flip_map);
     all.text_below.extend(s.text_below);
+    all.tail_in.extend(s.tail_in);
+    all.tail_flip.extend(s.tail_flip);
+    all.tail_dims = s.tail_dims;
 }
 
 fn load_images(manifest: &Manifest, rows: &[Row]) -> Result<Vec<RgbImage>> {
@@ -315,7 +396,7 @@ fn write_named(path: &Path, tensors: &[(&str, Vec<u8>, Vec<usize>)]) -> Result<(
     let views = tensors
         .iter()
         .map(|(name, bytes, shape)| {
-            let dtype = if *name == "text_off" {
+            let dtype = if matches!(*name, "text_off" | "tail_dims") {
                 Dtype::I64
             } else {
                 Dtype::F16
@@ -385,8 +466,7 @@ fn read_chunk(path: &Path, n: usize) -> Option<TokenSet> {
         text_l3: f16_of(&st, "text_l3")?,
         text_l6: f16_of(&st, "text_l6")?,
         text_off,
-        flip_map: Vec::new(),
-        text_below: Vec::new(),
+        ..Default::default()
     };
     let tokens = *s.text_off.last()?;
     let ok = s.text_off.len() == n + 1
@@ -422,7 +502,7 @@ pub fn extract_all(manifest_path: &Path, cache: &CacheDir, device: &Device) -> R
     let dir = cache.tokens();
     let flip = Extra {
         flip: true,
-        below: None,
+        ..Default::default()
     };
     note(&format!(
         "token features: {} fit, {} tune, {} val rows",

@@ -124,6 +124,30 @@ pub struct EfficientNetOutput {
     pub pooled: Tensor<2>,
 }
 
+/// EfficientNet-Lite0's last blocks and head, tuned inside a genre network: it reads
+/// the (cached) input of its first block and gives the head's feature map.
+#[derive(Module, Debug)]
+pub struct Tail {
+    blocks: Vec<MbConv>,
+    conv_head: Conv2d,
+    bn1: BatchNorm,
+}
+
+impl Tail {
+    /// `[B, C, H, W]` block input to the head's `[B, 1280, H', W']` map (ReLU6 applied).
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = self.blocks.iter().fold(x, |x, b| b.forward(x));
+        relu6(self.bn1.forward(self.conv_head.forward(x)))
+    }
+
+    /// The same map as tokens `[B, H' * W', 1280]`, cells row-major, as the towers give them.
+    pub fn tokens(&self, x: Tensor<4>) -> Tensor<3> {
+        let f = self.forward(x);
+        let [b, c, h, w] = f.dims();
+        f.reshape([b, c, h * w]).swap_dims(1, 2)
+    }
+}
+
 /// EfficientNet-Lite0 up to its pooled features (the classifier head is not used).
 #[derive(Module, Debug)]
 pub struct EfficientNetLite0 {
@@ -155,6 +179,21 @@ impl EfficientNetLite0 {
         }
     }
 
+    /// Blocks in the network (16).
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Copies of the last `n` blocks and the head, to tune (`n` = 0: the head alone).
+    pub fn tail(&self, n: usize) -> Tail {
+        let from = self.blocks.len() - n.min(self.blocks.len());
+        Tail {
+            blocks: self.blocks[from..].to_vec(),
+            conv_head: self.conv_head.clone(),
+            bn1: self.bn1.clone(),
+        }
+    }
+
     /// Stem: conv 3x3/2 + BN + ReLU6.
     pub fn stem(&self, input: Tensor<4>) -> Tensor<4> {
         relu6(self.bn0.forward(self.conv_stem.forward(input)))
@@ -179,5 +218,38 @@ impl EfficientNetLite0 {
     /// ImageNet logits (dropout is the identity at inference).
     pub fn classify(&self, pooled: Tensor<2>) -> Tensor<2> {
         self.fc.forward(pooled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tail on the cached input of its first block gives the network's own map.
+    #[test]
+    fn the_tail_on_its_cached_input_is_the_whole_network() {
+        let device = Device::flex();
+        device.seed(7);
+        let net = EfficientNetLite0::new(&device);
+        let x = Tensor::<4>::random([2, 3, 64, 96], burn::tensor::Distribution::Default, &device);
+        let whole = net.forward_features(x.clone()).features;
+        let [b, c, h, w] = whole.dims();
+        let whole: Vec<f32> = whole
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        for n in [0, 2] {
+            let cached = net.forward_until(x.clone(), net.block_count() - n - 1);
+            let tail: Vec<f32> = net.tail(n).tokens(cached).into_data().try_to_vec().unwrap();
+            assert_eq!(tail.len(), whole.len());
+            let err = tail
+                .iter()
+                .zip(&whole)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "last {n} blocks: max difference {err}");
+        }
     }
 }

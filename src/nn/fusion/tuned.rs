@@ -4,6 +4,7 @@
 
 use super::{EarlyFusion, FusionInput};
 use crate::nn::bert::{Bert, BertLayer};
+use crate::nn::efficientnet::Tail;
 use burn::prelude::*;
 
 /// A fusion network with the MiniLM layers it tunes (a teacher's); none for a student.
@@ -11,6 +12,9 @@ use burn::prelude::*;
 pub struct TunedFusion {
     /// Pretrained MiniLM layers, trained on with the fusion layers.
     pub top: Vec<BertLayer>,
+    /// EfficientNet's last blocks and head, trained on with the fusion layers (a
+    /// teacher's, when it tunes them); its image tokens come from this tail.
+    pub tail: Option<Tail>,
     /// The fusion layers.
     pub fusion: EarlyFusion,
 }
@@ -27,6 +31,15 @@ impl TunedFusion {
                 .fold(x.text, |h, layer| layer.forward(h, Some(bias.clone())));
         }
         self.fusion.forward(x)
+    }
+
+    /// Genre logits `[B, classes]` of a network with a tail: `tail_input` (the cached
+    /// `[B, C, H, W]` input of its first block) replaces `x.image`.
+    pub fn forward_tail(&self, mut x: FusionInput, tail_input: Option<Tensor<4>>) -> Tensor<2> {
+        if let (Some(tail), Some(input)) = (&self.tail, tail_input) {
+            x.image = tail.tokens(input);
+        }
+        self.forward(x)
     }
 }
 
@@ -67,12 +80,14 @@ mod tests {
         let fusion = EarlyFusion::new(&config(), &device);
         let plain = TunedFusion {
             top: Vec::new(),
+            tail: None,
             fusion: fusion.clone(),
         };
         let x = input(4, 4, &device);
         assert_eq!(values(plain.forward(x.clone())), values(fusion.forward(x)));
         let tuned = TunedFusion {
             top: vec![BertLayer::new(&BertConfig::MINILM_L6, &device)],
+            tail: None,
             fusion,
         };
         let short = input(3, 3, &device);
@@ -99,6 +114,7 @@ mod tests {
         let top = vec![BertLayer::new(&BertConfig::MINILM_L6, &device)];
         let net = TunedFusion {
             top: top.fork(&ad).train(),
+            tail: None,
             fusion: EarlyFusion::new(&config(), &ad),
         };
         let x = input(5, 4, &ad);

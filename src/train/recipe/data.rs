@@ -5,6 +5,7 @@ use super::options::RecipeOptions;
 use crate::model::cache::CacheDir;
 use crate::model::towers::{Form, Towers};
 use crate::nn::bert::BertLayer;
+use crate::nn::efficientnet::Tail;
 use crate::train::manifest::{Manifest, Row, multi_hot};
 use crate::train::split::fit_tune_split;
 use crate::train::tokens::{Extra, TEACHER_TEXT_LAYERS, TokenSet, extract_tokens};
@@ -60,6 +61,8 @@ pub(super) struct Data {
     pub(super) val: Part,
     /// Pretrained copies of the MiniLM layers the teacher tunes (none by default).
     pub(super) text_top: Vec<BertLayer>,
+    /// A pretrained copy of EfficientNet's last blocks and head, when they are tuned.
+    pub(super) image_tail: Option<Tail>,
 }
 
 /// Reads the manifest, splits it and extracts (or finds) every row's features.
@@ -96,7 +99,8 @@ pub(super) fn load(
         val_rows.len(),
         dir.display()
     ));
-    // Flipped maps only for the rows that are scored (tune and val).
+    // Flipped maps for the rows that are scored (tune and val), and for the fit rows
+    // when training sees mirror images too.
     let part = |rows: &[Row], flip: bool| -> Result<Part> {
         let set = extract_tokens(
             &towers,
@@ -104,13 +108,17 @@ pub(super) fn load(
             &manifest,
             rows,
             &dir,
-            Extra { flip, below },
+            Extra {
+                flip,
+                below,
+                tail: opts.image_tail,
+            },
         )?;
         Ok(Part::new(set, rows, labels))
     };
     let val = part(&val_rows, true)?;
     let tune = part(&tune_rows, true)?;
-    let fit = part(&fit_rows, false)?;
+    let fit = part(&fit_rows, opts.fusion.augment_flip)?;
     Ok(Data {
         fit_rows,
         tune_rows,
@@ -118,5 +126,6 @@ pub(super) fn load(
         tune,
         val,
         text_top: towers.text.top_layers(top),
+        image_tail: opts.image_tail.map(|n| towers.image.tail(n)),
     })
 }

@@ -3,9 +3,10 @@
 
 use super::data::Part;
 use crate::infer::labels::labels;
-use crate::model::dir::{ModelDir, ModelSpec, TowerSource, top_file};
+use crate::model::dir::{ModelDir, ModelSpec, TowerSource, tail_file, top_file};
 use crate::model::towers::{load_burnpack, save_burnpack};
 use crate::nn::bert::{BertConfig, BertLayer};
+use crate::nn::efficientnet::Tail;
 use crate::nn::fusion::{FusionConfig, TunedFusion};
 use crate::train::fusion::{self, Role, Scoring, View};
 use crate::train::metrics::{Report, ThresholdSpread, tune_thresholds};
@@ -153,6 +154,7 @@ impl Ensemble {
             ),
         };
         let tops: Vec<Vec<BertLayer>> = self.members.iter().map(|m| m.top.clone()).collect();
+        let tails: Vec<Option<Tail>> = self.members.iter().map(|m| m.tail.clone()).collect();
         ModelDir {
             spec: ModelSpec {
                 id: id.into(),
@@ -174,7 +176,31 @@ impl Ensemble {
         for (i, top) in tops.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
             save_burnpack(top, &dir.join(top_file(i)))?;
         }
+        for (i, tail) in tails.iter().enumerate() {
+            if let Some(tail) = tail {
+                save_burnpack(tail, &dir.join(tail_file(i)))?;
+            }
+        }
         Ok(())
+    }
+}
+
+/// Member `i`'s tuned EfficientNet tail from a teacher directory, shaped as
+/// `pretrained` (none when the run tunes no tail).
+pub(super) fn load_tail(dir: &Path, i: usize, pretrained: Option<&Tail>) -> Result<Option<Tail>> {
+    let path = dir.join(tail_file(i));
+    match (pretrained, path.is_file()) {
+        (None, false) => Ok(None),
+        (None, true) => bail!(
+            "{} tunes EfficientNet's last blocks: give --tune-image-blocks",
+            dir.display()
+        ),
+        (Some(_), false) => bail!("{} has no tuned EfficientNet blocks", dir.display()),
+        (Some(t), true) => {
+            let mut tail = t.clone();
+            load_burnpack(&mut tail, &path)?;
+            Ok(Some(tail))
+        }
     }
 }
 

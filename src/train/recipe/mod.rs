@@ -77,14 +77,22 @@ pub fn run(
         labels: &labels,
         device,
     };
-    if opts.fits_peers() {
-        out.ablations
-            .extend(singles::single_modality(&trainer, &data.val));
+    if opts.trains_singles() {
+        out.ablations.extend(singles::single_modality(
+            &trainer,
+            data.image_tail.as_ref(),
+            &data.val,
+        ));
     }
-    if opts.until == Until::Ablations {
+    if matches!(opts.until, Until::Ablations | Until::Singles) {
         return Ok(out);
     }
-    let (teacher, row) = teacher::teacher(&trainer, &data.text_top, &data.val)?;
+    let (teacher, row) = teacher::teacher(
+        &trainer,
+        &data.text_top,
+        data.image_tail.as_ref(),
+        &data.val,
+    )?;
     out.ablations.push(row);
     if opts.until != Until::Teacher {
         let s = student::student(&trainer, &teacher, &data.fit_rows, &data.val);

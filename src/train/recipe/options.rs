@@ -15,6 +15,9 @@ pub struct RecipeOptions {
     /// MiniLM's top layers that each teacher network tunes inside it (0: the
     /// teacher reads frozen layer-6 states, as every other network does).
     pub teacher_top_layers: usize,
+    /// EfficientNet's last blocks that the teacher and the poster-only network tune
+    /// with its head, on cached inputs of the first of them (none: frozen maps).
+    pub image_tail: Option<usize>,
     /// Networks in the student ensemble (seeds `seed`, `seed + 1`, ...).
     pub student_members: usize,
     /// The student's share of text rows trained without their text: higher than the
@@ -59,13 +62,21 @@ pub enum Until {
     Student,
     /// The teacher alone, without the peers and the single-modality networks.
     Teacher,
+    /// The single-modality networks alone, without the peers (quick experiments).
+    Singles,
 }
 
 impl RecipeOptions {
-    /// Whether the run fits the peers and the single-modality networks: not when it
-    /// distils from an earlier teacher, nor when it trains the teacher alone.
-    pub fn fits_peers(&self) -> bool {
+    /// Whether the run trains the single-modality networks: not when it distils from
+    /// an earlier teacher, nor when it trains the teacher alone.
+    pub fn trains_singles(&self) -> bool {
         self.teacher_from.is_none() && self.until != Until::Teacher
+    }
+
+    /// Whether the run fits the logistic-regression peers: as for the singles, and
+    /// not when it asks for the singles alone.
+    pub fn fits_peers(&self) -> bool {
+        self.trains_singles() && self.until != Until::Singles
     }
 }
 
@@ -75,6 +86,7 @@ impl Default for RecipeOptions {
             seed: 42,
             teacher_members: 2,
             teacher_top_layers: 1,
+            image_tail: None,
             student_members: 2,
             student_text_dropout: 0.5,
             hard_weight: 0.5,

@@ -4,20 +4,22 @@
 use super::data::Part;
 use super::ensemble::Vote;
 use super::trainer::{Net, Trainer};
+use crate::nn::efficientnet::Tail;
 use crate::nn::fusion::{FusionConfig, TunedFusion};
 use crate::train::fusion::{self, Role};
 use crate::train::metrics::tune_thresholds;
 use crate::train::report::{Ablation, scored};
 
 /// Trains the poster-only and text-only networks and reports them, and the mean of
-/// the two, on `val`.
-pub(super) fn single_modality(t: &Trainer, val: &Part) -> Vec<Ablation> {
+/// the two, on `val`. The poster-only network tunes `tail` when given.
+pub(super) fn single_modality(t: &Trainer, tail: Option<&Tail>, val: &Part) -> Vec<Ablation> {
     let (fit, tune, labels) = (t.fit, t.tune, t.labels);
     let k = labels.len();
     let c_poster = fusion::config(Role::Teacher, true, false, k);
     let poster = t.train(Net {
         config: &c_poster,
         top: &[],
+        tail,
         role: Role::Teacher,
         rows: &fit.all,
         targets: &fit.hard(&fit.all),
@@ -28,6 +30,7 @@ pub(super) fn single_modality(t: &Trainer, val: &Part) -> Vec<Ablation> {
     let text = t.train(Net {
         config: &c_text,
         top: &[],
+        tail: None,
         role: Role::Teacher,
         rows: &fit.with_text,
         targets: &fit.hard(&fit.with_text),

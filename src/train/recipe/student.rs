@@ -28,6 +28,7 @@ pub(super) fn student(t: &Trainer, teacher: &Ensemble, fit_rows: &[Row], val: &P
     let net = Net {
         config: &config,
         top: &[],
+        tail: None,
         role: Role::Student,
         rows: &t.fit.all,
         targets: &targets,
@@ -107,6 +108,7 @@ fn out_of_fold(t: &Trainer, config: &FusionConfig, targets: &[f32], fit_rows: &[
             .train(Net {
                 config,
                 top: &[],
+                tail: None,
                 role: Role::Student,
                 rows: &kept,
                 targets: &kept_targets,

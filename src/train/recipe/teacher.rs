@@ -2,10 +2,11 @@
 //! mirror-image view too, trained here or read from an earlier run.
 
 use super::data::Part;
-use super::ensemble::{Ensemble, Vote, load_top};
+use super::ensemble::{Ensemble, Vote, load_tail, load_top};
 use super::trainer::{Net, Trainer};
 use crate::model::dir::ModelDir;
 use crate::nn::bert::BertLayer;
+use crate::nn::efficientnet::Tail;
 use crate::nn::fusion::{FusionConfig, TunedFusion};
 use crate::train::fusion::{self, Role};
 use crate::train::report::Ablation;
@@ -22,15 +23,16 @@ struct Members {
 }
 
 /// The teacher ensemble and its row of the ablation table. `text_top` are the
-/// pretrained MiniLM layers each member tunes.
+/// pretrained MiniLM layers each member tunes, `tail` EfficientNet's last blocks.
 pub(super) fn teacher(
     t: &Trainer,
     text_top: &[BertLayer],
+    tail: Option<&Tail>,
     val: &Part,
 ) -> Result<(Ensemble, Ablation)> {
     let m = match &t.opts.teacher_from {
-        Some(dir) => read(t, dir)?,
-        None => train(t, text_top),
+        Some(dir) => read(t, dir, tail)?,
+        None => train(t, text_top, tail),
     };
     let vote = Vote {
         members: m.nets.iter().collect(),
@@ -41,11 +43,15 @@ pub(super) fn teacher(
     let done = vote.finish((t.tune, val), t.labels, None, t.device);
     let row = Ablation {
         name: format!(
-            "early-fusion teacher ({} members, flip TTA, 224x336, MiniLM-L6{})",
+            "early-fusion teacher ({} members, flip TTA, 224x336, MiniLM-L6{}{})",
             m.nets.len(),
             match t.opts.teacher_top_layers {
                 0 => String::new(),
                 n => format!(", top {n} tuned"),
+            },
+            match t.opts.image_tail {
+                None => String::new(),
+                Some(n) => format!(", EfficientNet's last {n} blocks + head tuned"),
             }
         ),
         val: done.val.clone(),
@@ -57,7 +63,7 @@ pub(super) fn teacher(
 }
 
 /// A teacher of this recipe from an earlier run's directory.
-fn read(t: &Trainer, dir: &Path) -> Result<Members> {
+fn read(t: &Trainer, dir: &Path, tail: Option<&Tail>) -> Result<Members> {
     let model = ModelDir::load(dir, t.device)?;
     if model.spec.image_input != TEACHER_INPUT || model.spec.text_layers != TEACHER_TEXT_LAYERS {
         bail!("{} is not a teacher of this recipe", dir.display());
@@ -68,7 +74,8 @@ fn read(t: &Trainer, dir: &Path) -> Result<Members> {
         .enumerate()
         .map(|(i, fusion)| {
             let top = load_top(dir, i, t.opts.teacher_top_layers, t.device)?;
-            Ok(TunedFusion { top, fusion })
+            let tail = load_tail(dir, i, tail)?;
+            Ok(TunedFusion { top, tail, fusion })
         })
         .collect::<Result<_>>()?;
     Ok(Members {
@@ -80,12 +87,13 @@ fn read(t: &Trainer, dir: &Path) -> Result<Members> {
 }
 
 /// `teacher_members` networks on all fit rows, against the hard labels.
-fn train(t: &Trainer, text_top: &[BertLayer]) -> Members {
+fn train(t: &Trainer, text_top: &[BertLayer], tail: Option<&Tail>) -> Members {
     let config = fusion::config(Role::Teacher, true, true, t.labels.len());
     let targets = t.fit.hard(&t.fit.all);
     let net = Net {
         config: &config,
         top: text_top,
+        tail,
         role: Role::Teacher,
         rows: &t.fit.all,
         targets: &targets,

@@ -4,6 +4,7 @@
 use super::data::Part;
 use super::options::RecipeOptions;
 use crate::nn::bert::BertLayer;
+use crate::nn::efficientnet::Tail;
 use crate::nn::fusion::FusionConfig;
 use crate::train::fusion::{self, FusionOptions, Job, Role, Trained, TuneRows};
 use burn::prelude::*;
@@ -24,6 +25,8 @@ pub(super) struct Net<'a> {
     pub(super) config: &'a FusionConfig,
     /// Pretrained MiniLM layers it tunes (none: frozen text features).
     pub(super) top: &'a [BertLayer],
+    /// EfficientNet's last blocks and head, when it tunes them (none: frozen maps).
+    pub(super) tail: Option<&'a Tail>,
     pub(super) role: Role,
     /// The fit rows it trains on, and their targets.
     pub(super) rows: &'a [usize],
@@ -53,6 +56,7 @@ impl Trainer<'_> {
         let job = Job {
             config: net.config,
             top: net.top.to_vec(),
+            tail: net.tail.cloned(),
             role: net.role,
             set: &self.fit.set,
             fit: net.rows,
