@@ -10,7 +10,14 @@ use burn::store::{ModuleSnapshot, SafetensorsStore};
 use std::path::{Path, PathBuf};
 
 fn write<M: ModuleSnapshot>(m: &M, path: PathBuf) -> Result<PathBuf> {
-    let mut store = SafetensorsStore::from_file(&path).overwrite(true);
+    // Only what the model serves: not the image tower's ImageNet classifier, which
+    // the bundle leaves out (and which is re-initialised at random on every load).
+    // No metadata: burn's sits in a hash map, written in a different order each run,
+    // and the peer benchmark keys its graphs on these files' bytes.
+    let mut store = SafetensorsStore::from_file(&path)
+        .overwrite(true)
+        .clear_metadata()
+        .with_predicate(|p, _| !p.starts_with("fc."));
     m.save_into(&mut store)
         .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
     Ok(path)

@@ -692,9 +692,22 @@ fn models_export_writes_the_served_weights_as_f32() {
         image.tensor("conv_stem.weight").unwrap().shape(),
         [32, 3, 3, 3]
     );
+    assert!(
+        image.names().iter().all(|n| !n.starts_with("fc.")),
+        "the ImageNet classifier is not served, so not exported"
+    );
     let fusion = read("fusion_0.safetensors");
     let fusion = SafeTensors::deserialize(&fusion).unwrap();
     assert_eq!(f32s(&fusion, "out.bias").len(), 18);
+    // The peer benchmark keys its graphs on these bytes: a second export is identical.
+    let again = common::tmpdir("export-again");
+    let o = marquee(&["models", "export", "--out", again.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["image_tower", "text_tower", "fusion_0", "fusion_1"] {
+        let name = format!("{name}.safetensors");
+        let b = std::fs::read(again.join(&name)).expect(&name);
+        assert!(read(&name) == b, "{name} differs between two exports");
+    }
 }
 
 /// Bad rows in a manifest are said and skipped, never the end of the run: a missing
