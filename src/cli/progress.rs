@@ -39,7 +39,14 @@ impl Reporter for Bars {
                 if let Some(m) = message {
                     bar.set_message(m.to_string());
                 }
+                let before = bar.position();
                 bar.inc(n);
+                // No terminal (a log under nohup, a service): a line every tenth instead.
+                let total = bar.length().unwrap_or(0).max(1);
+                if bar.is_hidden() && before * 10 / total != bar.position() * 10 / total {
+                    let secs = bar.elapsed().as_secs();
+                    eprintln!("{}: {}/{total} ({secs} s)", bar.prefix(), bar.position());
+                }
             }
         });
     }
@@ -53,9 +60,10 @@ impl Reporter for Bars {
     }
 
     fn note(&self, line: &str) {
+        // A hidden bar drops what it is asked to print, so a log would lose the line.
         self.with(|b| match b {
-            Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            Some(bar) if !bar.is_hidden() => bar.println(line),
+            _ => eprintln!("{line}"),
         });
     }
 }

@@ -466,7 +466,8 @@ pub fn train(job: Job, device: &Device) -> Trained {
         TensorData::new(opts.positives.weights(targets, k), [k]),
         &ad,
     );
-    let flip = opts.augment_flip && role == Role::Teacher;
+    // A text-only network has no poster to mirror, and keeps its random stream.
+    let flip = opts.augment_flip && role == Role::Teacher && c.use_image;
     assert!(
         !flip || set.flip_map.len() == set.teacher_map.len(),
         "flip augmentation needs the fit rows' mirror-image maps"
