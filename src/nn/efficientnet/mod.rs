@@ -104,6 +104,16 @@ impl MbConv {
         }
     }
 
+    /// The block with its batch norms frozen (see [`EfficientNetLite0::tail`]).
+    fn freeze_norms(self) -> Self {
+        Self {
+            bn0: self.bn0.map(Module::freeze),
+            bn1: self.bn1.freeze(),
+            bn2: self.bn2.freeze(),
+            ..self
+        }
+    }
+
     /// The block on `[batch, channels, height, width]`.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
         let mut x = input.clone();
@@ -185,12 +195,18 @@ impl EfficientNetLite0 {
     }
 
     /// Copies of the last `n` blocks and the head, to tune (`n` = 0: the head alone).
+    /// Their batch norms are frozen: they keep the pretrained statistics and affine
+    /// terms, so tuning starts from exactly the frozen features, and a batch of 64
+    /// posters never stands in for ImageNet's statistics.
     pub fn tail(&self, n: usize) -> Tail {
         let from = self.blocks.len() - n.min(self.blocks.len());
         Tail {
-            blocks: self.blocks[from..].to_vec(),
+            blocks: self.blocks[from..]
+                .iter()
+                .map(|b| b.clone().freeze_norms())
+                .collect(),
             conv_head: self.conv_head.clone(),
-            bn1: self.bn1.clone(),
+            bn1: self.bn1.clone().freeze(),
         }
     }
 
@@ -240,16 +256,27 @@ mod tests {
             .into_data()
             .try_to_vec()
             .unwrap();
-        for n in [0, 2] {
+        // On the training device too: its frozen batch norms keep the running statistics.
+        let ad = device.clone().autodiff();
+        for (n, train) in [(0, false), (2, false), (2, true)] {
             let cached = net.forward_until(x.clone(), net.block_count() - n - 1);
-            let tail: Vec<f32> = net.tail(n).tokens(cached).into_data().try_to_vec().unwrap();
+            let tail: Vec<f32> = match train {
+                false => net.tail(n).tokens(cached),
+                true => net.tail(n).fork(&ad).train().tokens(cached.to_device(&ad)),
+            }
+            .into_data()
+            .try_to_vec()
+            .unwrap();
             assert_eq!(tail.len(), whole.len());
             let err = tail
                 .iter()
                 .zip(&whole)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(err < 1e-5, "last {n} blocks: max difference {err}");
+            assert!(
+                err < 1e-5,
+                "last {n} blocks (training {train}): max difference {err}"
+            );
         }
     }
 }
