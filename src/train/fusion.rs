@@ -218,24 +218,15 @@ struct BatchSpec<'a> {
     hide_image: Vec<bool>,
 }
 
-/// A batch as `net` reads it, and the input of its image tail if it has one.
-fn build_tail(
+/// The cached input of `net`'s image tail for the rows of `b`, if it has a tail.
+fn tail_input(
     set: &TokenSet,
-    role: Role,
     view: View,
     net: &TunedFusion,
     b: &BatchSpec,
     device: &Device,
-) -> (FusionInput, Option<Tensor<4>>) {
-    let x = build(set, role, view, net, b, device);
-    if net.tail.is_none() {
-        return (x, None);
-    }
-    assert_eq!(
-        role,
-        Role::Teacher,
-        "the tail's inputs are cached at the teacher's input"
-    );
+) -> Option<Tensor<4>> {
+    net.tail.as_ref()?;
     let src = match view {
         View::Plain => &set.tail_in,
         View::Flipped => &set.tail_flip,
@@ -251,12 +242,14 @@ fn build_tail(
         .iter()
         .flat_map(|&i| src[i * len..(i + 1) * len].iter().map(|v| v.to_f32()))
         .collect();
-    let t = Tensor::<4>::from_data(TensorData::new(data, [b.idx.len(), c, h, w]), device);
-    (x, Some(t))
+    Some(Tensor::<4>::from_data(
+        TensorData::new(data, [b.idx.len(), c, h, w]),
+        device,
+    ))
 }
 
-/// A batch as `net` reads it: a network that tunes MiniLM's top layers reads the
-/// hidden states below them.
+/// A batch as `net` reads it, and the input of its image tail if it has one: a
+/// network that tunes MiniLM's top layers reads the hidden states below them.
 fn build(
     set: &TokenSet,
     role: Role,
@@ -264,7 +257,7 @@ fn build(
     net: &TunedFusion,
     b: &BatchSpec,
     device: &Device,
-) -> FusionInput {
+) -> (FusionInput, Option<Tensor<4>>) {
     let (map, cells, text) = match (role, view) {
         (Role::Teacher, View::Plain) => {
             (&set.teacher_map, grid_tokens(TEACHER_INPUT), &set.text_l6)
@@ -292,7 +285,17 @@ fn build(
             },
         })
         .collect();
-    batch(&rows, cells, device)
+    let tail = match role {
+        Role::Teacher => tail_input(set, view, net, b, device),
+        Role::Student => {
+            assert!(
+                net.tail.is_none(),
+                "tail inputs are cached at the teacher's input only"
+            );
+            None
+        }
+    };
+    (batch(&rows, cells, device), tail)
 }
 
 /// Binary cross-entropy on logits against soft targets in [0, 1], positives of genre
@@ -343,7 +346,7 @@ pub fn score(model: &TunedFusion, c: &FusionConfig, s: &Scoring, device: &Device
             hide_image: vec![!c.use_image; idx.len()],
             idx: &idx,
         };
-        let (x, tail_in) = build_tail(set, role, view, model, &spec, device);
+        let (x, tail_in) = build(set, role, view, model, &spec, device);
         let p = sigmoid(model.forward_tail(x, tail_in))
             .into_data()
             .try_to_vec::<f32>()
@@ -502,7 +505,7 @@ pub fn train(job: Job, device: &Device) -> Trained {
                 true => View::Flipped,
                 false => View::Plain,
             };
-            let (x, tail_in) = build_tail(set, role, view, &model, &spec, &ad);
+            let (x, tail_in) = build(set, role, view, &model, &spec, &ad);
             let logits = model.forward_tail(x, tail_in);
             let loss = opts.loss.mean(logits, y, pos_weight.clone());
             let mut grads = loss.backward();
@@ -691,7 +694,7 @@ mod tests {
                 tail: None,
                 fusion: EarlyFusion::new(&config(Role::Student, true, true, 18), &dev),
             };
-            let trained = build(&set, Role::Student, View::Plain, &net, &spec, &dev);
+            let (trained, _) = build(&set, Role::Student, View::Plain, &net, &spec, &dev);
             let text: &[f32] = if hide_text { &[] } else { &served_text };
             let served = batch(
                 &[FusionRow {
