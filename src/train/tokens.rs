@@ -247,13 +247,7 @@ fn read_tail(path: &Path) -> Option<(Vec<f16>, [usize; 3])> {
     let bytes = std::fs::read(path).ok()?;
     let st = SafeTensors::deserialize(&bytes).ok()?;
     let t = f16_of(&st, "tail_in")?;
-    let d = st.tensor("tail_dims").ok()?;
-    let d: Vec<usize> = d
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-        .collect();
-    Some((t, d.try_into().ok()?))
+    Some((t, usizes_of(&st, "tail_dims")?.try_into().ok()?))
 }
 
 fn append(all: &mut TokenSet, s: TokenSet) {
@@ -450,15 +444,21 @@ fn f16_of(st: &SafeTensors, name: &str) -> Option<Vec<f16>> {
     })
 }
 
+/// An i64 tensor (offsets, dims) as sizes.
+fn usizes_of(st: &SafeTensors, name: &str) -> Option<Vec<usize>> {
+    let t = st.tensor(name).ok()?;
+    (t.dtype() == Dtype::I64).then(|| {
+        t.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+            .collect()
+    })
+}
+
 fn read_chunk(path: &Path, n: usize) -> Option<TokenSet> {
     let bytes = std::fs::read(path).ok()?;
     let st = SafeTensors::deserialize(&bytes).ok()?;
-    let off = st.tensor("text_off").ok()?;
-    let text_off: Vec<usize> = off
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-        .collect();
+    let text_off = usizes_of(&st, "text_off")?;
     let s = TokenSet {
         n,
         teacher_map: f16_of(&st, "teacher_map")?,
