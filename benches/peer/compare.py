@@ -53,7 +53,7 @@ def export(args, out):
     size = spec["image_input"]
     fc = spec["fusion"]
     members = spec["members"]
-    if not (onnx_dir / f"fusion_{members - 1}.onnx").is_file():
+    if not (onnx_dir / "pipeline.onnx").is_file():
         log(f"compare: building ONNX graphs in {onnx_dir}")
         onnx_dir.mkdir(parents=True, exist_ok=True)
         img, cells = graphs.efficientnet(load_file(weights / "image_tower.safetensors"),
@@ -61,9 +61,14 @@ def export(args, out):
         onnx.save(img, onnx_dir / "image_tower.onnx")
         onnx.save(graphs.minilm(load_file(weights / "text_tower.safetensors"), spec["text_layers"]),
                   onnx_dir / "text_tower.onnx")
-        for i in range(members):
-            onnx.save(graphs.fusion(load_file(weights / f"fusion_{i}.safetensors"), cells, fc["layers"],
-                                    fc["heads"], fc["d_model"]), onnx_dir / f"fusion_{i}.onnx")
+        fusions = [graphs.fusion(load_file(weights / f"fusion_{i}.safetensors"), cells, fc["layers"],
+                                 fc["heads"], fc["d_model"]) for i in range(members)]
+        for i, f in enumerate(fusions):
+            onnx.save(f, onnx_dir / f"fusion_{i}.onnx")
+        # For ORT alone at its best: the members as one graph, and the whole path as one.
+        onnx.save(graphs.members(fusions), onnx_dir / "fusion_members.onnx")
+        onnx.save(graphs.pipeline(onnx.load(onnx_dir / "image_tower.onnx"), onnx.load(onnx_dir / "text_tower.onnx"),
+                                  fusions), onnx_dir / "pipeline.onnx")
     return onnx_dir, spec
 
 
@@ -104,6 +109,21 @@ def gflops(spec, text_len):
     return {"image_tower": image, "text_tower": text(text_len), "text_tower_128": text(128), "fusion": fusion}
 
 
+def preprocess(img, width, height):
+    """PIL bicubic to the input size, then Marquee's normalisation, planar."""
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.BICUBIC)
+    a = np.asarray(img, dtype=np.float32)
+    return ((a - 127.0) / 128.0).transpose(2, 0, 1)[None].copy()
+
+
+def tokenizer(model_dir):
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(128)
+    return tok
+
+
 class Peer:
     def __init__(self, onnx_dir, model_dir, threads, members):
         so = ort.SessionOptions()
@@ -122,9 +142,7 @@ class Peer:
         # For the overlapped pipeline: the text session runs here while the image
         # session runs on the caller's thread (ORT releases the GIL inside run).
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self.tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.tok.no_padding()
-        self.tok.enable_truncation(128)
+        self.tok = tokenizer(model_dir)
         self.load_ms = (time.perf_counter() - t) * 1e3
 
     def fusion(self, tokens, hidden, overlapped=False):
@@ -135,12 +153,6 @@ class Peer:
         runs = [self.members[0].run(None, feed)[0]]
         runs += [f.result()[0] for f in rest] if overlapped else [m.run(None, feed)[0] for m in self.members[1:]]
         return sum(runs) / len(runs)
-
-    def preprocess(self, img, width, height):
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.BICUBIC)
-        a = np.asarray(img, dtype=np.float32)
-        return ((a - 127.0) / 128.0).transpose(2, 0, 1)[None].copy()
 
     def classify(self, poster, overview, width, height):
         """One poster through every stage; returns the scores and each stage's ms."""
@@ -156,7 +168,7 @@ class Peer:
         img = Image.open(io.BytesIO(poster)).convert("RGB")
         img.load()
         lap("decode")
-        x = self.preprocess(img, width, height)
+        x = preprocess(img, width, height)
         lap("preprocess")
         tokens = self.image.run(None, {"image": x})[0]
         lap("image_tower")
@@ -175,7 +187,7 @@ class Peer:
         t0 = time.perf_counter()
         img = Image.open(io.BytesIO(poster)).convert("RGB")
         img.load()
-        x = self.preprocess(img, width, height)
+        x = preprocess(img, width, height)
         ids = np.array([self.tok.encode(overview).ids], dtype=np.int64)
         text = self.pool.submit(self.text.run, None, {"ids": ids})
         tokens = self.image.run(None, {"image": x})[0]
@@ -229,6 +241,84 @@ def parity(args, peer, spec, out, overview):
     return rel
 
 
+# Each network alone, in a process of its own holding one session with ORT's
+# defaults for latency (benches/peer/README.md): stage -> graph.
+ALONE = {"image_tower": "image_tower.onnx", "text_tower": "text_tower.onnx",
+         "text_tower_128": "text_tower.onnx", "fusion": "fusion_members.onnx"}
+# The whole path as one graph, in one session, as sequential and parallel executors.
+PIPELINES = {"pipeline": [], "pipeline_parallel": ["--parallel"]}
+
+
+def alone_feeds(peer, poster, overview, width, height, out):
+    """The inputs each network reads in the served path, saved for the alone runs."""
+    img = Image.open(io.BytesIO(poster)).convert("RGB")
+    x = preprocess(img, width, height)
+    ids = np.array([peer.tok.encode(overview).ids], dtype=np.int64)
+    ids128 = np.array([peer.tok.encode(" ".join([overview] * 128)).ids], dtype=np.int64)
+    tokens = peer.image.run(None, {"image": x})[0]
+    hidden = peer.text.run(None, {"ids": ids})[0]
+    feeds = {"image_tower": {"image": x}, "text_tower": {"ids": ids}, "text_tower_128": {"ids": ids128},
+             "fusion": {"image": tokens, "text": hidden}}
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for stage, feed in feeds.items():
+        paths[stage] = out / f"{stage}.npz"
+        np.savez(paths[stage], **feed)
+    return paths
+
+
+def run_alone(args, graph, extra):
+    """One `compare.py alone` process; returns its report."""
+    r = subprocess.run([sys.executable, __file__, "alone", str(graph), "--threads", str(args.threads),
+                        "--runs", str(args.runs)] + extra, check=True, capture_output=True, text=True)
+    return json.loads(r.stdout)
+
+
+def alone_main(argv):
+    """`compare.py alone GRAPH`: one ONNX graph in one session with ORT's defaults for
+    latency (sequential executor, every graph optimisation, spinning threads), nothing
+    else in the process; prints the p50 ms of `runs` passes after 2 warm-up passes.
+    With --poster, the graph is the whole path and a pass is decode through scores."""
+    ap = argparse.ArgumentParser(prog="compare.py alone")
+    ap.add_argument("graph")
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--runs", type=int, required=True)
+    ap.add_argument("--feeds", type=Path)
+    ap.add_argument("--parallel", action="store_true", help="ORT_PARALLEL executor (the graph's branches at once)")
+    ap.add_argument("--poster", type=Path)
+    ap.add_argument("--overview")
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"))
+    a = ap.parse_args(argv)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = a.threads
+    if a.parallel:
+        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        so.inter_op_num_threads = a.threads
+    s = ort.InferenceSession(a.graph, so, providers=["CPUExecutionProvider"])
+    if a.poster:
+        poster, tok = a.poster.read_bytes(), tokenizer(a.model)
+
+        def once():
+            img = Image.open(io.BytesIO(poster)).convert("RGB")
+            img.load()
+            x = preprocess(img, *a.size)
+            ids = np.array([tok.encode(a.overview).ids], dtype=np.int64)
+            return s.run(None, {"image": x, "ids": ids})[0]
+    else:
+        feeds = dict(np.load(a.feeds))
+
+        def once():
+            return s.run(None, feeds)[0]
+    times = []
+    for k in range(a.runs + 2):
+        t = time.perf_counter()
+        out = once()
+        if k >= 2:
+            times.append((time.perf_counter() - t) * 1e3)
+    print(json.dumps({"p50_ms": statistics.median(times), "scores": out[0].tolist() if a.poster else None}))
+
+
 FLORENCE = [("vision", "vision_s"), ("text_encoder", "text_encoder_s"),
             ("decoder_step0", "decoder_step0"), ("decoder_step", "decoder_step_steps1to31")]
 
@@ -266,6 +356,8 @@ def florence(args, env):
 
 
 def main():
+    if sys.argv[1:2] == ["alone"]:
+        return alone_main(sys.argv[2:])
     ap = argparse.ArgumentParser()
     ap.add_argument("--marquee", required=True)
     ap.add_argument("--model", type=Path, required=True)
@@ -290,8 +382,17 @@ def main():
     poster = args.poster.read_bytes()
     w, h = spec["image_input"]["width"], spec["image_input"]["height"]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    feeds = alone_feeds(peer, poster, args.overview, w, h, args.out / "alone")
+    whole = ["--poster", str(args.poster), "--overview", args.overview, "--model", str(args.model),
+             "--size", str(w), str(h)]
+    want, _, _ = peer.classify(poster, args.overview, w, h)
+    for name, flags in PIPELINES.items():
+        got = np.array(run_alone(args, onnx_dir / "pipeline.onnx", whole + flags)["scores"])
+        if not np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want):
+            sys.exit(f"compare: the merged ONNX graph ({name}) differs from the three graphs")
     mine = {s: [] for s in STAGES}
     theirs = {s: [] for s in STAGES}
+    alone = {s: [] for s in list(ALONE) + list(PIPELINES)}
     extra = []
     for i in range(args.rounds):
         log(f"compare: round {i + 1}/{args.rounds}: marquee")
@@ -319,15 +420,34 @@ def main():
         per["total"] = [min(statistics.median(per["total_sequential"]), statistics.median(overlapped))]
         for s in STAGES:
             theirs[s].append(statistics.median(per[s]))
+        log(f"compare: round {i + 1}/{args.rounds}: onnxruntime, each network alone")
+        for s, graph in ALONE.items():
+            alone[s].append(run_alone(args, onnx_dir / graph, ["--feeds", str(feeds[s])])["p50_ms"])
+        for s, flags in PIPELINES.items():
+            alone[s].append(run_alone(args, onnx_dir / "pipeline.onnx", whole + flags)["p50_ms"])
     if n_ids != b["text_tokens"]:
         sys.exit(f"compare: tokenizers differ: ORT side {n_ids} tokens, Marquee {b['text_tokens']}")
     mine_peak = statistics.median(x["peak_gflops"] for x in extra)
     peer_peak = peer.peak_gflops(args.threads)
     flops = gflops(spec, n_ids)
+    alone = {s: statistics.median(v) for s, v in alone.items()}
+    # ORT's schedules for each row: the loop's (three sessions, spinning off; for
+    # `total` the better of sequential and overlapped), and alone (one network or the
+    # merged path in one session with default spinning). The ratio is against the better.
+    schedules = {s: {"loop": statistics.median(theirs[s])} for s in STAGES}
+    for s in ALONE:
+        schedules[s]["alone"] = alone[s]
+    schedules["total_sequential"]["pipeline"] = alone["pipeline"]
+    schedules["total"].update({s: alone[s] for s in PIPELINES})
     rows = []
     for s in STAGES:
-        m, p = statistics.median(mine[s]), statistics.median(theirs[s])
-        row = {"stage": s, "marquee_ms": round(m, 3), "peer_ms": round(p, 3), "ratio": round(m / p, 3)}
+        m = statistics.median(mine[s])
+        best = min(schedules[s], key=schedules[s].get)
+        p = schedules[s][best]
+        row = {"stage": s, "marquee_ms": round(m, 3), "peer_ms": round(p, 3), "peer_schedule": best,
+               "ratio": round(m / p, 3), "peer_loop_ms": round(schedules[s]["loop"], 3),
+               "ratio_loop": round(m / schedules[s]["loop"], 3),
+               "peer_schedules_ms": {k: round(v, 3) for k, v in schedules[s].items()}}
         if s in flops:
             gf = flops[s]
             row["gflop"] = round(gf, 4)
@@ -358,10 +478,12 @@ def main():
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{'stage':<16}{'marquee ms':>12}{'ORT ms':>10}{'ratio':>8}{'GFLOP':>9}{'% peak':>8}{'ORT %':>7}{'x floor':>9}")
+        print(f"{'stage':<17}{'marquee ms':>11}{'ORT loop':>10}{'ORT best':>10}{'(schedule)':>19}{'ratio':>7}"
+              f"{'GFLOP':>8}{'% peak':>8}{'ORT %':>7}{'x floor':>9}")
         for r in rows:
-            print(f"{r['stage']:<16}{r['marquee_ms']:>12.2f}{r['peer_ms']:>10.2f}{r['ratio']:>8.2f}"
-                  f"{r.get('gflop', float('nan')):>9.3f}{r.get('marquee_pct_peak', float('nan')):>8.1f}"
+            print(f"{r['stage']:<17}{r['marquee_ms']:>11.2f}{r['peer_loop_ms']:>10.2f}{r['peer_ms']:>10.2f}"
+                  f"{r['peer_schedule']:>19}{r['ratio']:>7.2f}"
+                  f"{r.get('gflop', float('nan')):>8.3f}{r.get('marquee_pct_peak', float('nan')):>8.1f}"
                   f"{r.get('peer_pct_peak', float('nan')):>7.1f}{r.get('marquee_x_floor', float('nan')):>9.2f}")
         print(f"peak (1024^3 matmul): marquee {mine_peak:.1f} GFLOP/s, ORT {peer_peak:.1f} GFLOP/s; "
               f"{args.threads} threads, batch 1, {args.rounds} rounds x {args.runs} runs")

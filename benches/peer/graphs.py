@@ -207,3 +207,54 @@ def fusion(weights, cells, layers, heads, d_model):
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", classes])],
         "fusion",
     )
+
+
+def members(fusions):
+    """The fusion members as one graph: their sigmoid scores averaged, as Marquee
+    averages them. Inputs `image` and `text`, output `scores`."""
+    links = {f"m{i}/{x}": x for i in range(len(fusions)) for x in ("image", "text")}
+    return _wire({f"m{i}/": f for i, f in enumerate(fusions)}, links,
+                 [("image", TensorProto.FLOAT, ["N", "C", 1280]), ("text", TensorProto.FLOAT, ["N", "L", 384])],
+                 [f"m{i}/scores" for i in range(len(fusions))], "fusion_members")
+
+
+def pipeline(image, text, fusions):
+    """The whole poster-to-scores path as one graph (ORT's docs: one session, so one
+    thread pool and the optimiser across the networks). Inputs `image` and `ids`,
+    output `scores`."""
+    parts = {"img/": image, "txt/": text}
+    parts.update({f"m{i}/": f for i, f in enumerate(fusions)})
+    h, w = (d.dim_value for d in image.graph.input[0].type.tensor_type.shape.dim[2:])
+    links = {"img/image": "image", "txt/ids": "ids"}
+    for i in range(len(fusions)):
+        links[f"m{i}/image"] = "img/tokens"
+        links[f"m{i}/text"] = "txt/hidden"
+    return _wire(parts, links,
+                 [("image", TensorProto.FLOAT, ["N", 3, h, w]), ("ids", TensorProto.INT64, ["N", "L"])],
+                 [f"m{i}/scores" for i in range(len(fusions))], "pipeline")
+
+
+def _wire(parts, links, inputs, scores, name):
+    """Prefixed copies of `parts`' graphs in one graph; each input of a part named in
+    `links` reads the edge it maps to, and `scores` are averaged into `scores`."""
+    nodes, inits = [], []
+    for prefix, model in parts.items():
+        m = onnx.compose.add_prefix(model, prefix)
+        # Each part after the parts it reads, so the nodes stay in topological order.
+        nodes += [helper.make_node("Identity", [links[i.name]], [i.name]) for i in m.graph.input if i.name in links]
+        nodes += m.graph.node
+        inits += m.graph.initializer
+    total = scores[0]
+    for k, s in enumerate(scores[1:]):
+        nodes.append(helper.make_node("Add", [total, s], [f"sum_{k}"]))
+        total = f"sum_{k}"
+    count = numpy_helper.from_array(np.array(len(scores), np.float32), "members")
+    nodes.append(helper.make_node("Div", [total, "members"], ["scores"]))
+    classes = parts[next(p for p in parts if p.startswith("m"))].graph.output[0].type.tensor_type.shape.dim[1]
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+                          [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", classes.dim_value])],
+                          inits + [count])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    m.ir_version = 10
+    onnx.checker.check_model(m)
+    return m
