@@ -8,9 +8,11 @@
 //! bias, and each elementwise step (GELU, residual + LayerNorm) is one pass.
 
 use super::cpu_ops::{QkvRows, attention_rows, gelu_rows};
+use super::sgemm::{self, Epilogue, Panels};
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// A tensor's values on the host, as f32.
 pub fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -25,10 +27,17 @@ const PARALLEL_WORK: usize = 1 << 18;
 
 /// `y = x w + b` for rows of `x`: `[n, cin] x [cin, cout]`.
 pub struct Dense {
-    /// `[cin, cout]`, row-major.
-    w: Vec<f32>,
+    w: Weights,
     bias: Vec<f32>,
     cin: usize,
+}
+
+/// The weights in the layout of the GEMM this CPU runs, chosen once at load.
+enum Weights {
+    /// `[cin, cout]`, row-major, for `gemm`.
+    RowMajor(Vec<f32>),
+    /// Column panels for the AVX-512 kernel.
+    Panels(Panels),
 }
 
 impl Dense {
@@ -36,7 +45,20 @@ impl Dense {
     pub fn new(w: Vec<f32>, bias: Vec<f32>) -> Self {
         let cin = w.len() / bias.len();
         assert_eq!(cin * bias.len(), w.len(), "weights are [cin, cout]");
+        let w = if sgemm::available() {
+            Weights::Panels(Panels::pack(&w, cin, bias.len()))
+        } else {
+            Weights::RowMajor(w)
+        };
         Self { w, bias, cin }
+    }
+
+    /// The weights as row-major `[cin, cout]`.
+    fn row_major(&self) -> Cow<'_, [f32]> {
+        match &self.w {
+            Weights::RowMajor(w) => Cow::Borrowed(w),
+            Weights::Panels(p) => Cow::Owned(p.unpack()),
+        }
     }
 
     /// From weights laid out `[cout, cin]` (a 1x1 conv's `[cout, cin, 1, 1]`).
@@ -65,11 +87,12 @@ impl Dense {
     pub fn side_by_side(parts: &[Dense]) -> Self {
         let cin = parts[0].cin;
         let cout: usize = parts.iter().map(Dense::cout).sum();
+        let ws: Vec<_> = parts.iter().map(Dense::row_major).collect();
         let mut w = Vec::with_capacity(cin * cout);
         for i in 0..cin {
-            for p in parts {
+            for (p, pw) in parts.iter().zip(&ws) {
                 assert_eq!(p.cin, cin, "side by side layers share their input");
-                w.extend_from_slice(&p.w[i * p.cout()..(i + 1) * p.cout()]);
+                w.extend_from_slice(&pw[i * p.cout()..(i + 1) * p.cout()]);
             }
         }
         let bias = parts.iter().flat_map(|p| p.bias.iter().copied()).collect();
@@ -83,19 +106,29 @@ impl Dense {
 
     /// `x @ W + b` for rows of `x`.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        self.forward_with(x, Epilogue::Plain)
+    }
+
+    /// `relu6(x @ W + b)` for rows of `x` (EfficientNet's convs), clamped as the
+    /// product is stored where the CPU runs the packed kernel.
+    pub fn forward_relu6(&self, x: &[f32]) -> Vec<f32> {
+        self.forward_with(x, Epilogue::Relu6)
+    }
+
+    fn forward_with(&self, x: &[f32], epilogue: Epilogue) -> Vec<f32> {
         let n = x.len() / self.cin;
         let mut y: Vec<f32> = Vec::with_capacity(n * self.cout());
         for _ in 0..n {
             y.extend_from_slice(&self.bias);
         }
-        self.accumulate(x, &mut y);
+        self.accumulate(x, &mut y, epilogue);
         y
     }
 
     /// `gelu(x w + b)` (exact erf form), the bias added inside the GELU pass.
     pub fn forward_gelu(&self, x: &[f32]) -> Vec<f32> {
         let mut y = vec![0f32; x.len() / self.cin * self.cout()];
-        self.accumulate(x, &mut y);
+        self.accumulate(x, &mut y, Epilogue::Plain);
         let width = self.cout();
         let rows_per_task = (1 << 14) / width + 1;
         y.par_chunks_mut(rows_per_task * width)
@@ -103,12 +136,17 @@ impl Dense {
         y
     }
 
-    /// `y += x w`.
-    fn accumulate(&self, x: &[f32], y: &mut [f32]) {
+    /// `y = epilogue(y + x w)`.
+    fn accumulate(&self, x: &[f32], y: &mut [f32], epilogue: Epilogue) {
         let (cin, cout) = (self.cin, self.cout());
         let n = x.len() / cin;
         assert_eq!((n * cin, n * cout), (x.len(), y.len()), "row counts agree");
-        let parallelism = if n * cin * cout >= PARALLEL_WORK {
+        let parallel = n * cin * cout >= PARALLEL_WORK;
+        let w = match &self.w {
+            Weights::Panels(p) => return p.accumulate(x, y, epilogue, parallel),
+            Weights::RowMajor(w) => w,
+        };
+        let parallelism = if parallel {
             gemm::Parallelism::Rayon(0)
         } else {
             gemm::Parallelism::None
@@ -127,7 +165,7 @@ impl Dense {
                 x.as_ptr(),
                 1,
                 cin as isize,
-                self.w.as_ptr(),
+                w.as_ptr(),
                 1,
                 cout as isize,
                 1.0,
@@ -138,7 +176,15 @@ impl Dense {
                 parallelism,
             );
         }
+        if epilogue == Epilogue::Relu6 {
+            relu6(y);
+        }
     }
+}
+
+/// Each value clamped to [0, 6] (EfficientNet's activation).
+pub fn relu6(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
 }
 
 /// Multi-head self-attention over the rows of one sequence: query, key and value as

@@ -5,3 +5,5 @@ pub mod efficientnet;
 pub mod florence;
 pub mod fusion;
 pub mod host_ops;
+pub mod sgemm;
+mod simd;

@@ -10,7 +10,8 @@
 //! rounding (tests below; the fixture parity tests run both paths).
 
 use super::{BN_EPS, EfficientNetLite0, FEATURE_DIM, MbConv};
-use crate::nn::host_ops::{Dense, host};
+use crate::nn::host_ops::{Dense, host, relu6};
+use crate::nn::simd::widest;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
@@ -42,10 +43,6 @@ fn same(size: usize, k: usize, stride: usize) -> (usize, usize) {
     let out = size.div_ceil(stride);
     let total = ((out - 1) * stride + k).saturating_sub(size);
     (total / 2, out)
-}
-
-fn relu6(xs: &mut [f32]) {
-    xs.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
 }
 
 /// A depthwise k x k conv with stride, TF-SAME padding, bias and ReLU6.
@@ -110,27 +107,12 @@ impl Depthwise {
     }
 }
 
-/// `acc += a * b`, element-wise.
-fn mul_add(acc: &mut [f32], a: &[f32], b: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { mul_add_avx2(acc, a, b) };
-    }
-    mul_add_portable(acc, a, b);
-}
-
-/// The same loop compiled for AVX2 + FMA: 8 lanes instead of the baseline's 4.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn mul_add_avx2(acc: &mut [f32], a: &[f32], b: &[f32]) {
-    mul_add_portable(acc, a, b);
-}
-
-#[inline(always)]
-fn mul_add_portable(acc: &mut [f32], a: &[f32], b: &[f32]) {
-    for ((o, x), t) in acc.iter_mut().zip(a).zip(b) {
-        *o = x.mul_add(*t, *o);
+widest! {
+    /// `acc += a * b`, element-wise.
+    fn mul_add(acc: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((o, x), t) in acc.iter_mut().zip(a).zip(b) {
+            *o = x.mul_add(*t, *o);
+        }
     }
 }
 
@@ -209,11 +191,7 @@ impl HostLite0 {
     pub fn tokens(&self, chw: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
         let (mut x, mut h, mut w) = self.stem(chw, h, w);
         for b in &self.blocks {
-            let expanded = b.expand.as_ref().map(|e| {
-                let mut t = e.forward(&x);
-                relu6(&mut t);
-                t
-            });
+            let expanded = b.expand.as_ref().map(|e| e.forward_relu6(&x));
             let (d, oh, ow) = b.depthwise.forward(expanded.as_deref().unwrap_or(&x), h, w);
             let mut t = b.project.forward(&d);
             if b.residual {
@@ -221,8 +199,7 @@ impl HostLite0 {
             }
             (x, h, w) = (t, oh, ow);
         }
-        let mut f = self.head.forward(&x);
-        relu6(&mut f);
+        let f = self.head.forward_relu6(&x);
         debug_assert_eq!(f.len(), h * w * FEATURE_DIM);
         (f, h, w)
     }
@@ -252,9 +229,7 @@ impl HostLite0 {
                     }
                 }
             });
-        let mut y = self.stem.forward(&cols);
-        relu6(&mut y);
-        (y, oh, ow)
+        (self.stem.forward_relu6(&cols), oh, ow)
     }
 }
 
