@@ -10,7 +10,6 @@
 //! autodiff, or for a dtype other than f32, so results never depend on the path
 //! beyond float rounding.
 
-use super::sgemm::{self, Epilogue, Panels};
 use super::simd::widest;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Linear, PaddingConfig2d};
@@ -31,47 +30,6 @@ fn on_host_f32<const D: usize>(x: &Tensor<D>) -> bool {
     host_device(&x.device()) && x.dtype() == DType::F32
 }
 
-/// Rows from which a product on the host takes the AVX-512 kernel (`nn::sgemm`):
-/// packing the weights costs about two passes over them, which this many rows of
-/// multiply-adds per weight repay many times over. Shorter inputs (a decoder step)
-/// keep burn's matmul.
-const PACKED_ROWS: usize = 256;
-
-/// `x w (+ bias)` through the packed kernel, or `None` where it does not run: no
-/// AVX-512F, too few rows, not host f32.
-fn packed_product<const D: usize>(
-    linear: &Linear,
-    x: &Tensor<D>,
-    with_bias: bool,
-) -> Option<Tensor<D>> {
-    let mut dims = x.dims();
-    let [cin, cout] = linear.weight.dims();
-    let n = x.shape().num_elements() / cin.max(1);
-    if !(sgemm::available() && n >= PACKED_ROWS && dims[D - 1] == cin && on_host_f32(x)) {
-        return None;
-    }
-    let (w, xs) = (host_vec(linear.weight.val())?, host_vec(x.clone())?);
-    let mut y = match (&linear.bias, with_bias) {
-        (Some(b), true) => host_vec(b.val())?.repeat(n),
-        _ => vec![0.0; n * cout],
-    };
-    Panels::pack(&w, cin, cout).accumulate(&xs, &mut y, Epilogue::Plain, true);
-    dims[D - 1] = cout;
-    Some(Tensor::from_data(TensorData::new(y, dims), &x.device()))
-}
-
-/// `linear(x)`: on the host, with AVX-512F and at least `PACKED_ROWS` rows, through
-/// the packed kernel; burn's `Linear` elsewhere.
-pub fn linear<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
-    packed_product(linear, &x, true).unwrap_or_else(|| linear.forward(x))
-}
-
-/// `x w` without the bias, as [`linear`] chooses its path.
-fn product<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
-    packed_product(linear, &x, false)
-        .unwrap_or_else(|| burn::tensor::module::linear(x, linear.weight.val(), None))
-}
-
 /// `gelu(linear(x))`, GELU in the exact (erf) form as PyTorch's `nn.GELU()` and
 /// transformers' "gelu". On the host the bias is added inside the GELU pass, which
 /// saves a pass over the widest activation of a transformer block.
@@ -83,7 +41,7 @@ pub fn linear_gelu<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     let (true, Some(bias)) = (on_host_f32(&x), bias) else {
         return burn::tensor::activation::gelu(linear.forward(x));
     };
-    let y = product(linear, x);
+    let y = burn::tensor::module::linear(x, linear.weight.val(), None);
     let device = y.device();
     let mut data = y.into_data();
     let Ok(values) = data.as_mut_slice::<f32>() else {
@@ -325,7 +283,7 @@ pub fn window_attention(
         return generic(x);
     };
     let device = x.device();
-    let data = product(qkv, x).into_data();
+    let data = burn::tensor::module::linear(x, qkv.weight.val(), None).into_data();
     let input = data.as_slice::<f32>().unwrap_or(&[]);
     let mut out = vec![0.0f32; b * n * c];
     let band = ws * w * c; // one row of windows, all columns: contiguous in the output
@@ -633,7 +591,6 @@ pub fn attention_generic(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize)
 pub(crate) mod tests {
     use super::*;
     use burn::nn::LinearConfig;
-    use burn::tensor::Distribution;
     use burn::nn::conv::Conv2dConfig;
 
     /// Relative L2 error of `a` against `b` (shared by the kernel tests of `nn`).
@@ -663,21 +620,6 @@ pub(crate) mod tests {
                 &want.into_data().try_to_vec::<f32>().unwrap(),
             );
             assert!(err < 1e-6, "{b}x{l}x{c}/{heads}: rel L2 {err:.3e}");
-        }
-    }
-
-    /// Enough rows for the packed kernel (where the CPU has AVX-512F) and a single
-    /// row (burn's matmul), with and without a bias: both equal burn's `Linear`.
-    #[test]
-    fn linear_equals_burns_on_both_paths() {
-        let device = Device::flex();
-        device.seed(9);
-        for (rows, bias) in [(2 * 150, true), (2 * 150, false), (1, true)] {
-            let layer = LinearConfig::new(40, 70).with_bias(bias).init(&device);
-            let x = Tensor::<3>::random([1, rows, 40], Distribution::Default, &device);
-            let got = host_vec(linear(&layer, x.clone())).unwrap();
-            let want = host_vec(layer.forward(x)).unwrap();
-            assert!(rel_l2(&got, &want) < 1e-6, "{rows} rows, bias {bias}");
         }
     }
 

@@ -120,11 +120,27 @@ mod x86 {
     use super::{Epilogue, MR, NR, Panels};
     use std::arch::x86_64::*;
 
-    /// Every tile of `ys` (rows of `xs`): panel by panel, so one panel of weights
-    /// stays in cache while the rows pass under it. The last rows, fewer than a
-    /// tile, go through a zero-padded copy, so the kernel has one shape.
+    /// Bytes of input rows a block holds: they stay in the core's L2 while every
+    /// panel of weights passes over them.
+    const BLOCK_BYTES: usize = 256 << 10;
+
+    /// Every tile of `ys` (rows of `xs`), in blocks of rows that fit in L2; in a
+    /// block, panel by panel, so one panel of weights stays in L1 while the block's
+    /// rows pass under it.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn rows(w: &Panels, xs: &[f32], ys: &mut [f32], epilogue: Epilogue) {
+        let (k, cout) = (w.cin, w.cout);
+        let block = (BLOCK_BYTES / (4 * k)).max(MR) / MR * MR;
+        for (xb, yb) in xs.chunks(block * k).zip(ys.chunks_mut(block * cout)) {
+            // SAFETY: as this function's own contract, for a block of its rows.
+            unsafe { block_rows(w, xb, yb, epilogue) };
+        }
+    }
+
+    /// [`rows`] for one block. The last rows, fewer than a tile, go through a
+    /// zero-padded copy, so the kernel has one shape.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_rows(w: &Panels, xs: &[f32], ys: &mut [f32], epilogue: Epilogue) {
         let (k, cout) = (w.cin, w.cout);
         let n = ys.len() / cout;
         let full = n / MR * MR;
