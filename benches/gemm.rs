@@ -2,6 +2,7 @@
 //! without AVX-512F) against the packed AVX-512 kernel (`nn::sgemm`), one thread and
 //! rayon's pool, in one run. `cargo bench --bench gemm`; docs/performance.md.
 
+use marquee::nn::host_ops::gemm_rows;
 use marquee::nn::sgemm::{self, Epilogue, Panels};
 use std::time::Instant;
 
@@ -37,38 +38,6 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::MAX, f64::min)
 }
 
-fn with_gemm(x: &[f32], w: &[f32], y: &mut [f32], (n, k, m): (usize, usize, usize), par: bool) {
-    let parallelism = if par {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: row-major x [n, k], w [k, m], y [n, m], as the strides say.
-    unsafe {
-        gemm::gemm(
-            n,
-            m,
-            k,
-            y.as_mut_ptr(),
-            1,
-            m as isize,
-            true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            1,
-            m as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
 fn main() {
     let packed = sgemm::available();
     println!(
@@ -83,7 +52,7 @@ fn main() {
         let reps = (2.0 / flop).clamp(5.0, 200.0) as usize;
         let mut rates = Vec::new();
         for par in [false, true] {
-            rates.push(flop / best(reps, || with_gemm(&x, &w, &mut y, (n, k, m), par)));
+            rates.push(flop / best(reps, || gemm_rows(&x, &w, &mut y, k, par)));
             if packed {
                 let p = Panels::pack(&w, k, m);
                 rates.push(flop / best(reps, || p.accumulate(&x, &mut y, Epilogue::Plain, par)));

@@ -146,39 +146,50 @@ impl Dense {
             Weights::Panels(p) => return p.accumulate(x, y, epilogue, parallel),
             Weights::RowMajor(w) => w,
         };
-        let parallelism = if parallel {
-            gemm::Parallelism::Rayon(0)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: y is `n x cout`, x is `n x cin` and w is `cin x cout`, all row-major
-        // and contiguous, as the strides say (lengths checked above).
-        unsafe {
-            gemm::gemm(
-                n,
-                cout,
-                cin,
-                y.as_mut_ptr(),
-                1,
-                cout as isize,
-                true,
-                x.as_ptr(),
-                1,
-                cin as isize,
-                w.as_ptr(),
-                1,
-                cout as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        gemm_rows(x, w, y, cin, parallel);
         if epilogue == Epilogue::Relu6 {
             relu6(y);
         }
+    }
+}
+
+/// `y += x w` through `gemm` for row-major `x` (`[n, cin]`), `w` (`[cin, cout]`)
+/// and `y` (`[n, cout]`), on rayon's pool when `parallel`: the path without
+/// AVX-512F (and the peer of `nn::sgemm` in `benches/gemm.rs`).
+pub fn gemm_rows(x: &[f32], w: &[f32], y: &mut [f32], cin: usize, parallel: bool) {
+    let cout = w.len() / cin;
+    let n = x.len() / cin;
+    assert_eq!(cin * cout, w.len(), "weights are [cin, cout]");
+    assert_eq!((n * cin, n * cout), (x.len(), y.len()), "row counts agree");
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: y is `n x cout`, x is `n x cin` and w is `cin x cout`, all row-major
+    // and contiguous, as the strides say (lengths checked above).
+    unsafe {
+        gemm::gemm(
+            n,
+            cout,
+            cin,
+            y.as_mut_ptr(),
+            1,
+            cout as isize,
+            true,
+            x.as_ptr(),
+            1,
+            cin as isize,
+            w.as_ptr(),
+            1,
+            cout as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 
