@@ -105,7 +105,7 @@ impl Panels {
                 x86::rows(self, xs, ys, epilogue)
             }
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (xs, ys);
+            let _ = (xs, ys, epilogue);
         };
         if tasks > 1 {
             y.par_chunks_mut(rows * cout).enumerate().for_each(run);
