@@ -145,8 +145,12 @@ mod x86 {
         let n = ys.len() / cout;
         let full = n / MR * MR;
         let relu6 = epilogue == Epilogue::Relu6;
-        let mut tail_x = vec![0f32; MR * k];
-        tail_x[..(n - full) * k].copy_from_slice(&xs[full * k..]);
+        // Only a block with a partial tile pays for the padded copy.
+        let mut tail_x = Vec::new();
+        if full < n {
+            tail_x.resize(MR * k, 0f32);
+            tail_x[..(n - full) * k].copy_from_slice(&xs[full * k..]);
+        }
         let mut tail_y = [0f32; MR * NR];
         for (p, panel) in w.data.chunks_exact(k * NR).enumerate() {
             let c0 = p * NR;
