@@ -215,6 +215,20 @@ impl Classifier {
         overview: Option<&str>,
         caption: Option<&str>,
     ) -> Result<Prediction> {
+        // On one of rayon's workers from the start: each of the ~150 parallel steps
+        // of a poster then shares work with the other workers directly, where from
+        // another thread every step would be handed over and waited for (two
+        // context switches each).
+        rayon::scope(|_| self.scored(schedule, poster, overview, caption))
+    }
+
+    fn scored(
+        &self,
+        schedule: Schedule,
+        poster: &RgbImage,
+        overview: Option<&str>,
+        caption: Option<&str>,
+    ) -> Result<Prediction> {
         let start = Instant::now();
         let mut timings = Timings::default();
         // The stage's milliseconds since `since`, and the start of the next stage.

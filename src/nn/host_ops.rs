@@ -116,6 +116,9 @@ impl Dense {
     }
 
     fn forward_with(&self, x: &[f32], epilogue: Epilogue) -> Vec<f32> {
+        if let Weights::Panels(p) = &self.w {
+            return p.product(x, Some(&self.bias), epilogue, self.parallel(x));
+        }
         let n = x.len() / self.cin;
         let mut y: Vec<f32> = Vec::with_capacity(n * self.cout());
         for _ in 0..n {
@@ -127,8 +130,14 @@ impl Dense {
 
     /// `gelu(x w + b)` (exact erf form), the bias added inside the GELU pass.
     pub fn forward_gelu(&self, x: &[f32]) -> Vec<f32> {
-        let mut y = vec![0f32; x.len() / self.cin * self.cout()];
-        self.accumulate(x, &mut y, Epilogue::Plain);
+        let mut y = match &self.w {
+            Weights::Panels(p) => p.product(x, None, Epilogue::Plain, self.parallel(x)),
+            Weights::RowMajor(_) => {
+                let mut y = vec![0f32; x.len() / self.cin * self.cout()];
+                self.accumulate(x, &mut y, Epilogue::Plain);
+                y
+            }
+        };
         let width = self.cout();
         let rows_per_task = (1 << 14) / width + 1;
         y.par_chunks_mut(rows_per_task * width)
@@ -136,12 +145,17 @@ impl Dense {
         y
     }
 
+    /// Whether a product over `x`'s rows is worth rayon's hand-off.
+    fn parallel(&self, x: &[f32]) -> bool {
+        x.len() * self.cout() >= PARALLEL_WORK
+    }
+
     /// `y = epilogue(y + x w)`.
     fn accumulate(&self, x: &[f32], y: &mut [f32], epilogue: Epilogue) {
         let (cin, cout) = (self.cin, self.cout());
         let n = x.len() / cin;
         assert_eq!((n * cin, n * cout), (x.len(), y.len()), "row counts agree");
-        let parallel = n * cin * cout >= PARALLEL_WORK;
+        let parallel = self.parallel(x);
         let w = match &self.w {
             Weights::Panels(p) => return p.accumulate(x, y, epilogue, parallel),
             Weights::RowMajor(w) => w,

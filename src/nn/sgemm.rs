@@ -1,17 +1,23 @@
-//! `y += x w` for the host layers on a CPU with AVX-512F, with `w` packed once, at
-//! load, into column panels that the kernel reads in order.
+//! `y = x w (+ b or + y)` for the host layers on a CPU with AVX-512F, with `w`
+//! packed once, at load, into column panels that the kernel reads in order.
 //!
 //! Why our own: `gemm` 0.19 has no AVX-512 path on stable Rust (its widest kernel is
 //! AVX2+FMA, 8 lanes), and the towers' products are small and oddly shaped (k of
 //! 16-1536, widths such as 24, 40 and 1152), where a plain register tile does well.
 //! The tile is 12 rows x 32 columns: 24 accumulators of 16 lanes, two panel
 //! registers and one broadcast fit AVX-512's 32 registers. The last panel's columns
-//! are masked, so no width needs padding in `y`. The kernel can clamp each value
-//! as it stores it (ReLU6), so a conv layer needs no second pass over its output.
-//! Each output adds its products in order of k onto the value already in `y`.
+//! are masked, so no width needs padding in `y`. The accumulators start from the
+//! bias (a new output is never filled first, then read back) or from `y`, and the
+//! kernel can clamp each value as it stores it (ReLU6), so a conv layer needs no
+//! second pass over its output. Each output adds its products in order of k.
 //! Where AVX-512F is missing, `Dense` calls `gemm` as before.
+//!
+//! Work is split by rows when there are enough tiles to share, and by panels when
+//! there are few rows (the towers' last layers: 40-77 rows against up to 1280
+//! columns), so that each thread streams only its share of the weights.
 
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Columns of a panel: two 16-lane registers.
 const NR: usize = 32;
@@ -48,6 +54,32 @@ pub struct Panels {
     cout: usize,
 }
 
+/// Where the accumulators start.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// From the values in `y`.
+    Output,
+    /// From the bias row, or from zero.
+    Bias(Option<&'a [f32]>),
+}
+
+/// `y`'s first value, shared by tasks that write disjoint tiles of it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint (row, column) tiles through it, and the owner of `y`
+// waits for every task before it reads `y` again.
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The address `i` values on (a method, so that closures capture the whole
+    /// `Out`, which may cross threads, and not its pointer).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 impl Panels {
     /// Packs row-major `[cin, cout]` weights.
     pub fn pack(w: &[f32], cin: usize, cout: usize) -> Self {
@@ -78,73 +110,162 @@ impl Panels {
     }
 
     /// `y = epilogue(y + x w)` for the rows of `x` (`[n, cin]`) and `y` (`[n, cout]`),
-    /// the rows split over rayon's pool when `parallel`.
+    /// split over rayon's pool when `parallel`.
     ///
     /// # Panics
     /// If the CPU lacks AVX-512F (see [`available`]) or the lengths disagree.
     pub fn accumulate(&self, x: &[f32], y: &mut [f32], epilogue: Epilogue, parallel: bool) {
+        let n = x.len() / self.cin;
+        assert_eq!(y.len(), n * self.cout, "row counts agree");
+        self.run(x, Out(y.as_mut_ptr()), Start::Output, epilogue, parallel);
+    }
+
+    /// `epilogue(x w + bias)` (zero without a bias) as a new `[n, cout]` buffer,
+    /// written once: it is never filled first.
+    ///
+    /// # Panics
+    /// As [`Panels::accumulate`], or if `bias` is not `cout` wide.
+    pub fn product(
+        &self,
+        x: &[f32],
+        bias: Option<&[f32]>,
+        epilogue: Epilogue,
+        parallel: bool,
+    ) -> Vec<f32> {
+        let n = x.len() / self.cin;
+        assert!(
+            bias.is_none_or(|b| b.len() == self.cout),
+            "a bias per column"
+        );
+        let mut y = Vec::with_capacity(n * self.cout);
+        self.run(
+            x,
+            Out(y.as_mut_ptr()),
+            Start::Bias(bias),
+            epilogue,
+            parallel,
+        );
+        // SAFETY: `run` stored every value of the n x cout rows: each tile of every
+        // panel, masked to the columns that exist, and the last rows through a copy.
+        unsafe { y.set_len(n * self.cout) };
+        y
+    }
+
+    /// The shared body: `y` has room for `n x cout` values.
+    fn run(&self, x: &[f32], y: Out, start: Start, epilogue: Epilogue, parallel: bool) {
         let (cin, cout) = (self.cin, self.cout);
         let n = x.len() / cin;
-        assert_eq!((n * cin, n * cout), (x.len(), y.len()), "row counts agree");
+        assert_eq!(n * cin, x.len(), "whole rows");
         assert!(available(), "the packed kernel needs AVX-512F");
         if n == 0 || cout == 0 {
             return;
         }
-        // Four tasks a thread, whole tiles each, so that a slow core evens out.
-        let tasks = if parallel {
-            4 * rayon::current_num_threads()
-        } else {
-            1
-        };
-        let rows = n.div_ceil(tasks).next_multiple_of(MR);
-        let run = |(t, ys): (usize, &mut [f32])| {
-            let xs = &x[t * rows * cin..(t * rows + ys.len() / cout) * cin];
+        let (row_tasks, panel_tasks) = split(n, cout, parallel);
+        let rows = n.div_ceil(row_tasks).next_multiple_of(MR);
+        let row_tasks = n.div_ceil(rows);
+        let panels = cout.div_ceil(NR);
+        let per_task = panels.div_ceil(panel_tasks);
+        let panel_tasks = panels.div_ceil(per_task);
+        let task = |t: usize| {
+            let (r, p) = (t / panel_tasks, t % panel_tasks);
+            let rows = r * rows..((r + 1) * rows).min(n);
+            let panels = p * per_task..((p + 1) * per_task).min(panels);
+            let xs = &x[rows.start * cin..rows.end * cin];
+            let y = y.at(rows.start * cout);
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512F is present (asserted above); `xs` holds the rows of `ys`.
+            // SAFETY: AVX-512F is present (asserted above); `y` has room for the
+            // rows of `xs`, and no other task writes these rows' columns `panels`.
             unsafe {
-                x86::rows(self, xs, ys, epilogue)
+                x86::rows(self, xs, y, panels, start, epilogue)
             }
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (xs, ys, epilogue);
+            let _ = (xs, y, panels, start, epilogue);
         };
+        let tasks = row_tasks * panel_tasks;
         if tasks > 1 {
-            y.par_chunks_mut(rows * cout).enumerate().for_each(run);
+            (0..tasks).into_par_iter().for_each(task);
         } else {
-            run((0, y));
+            task(0);
         }
+    }
+}
+
+/// (row tasks, panel tasks): four row tasks a thread, whole tiles each, so that a
+/// slow core evens out; with fewer tiles than that, every task takes all the rows
+/// and a share of the panels, so each thread streams only its share of the weights.
+fn split(n: usize, cout: usize, parallel: bool) -> (usize, usize) {
+    if !parallel {
+        return (1, 1);
+    }
+    let tasks = 4 * rayon::current_num_threads();
+    if n.div_ceil(MR) >= tasks {
+        (tasks, 1)
+    } else {
+        (1, cout.div_ceil(NR).min(tasks))
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Epilogue, MR, NR, Panels};
+    use super::{Epilogue, MR, NR, Panels, Range, Start};
     use std::arch::x86_64::*;
 
     /// Bytes of input rows a block holds: they stay in the core's L2 while every
     /// panel of weights passes over them.
     const BLOCK_BYTES: usize = 256 << 10;
 
-    /// Every tile of `ys` (rows of `xs`), in blocks of rows that fit in L2; in a
-    /// block, panel by panel, so one panel of weights stays in L1 while the block's
-    /// rows pass under it.
+    /// Columns `panels` of every tile of `y` (rows of `xs`, `cout` apart), in blocks
+    /// of rows that fit in L2; in a block, panel by panel, so one panel of weights
+    /// stays in L1 while the block's rows pass under it.
+    ///
+    /// # Safety
+    /// AVX-512F is present, and `y` has room for `xs`'s rows of `cout` values (and
+    /// holds them where `start` is `Output`).
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rows(w: &Panels, xs: &[f32], ys: &mut [f32], epilogue: Epilogue) {
+    pub(super) unsafe fn rows(
+        w: &Panels,
+        xs: &[f32],
+        y: *mut f32,
+        panels: Range<usize>,
+        start: Start,
+        epilogue: Epilogue,
+    ) {
         let (k, cout) = (w.cin, w.cout);
         let block = (BLOCK_BYTES / (4 * k)).max(MR) / MR * MR;
-        for (xb, yb) in xs.chunks(block * k).zip(ys.chunks_mut(block * cout)) {
+        for (b, xb) in xs.chunks(block * k).enumerate() {
             // SAFETY: as this function's own contract, for a block of its rows.
-            unsafe { block_rows(w, xb, yb, epilogue) };
+            unsafe {
+                block_rows(
+                    w,
+                    xb,
+                    y.add(b * block * cout),
+                    panels.clone(),
+                    start,
+                    epilogue,
+                )
+            };
         }
     }
 
     /// [`rows`] for one block. The last rows, fewer than a tile, go through a
     /// zero-padded copy, so the kernel has one shape.
     #[target_feature(enable = "avx512f")]
-    unsafe fn block_rows(w: &Panels, xs: &[f32], ys: &mut [f32], epilogue: Epilogue) {
+    unsafe fn block_rows(
+        w: &Panels,
+        xs: &[f32],
+        y: *mut f32,
+        panels: Range<usize>,
+        start: Start,
+        epilogue: Epilogue,
+    ) {
         let (k, cout) = (w.cin, w.cout);
-        let n = ys.len() / cout;
+        let n = xs.len() / k;
         let full = n / MR * MR;
         let relu6 = epilogue == Epilogue::Relu6;
+        let (from_y, bias) = match start {
+            Start::Output => (true, None),
+            Start::Bias(b) => (false, b),
+        };
         // Only a block with a partial tile pays for the padded copy.
         let mut tail_x = Vec::new();
         if full < n {
@@ -152,29 +273,68 @@ mod x86 {
             tail_x[..(n - full) * k].copy_from_slice(&xs[full * k..]);
         }
         let mut tail_y = [0f32; MR * NR];
-        for (p, panel) in w.data.chunks_exact(k * NR).enumerate() {
+        for p in panels {
+            let panel = &w.data[p * k * NR..(p + 1) * k * NR];
             let c0 = p * NR;
             let width = NR.min(cout - c0);
             let masks = (mask(width), mask(width.saturating_sub(16)));
             let b = panel.as_ptr();
+            let init = match (from_y, bias) {
+                (true, _) => Init::Output,
+                (false, Some(bias)) => Init::Row(bias[c0..].as_ptr()),
+                (false, None) => Init::Zero,
+            };
             for r0 in (0..full).step_by(MR) {
                 let a = xs[r0 * k..].as_ptr();
-                let c = ys[r0 * cout + c0..].as_mut_ptr();
-                // SAFETY: `a` has MR rows of k values, `c` MR rows of `width` values at
-                // stride `cout`, `b` k rows of NR; the masks cover `width` columns.
-                unsafe { tile(k, a, b, c, cout, masks, relu6) };
+                // SAFETY: `a` has MR rows of k values, `y` room for them at stride
+                // `cout` (the caller's contract), `b` k rows of NR; the masks cover
+                // `width` columns, and the bias row has `width` values from c0.
+                unsafe { tile(k, a, b, y.add(r0 * cout + c0), cout, masks, init, relu6) };
             }
             if full < n {
-                for (r, row) in ys[full * cout..].chunks_exact(cout).enumerate() {
-                    tail_y[r * NR..r * NR + width].copy_from_slice(&row[c0..c0 + width]);
+                let rows = n - full;
+                for r in 0..rows {
+                    if from_y {
+                        // SAFETY: row full + r of y holds `cout` values (contract).
+                        let src = unsafe { y.add((full + r) * cout + c0) };
+                        let dst = &mut tail_y[r * NR..r * NR + width];
+                        // SAFETY: `width` values from c0 lie inside the row.
+                        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), width) };
+                    }
                 }
                 // SAFETY: the padded copies hold MR full rows.
-                unsafe { tile(k, tail_x.as_ptr(), b, tail_y.as_mut_ptr(), NR, masks, relu6) };
-                for (r, row) in ys[full * cout..].chunks_exact_mut(cout).enumerate() {
-                    row[c0..c0 + width].copy_from_slice(&tail_y[r * NR..r * NR + width]);
+                unsafe {
+                    tile(
+                        k,
+                        tail_x.as_ptr(),
+                        b,
+                        tail_y.as_mut_ptr(),
+                        NR,
+                        masks,
+                        init,
+                        relu6,
+                    )
+                };
+                for r in 0..rows {
+                    // SAFETY: as above; y has room for these rows.
+                    unsafe {
+                        let dst = y.add((full + r) * cout + c0);
+                        std::ptr::copy_nonoverlapping(tail_y[r * NR..].as_ptr(), dst, width);
+                    }
                 }
             }
         }
+    }
+
+    /// Where a tile's accumulators start.
+    #[derive(Clone, Copy)]
+    enum Init {
+        /// The tile's values in `c`.
+        Output,
+        /// The same row for every row (a bias), from the tile's first column.
+        Row(*const f32),
+        /// Zero.
+        Zero,
     }
 
     /// The lanes of a 16-lane register that hold the first `width` columns.
@@ -186,10 +346,11 @@ mod x86 {
         }
     }
 
-    /// One MR x NR tile: `c = epilogue(c + a b)`, `a`'s rows at stride k, `c`'s at
+    /// One MR x NR tile: `c = epilogue(init + a b)`, `a`'s rows at stride k, `c`'s at
     /// `ldc`, the columns of each half of `c` masked by `masks`. Written out register
     /// by register: as an array, LLVM kept the accumulators on the stack.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile(
         k: usize,
         a: *const f32,
@@ -197,6 +358,7 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         (m0, m1): (u16, u16),
+        init: Init,
         relu6: bool,
     ) {
         macro_rules! kernel {
@@ -204,9 +366,23 @@ mod x86 {
                 // SAFETY (every pointer access): the caller's bounds; masked lanes are
                 // not touched.
                 unsafe {
+                    let (first_lo, first_hi) = match init {
+                        Init::Row(bias) => (
+                            _mm512_maskz_loadu_ps(m0, bias),
+                            _mm512_maskz_loadu_ps(m1, bias.add(16)),
+                        ),
+                        _ => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+                    };
+                    let from_c = matches!(init, Init::Output);
                     $(
-                        let mut $lo = _mm512_maskz_loadu_ps(m0, c.add($r * ldc));
-                        let mut $hi = _mm512_maskz_loadu_ps(m1, c.add($r * ldc + 16));
+                        let (mut $lo, mut $hi) = if from_c {
+                            (
+                                _mm512_maskz_loadu_ps(m0, c.add($r * ldc)),
+                                _mm512_maskz_loadu_ps(m1, c.add($r * ldc + 16)),
+                            )
+                        } else {
+                            (first_lo, first_hi)
+                        };
                     )*
                     for p in 0..k {
                         let b0 = _mm512_loadu_ps(b.add(p * NR));
@@ -270,7 +446,8 @@ mod tests {
     }
 
     /// Every tile height (1..=12 rows and beyond), every tail width (masked one- and
-    /// two-register panels), k from 1 up, both epilogues, one task and several.
+    /// two-register panels), k from 1 up, both epilogues, one task and several (split
+    /// by rows, and by panels where the rows are few), onto `y` and from a bias.
     #[test]
     fn kernel_equals_a_plain_product() {
         if !available() {
@@ -284,6 +461,8 @@ mod tests {
             (25, 40, 33),
             (65, 384, 100),
             (100, 7, 24),
+            (40, 192, 1_152),
+            (300, 80, 480),
         ] {
             let x: Vec<f32> = (0..n * cin).map(|i| value(i, 2)).collect();
             let w: Vec<f32> = (0..cin * cout).map(|i| value(i, 3)).collect();
@@ -305,6 +484,22 @@ mod tests {
                     .map(|(g, w)| (g - w).abs())
                     .fold(0f32, f32::max);
                 assert!(err < 1e-4, "{n}x{cin}x{cout} {epilogue:?}: {err}");
+
+                // A new output from the bias row, and from zero.
+                let row: Vec<f32> = (0..cout).map(|i| value(i, 5) * 4.0).collect();
+                for bias in [Some(&row[..]), None] {
+                    let got = panels.product(&x, bias, epilogue, parallel);
+                    let mut want: Vec<f32> = (0..n)
+                        .flat_map(|_| bias.map_or(vec![0.0; cout], <[f32]>::to_vec))
+                        .collect();
+                    naive(&x, &w, &mut want, cin, cout, epilogue == Epilogue::Relu6);
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(g, w)| (g - w).abs())
+                        .fold(0f32, f32::max);
+                    assert!(err < 1e-4, "product {n}x{cin}x{cout} {epilogue:?}: {err}");
+                }
             }
         }
     }

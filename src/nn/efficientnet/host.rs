@@ -10,7 +10,7 @@
 //! rounding (tests below; the fixture parity tests run both paths).
 
 use super::{BN_EPS, EfficientNetLite0, FEATURE_DIM, MbConv};
-use crate::nn::host_ops::{Dense, host, relu6};
+use crate::nn::host_ops::{Dense, host};
 use crate::nn::simd::widest;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
@@ -76,43 +76,59 @@ impl Depthwise {
         let (k, s) = (self.k, self.stride);
         let (pt, oh) = same(h, k, s);
         let (pl, ow) = same(w, k, s);
+        let reach = Reach { h, w, k, s, pt, pl };
         let mut y = vec![0f32; oh * ow * c];
         y.par_chunks_mut(ow * c).enumerate().for_each(|(oy, row)| {
-            for px in row.chunks_exact_mut(c) {
-                px.copy_from_slice(&self.bias);
-            }
-            for ky in 0..k {
-                let Some(iy) = (oy * s + ky).checked_sub(pt).filter(|&iy| iy < h) else {
-                    continue;
-                };
-                let src = &x[iy * w * c..(iy + 1) * w * c];
-                for kx in 0..k {
-                    let tap = &self.taps[(ky * k + kx) * c..(ky * k + kx + 1) * c];
-                    // Output column ox reads input column ox * s + kx - pl.
-                    let first = pl.saturating_sub(kx).div_ceil(s);
-                    let last = (w + pl - kx).div_ceil(s).min(ow);
-                    for ox in first..last {
-                        let ix = ox * s + kx - pl;
-                        mul_add(
-                            &mut row[ox * c..(ox + 1) * c],
-                            &src[ix * c..(ix + 1) * c],
-                            tap,
-                        );
-                    }
-                }
-            }
-            relu6(row);
+            depthwise_row(row, x, &self.taps, &self.bias, reach, oy);
         });
         (y, oh, ow)
     }
 }
 
+/// A depthwise layer's geometry: input rows and columns, kernel size, stride and
+/// the SAME padding before the first row and column.
+#[derive(Clone, Copy)]
+struct Reach {
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    pt: usize,
+    pl: usize,
+}
+
 widest! {
-    /// `acc += a * b`, element-wise.
-    fn mul_add(acc: &mut [f32], a: &[f32], b: &[f32]) {
-        for ((o, x), t) in acc.iter_mut().zip(a).zip(b) {
-            *o = x.mul_add(*t, *o);
+    /// Output row `oy`: `relu6(bias + sum of taps x input)` for each pixel and
+    /// channel, the taps added in order (ky, kx), so every vector width gives the
+    /// same bits. The whole row is one call, so that its loops along the channels
+    /// are built for the vector unit, with no dispatch per pixel.
+    fn depthwise_row(row: &mut [f32], x: &[f32], taps: &[f32], bias: &[f32], r: Reach, oy: usize) {
+        let c = bias.len();
+        let (k, s) = (r.k, r.s);
+        for px in row.chunks_exact_mut(c) {
+            px.copy_from_slice(bias);
         }
+        let ow = row.len() / c;
+        for ky in 0..k {
+            let Some(iy) = (oy * s + ky).checked_sub(r.pt).filter(|&iy| iy < r.h) else {
+                continue;
+            };
+            let src = &x[iy * r.w * c..(iy + 1) * r.w * c];
+            for kx in 0..k {
+                let tap = &taps[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                // Output column ox reads input column ox * s + kx - pl.
+                let first = r.pl.saturating_sub(kx).div_ceil(s);
+                let last = (r.w + r.pl - kx).div_ceil(s).min(ow);
+                for ox in first..last {
+                    let ix = ox * s + kx - r.pl;
+                    let acc = &mut row[ox * c..(ox + 1) * c];
+                    for ((o, x), t) in acc.iter_mut().zip(&src[ix * c..(ix + 1) * c]).zip(tap) {
+                        *o = x.mul_add(*t, *o);
+                    }
+                }
+            }
+        }
+        row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
     }
 }
 
