@@ -17,7 +17,6 @@
 //! columns), so that each thread streams only its share of the weights.
 
 use rayon::prelude::*;
-use std::ops::Range;
 
 /// Columns of a panel: two 16-lane registers.
 const NR: usize = 32;
@@ -56,6 +55,7 @@ pub struct Panels {
 
 /// Where the accumulators start.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Start<'a> {
     /// From the values in `y`.
     Output,
@@ -207,8 +207,9 @@ fn split(n: usize, cout: usize, parallel: bool) -> (usize, usize) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Epilogue, MR, NR, Panels, Range, Start};
+    use super::{Epilogue, MR, NR, Panels, Start};
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     /// Bytes of input rows a block holds: they stay in the core's L2 while every
     /// panel of weights passes over them.
@@ -273,8 +274,21 @@ mod x86 {
             tail_x[..(n - full) * k].copy_from_slice(&xs[full * k..]);
         }
         let mut tail_y = [0f32; MR * NR];
+        // While a panel's tiles run, they fetch the next panel into L2, a share
+        // each: the weights come from L3 or memory once a poster, and the first tile
+        // of a panel would otherwise wait for every line of it.
+        let share = k.div_ceil(n.div_ceil(MR));
+        let last = panels.end;
         for p in panels {
             let panel = &w.data[p * k * NR..(p + 1) * k * NR];
+            let next = (p + 1 < last).then(|| w.data[(p + 1) * k * NR..].as_ptr());
+            let fetch = |tile: usize| match next {
+                Some(next) if tile * share < k => Fetch {
+                    from: next.wrapping_add(tile * share * NR),
+                    rows: share.min(k - tile * share),
+                },
+                _ => Fetch::NONE,
+            };
             let c0 = p * NR;
             let width = NR.min(cout - c0);
             let masks = (mask(width), mask(width.saturating_sub(16)));
@@ -289,7 +303,8 @@ mod x86 {
                 // SAFETY: `a` has MR rows of k values, `y` room for them at stride
                 // `cout` (the caller's contract), `b` k rows of NR; the masks cover
                 // `width` columns, and the bias row has `width` values from c0.
-                unsafe { tile(k, a, b, y.add(r0 * cout + c0), cout, masks, init, relu6) };
+                let f = fetch(r0 / MR);
+                unsafe { tile(k, a, b, y.add(r0 * cout + c0), cout, masks, init, relu6, f) };
             }
             if full < n {
                 let rows = n - full;
@@ -313,6 +328,7 @@ mod x86 {
                         masks,
                         init,
                         relu6,
+                        fetch(full / MR),
                     )
                 };
                 for r in 0..rows {
@@ -337,6 +353,20 @@ mod x86 {
         Zero,
     }
 
+    /// Panel rows for a tile to fetch into L2 as it runs, one row a step of k.
+    #[derive(Clone, Copy)]
+    struct Fetch {
+        from: *const f32,
+        rows: usize,
+    }
+
+    impl Fetch {
+        const NONE: Self = Self {
+            from: std::ptr::null(),
+            rows: 0,
+        };
+    }
+
     /// The lanes of a 16-lane register that hold the first `width` columns.
     fn mask(width: usize) -> u16 {
         if width >= 16 {
@@ -347,7 +377,7 @@ mod x86 {
     }
 
     /// One MR x NR tile: `c = epilogue(init + a b)`, `a`'s rows at stride k, `c`'s at
-    /// `ldc`, the columns of each half of `c` masked by `masks`. Written out register
+    /// `ldc`, the columns of each half of `c` masked by `masks`, fetching `fetch`. Written out register
     /// by register: as an array, LLVM kept the accumulators on the stack.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
@@ -360,6 +390,7 @@ mod x86 {
         (m0, m1): (u16, u16),
         init: Init,
         relu6: bool,
+        fetch: Fetch,
     ) {
         macro_rules! kernel {
             ($($r:literal => $lo:ident $hi:ident),*) => {
@@ -385,6 +416,11 @@ mod x86 {
                         };
                     )*
                     for p in 0..k {
+                        if p < fetch.rows {
+                            let line = fetch.from.add(p * NR).cast::<i8>();
+                            _mm_prefetch::<_MM_HINT_T1>(line);
+                            _mm_prefetch::<_MM_HINT_T1>(line.add(64));
+                        }
                         let b0 = _mm512_loadu_ps(b.add(p * NR));
                         let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
                         $(

@@ -11,6 +11,8 @@
 
 use super::{BN_EPS, EfficientNetLite0, FEATURE_DIM, MbConv};
 use crate::nn::host_ops::{Dense, host};
+#[cfg(target_arch = "x86_64")]
+use crate::nn::sgemm;
 use crate::nn::simd::widest;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
@@ -77,11 +79,127 @@ impl Depthwise {
         let (pt, oh) = same(h, k, s);
         let (pl, ow) = same(w, k, s);
         let reach = Reach { h, w, k, s, pt, pl };
+        assert_eq!(
+            x.len(),
+            h * w * c,
+            "the input is h x w pixels of c channels"
+        );
         let mut y = vec![0f32; oh * ow * c];
-        y.par_chunks_mut(ow * c).enumerate().for_each(|(oy, row)| {
-            depthwise_row(row, x, &self.taps, &self.bias, reach, oy);
-        });
+        let rows = y.par_chunks_mut(ow * c).enumerate();
+        #[cfg(target_arch = "x86_64")]
+        if sgemm::available() && c.is_multiple_of(x86::LANES) && matches!(k, 3 | 5) {
+            rows.for_each(|(oy, row)| {
+                let (taps, bias) = (&self.taps[..], &self.bias[..]);
+                // SAFETY: AVX-512F is present, c is a multiple of 16, and `x` and the
+                // taps hold h x w and k x k rows of c values (asserted above and at load).
+                unsafe {
+                    match k {
+                        3 => x86::depthwise_row::<3, 9>(row, x, taps, bias, reach, oy),
+                        _ => x86::depthwise_row::<5, 25>(row, x, taps, bias, reach, oy),
+                    }
+                }
+            });
+            return (y, oh, ow);
+        }
+        rows.for_each(|(oy, row)| depthwise_row(row, x, &self.taps, &self.bias, reach, oy));
         (y, oh, ow)
+    }
+}
+
+/// The depthwise row with AVX-512 intrinsics: the vectoriser keeps the portable
+/// row's accumulators in memory, a load and a store for every tap.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Reach;
+    use std::arch::x86_64::*;
+
+    /// Channels of one register.
+    pub(super) const LANES: usize = 16;
+
+    /// [`super::depthwise_row`] for a `K x K` kernel (`KK = K * K` taps) and `c` a
+    /// multiple of 16, with the same sums in the same order (the same bits). Each
+    /// group of 16 channels holds its taps in registers while it runs along the
+    /// row; pixels whose window crosses the edge read the taps they need from memory.
+    ///
+    /// # Safety
+    /// AVX-512F is present; `x` holds `r.h x r.w` pixels and `taps` `KK` rows, of `c`
+    /// values each, `c` = `bias.len()` a multiple of 16, and `row` whole pixels.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn depthwise_row<const K: usize, const KK: usize>(
+        row: &mut [f32],
+        x: &[f32],
+        taps: &[f32],
+        bias: &[f32],
+        r: Reach,
+        oy: usize,
+    ) {
+        debug_assert_eq!(
+            (KK, taps.len(), x.len()),
+            (K * K, KK * bias.len(), r.h * r.w * bias.len())
+        );
+        let c = bias.len();
+        let s = r.s;
+        let ow = row.len() / c;
+        let ky0 = r.pt.saturating_sub(oy * s);
+        let ky1 = (r.h + r.pt - oy * s).min(K);
+        // Columns whose whole window lies inside the input (all of them need the
+        // row's window inside too).
+        let inside = if (ky0, ky1) == (0, K) && r.w + r.pl >= K {
+            r.pl.div_ceil(s)..((r.w + r.pl - K) / s + 1).min(ow)
+        } else {
+            0..0
+        };
+        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+        let (xp, tp, out) = (x.as_ptr(), taps.as_ptr(), row.as_mut_ptr());
+        // SAFETY (every access below): the window's rows ky0..ky1 and columns
+        // kx0..kx1 land inside the input (all K of each inside `inside`), c0 + 16
+        // <= c, and ox < ow.
+        unsafe {
+            // Input pixel (row ky, column kx) of output column ox's window.
+            let at = |ox: usize, ky: usize, kx: usize| {
+                (((oy * s + ky - r.pt) * r.w + ox * s + kx - r.pl) * c) as isize
+            };
+            for c0 in (0..c).step_by(LANES) {
+                let xp = xp.add(c0);
+                let mut t = [zero; KK];
+                for (i, t) in t.iter_mut().enumerate() {
+                    *t = _mm512_loadu_ps(tp.add(i * c + c0));
+                }
+                let b = _mm512_loadu_ps(bias.as_ptr().add(c0));
+                let store = |ox: usize, acc: __m512| {
+                    let v = _mm512_min_ps(_mm512_max_ps(acc, zero), six);
+                    _mm512_storeu_ps(out.add(ox * c + c0), v);
+                };
+                // A window crossing the edge: its taps from memory.
+                let edge = |ox: usize| {
+                    let kx0 = r.pl.saturating_sub(ox * s);
+                    let kx1 = (r.w + r.pl - ox * s).min(K);
+                    let mut acc = b;
+                    for ky in ky0..ky1 {
+                        for kx in kx0..kx1 {
+                            let tap = _mm512_loadu_ps(tp.add((ky * K + kx) * c + c0));
+                            let v = _mm512_loadu_ps(xp.offset(at(ox, ky, kx)));
+                            acc = _mm512_fmadd_ps(v, tap, acc);
+                        }
+                    }
+                    store(ox, acc);
+                };
+                for ox in (0..inside.start).chain(inside.end.max(inside.start)..ow) {
+                    edge(ox);
+                }
+                // Inside: every tap, from registers.
+                for ox in inside.clone() {
+                    let mut acc = b;
+                    for ky in 0..K {
+                        for kx in 0..K {
+                            let v = _mm512_loadu_ps(xp.offset(at(ox, ky, kx)));
+                            acc = _mm512_fmadd_ps(v, t[ky * K + kx], acc);
+                        }
+                    }
+                    store(ox, acc);
+                }
+            }
+        }
     }
 }
 
