@@ -458,7 +458,7 @@ widest! {
 /// A reduction over eight interleaved accumulators, so it vectorises without
 /// reordering float arithmetic behind the compiler's back.
 #[inline(always)]
-fn reduce8(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+pub(crate) fn reduce8(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [init; 8];
     let chunks = xs.chunks_exact(8);
     let rest = chunks.remainder();

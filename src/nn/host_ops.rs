@@ -7,8 +7,9 @@
 //! arithmetic. Here a linear layer is one GEMM into a buffer that already holds the
 //! bias, and each elementwise step (GELU, residual + LayerNorm) is one pass.
 
-use super::cpu_ops::{QkvRows, attention_rows, gelu_rows};
+use super::cpu_ops::{QkvRows, attention_rows, gelu_rows, reduce8};
 use super::sgemm::{self, Epilogue, Panels};
+use super::simd::widest;
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use rayon::prelude::*;
@@ -275,18 +276,13 @@ impl Norm {
 
     /// `rows = norm(rows)`.
     pub fn apply(&self, rows: &mut [f32]) {
-        for row in rows.chunks_exact_mut(self.gamma.len()) {
-            self.row(row);
-        }
+        norm_rows(rows, &self.gamma, &self.beta, self.eps);
     }
 
-    /// `rows = norm(rows + residual)`: the post-LN residual step in one pass.
+    /// `rows = norm(rows + residual)`: the post-LN residual step.
     pub fn add_apply(&self, rows: &mut [f32], residual: &[f32]) {
-        let d = self.gamma.len();
-        for (row, res) in rows.chunks_exact_mut(d).zip(residual.chunks_exact(d)) {
-            row.iter_mut().zip(res).for_each(|(x, r)| *x += r);
-            self.row(row);
-        }
+        add_into(rows, residual);
+        self.apply(rows);
     }
 
     /// `norm(rows)` as a new buffer (the pre-LN branch input).
@@ -295,16 +291,38 @@ impl Norm {
         self.apply(&mut out);
         out
     }
+}
 
-    fn row(&self, row: &mut [f32]) {
-        let n = row.len() as f32;
-        let mean = row.iter().sum::<f32>() / n;
-        let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n;
-        let inv = 1.0 / (var + self.eps).sqrt();
-        for ((x, g), b) in row.iter_mut().zip(&self.gamma).zip(&self.beta) {
-            *x = (*x - mean) * inv * g + b;
+widest! {
+    /// LayerNorm of each row as wide as `gamma`, the sums over eight interleaved
+    /// accumulators so that they vectorise (a running sum waits on every add).
+    fn norm_rows(rows: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        for row in rows.chunks_exact_mut(gamma.len()) {
+            let n = row.len() as f32;
+            let mean = reduce8(row, 0.0, |a, b| a + b) / n;
+            row.iter_mut().for_each(|x| *x -= mean);
+            let var = sum_squares(row) / n;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((x, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                *x = *x * inv * g + b;
+            }
         }
     }
+}
+
+/// The sum of squares over eight interleaved accumulators, as `reduce8` sums.
+#[inline(always)]
+fn sum_squares(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += x * x;
+        }
+    }
+    let lanes: f32 = acc.iter().sum();
+    rest.iter().fold(lanes, |a, &x| a + x * x)
 }
 
 /// `acc += x`, element-wise (a residual connection).
