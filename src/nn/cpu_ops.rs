@@ -604,7 +604,18 @@ pub(crate) mod tests {
     fn host_attention_matches_burns() {
         let device = Device::flex();
         device.seed(11);
-        for (b, l, c, heads) in [(1, 65, 384, 12), (2, 7, 24, 3), (1, 1, 8, 2)] {
+        // Heads of 32 (the towers', the fusion's, DaViT's) and of other widths, odd
+        // row counts among them.
+        let shapes = [
+            (1, 65, 384, 12),
+            (1, 5, 64, 2),
+            (2, 49, 128, 4),
+            (1, 106, 128, 4),
+            (1, 1, 32, 1),
+            (2, 7, 24, 3),
+            (1, 1, 8, 2),
+        ];
+        for (b, l, c, heads) in shapes {
             let r = || {
                 Tensor::<3>::random(
                     [b, l, c],

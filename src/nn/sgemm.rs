@@ -467,6 +467,14 @@ mod tests {
         }
     }
 
+    fn max_difference(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        got.iter()
+            .zip(want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max)
+    }
+
     /// A value in [-1, 1) from an index, so the test needs no random source.
     fn value(i: usize, salt: usize) -> f32 {
         let h = (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % 2_000;
@@ -514,11 +522,7 @@ mod tests {
                 panels.accumulate(&x, &mut got, epilogue, parallel);
                 let mut want = bias.clone();
                 naive(&x, &w, &mut want, cin, cout, epilogue == Epilogue::Relu6);
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(g, w)| (g - w).abs())
-                    .fold(0f32, f32::max);
+                let err = max_difference(&got, &want);
                 assert!(err < 1e-4, "{n}x{cin}x{cout} {epilogue:?}: {err}");
 
                 // A new output from the bias row, and from zero.
@@ -529,11 +533,7 @@ mod tests {
                         .flat_map(|_| bias.map_or(vec![0.0; cout], <[f32]>::to_vec))
                         .collect();
                     naive(&x, &w, &mut want, cin, cout, epilogue == Epilogue::Relu6);
-                    let err = got
-                        .iter()
-                        .zip(&want)
-                        .map(|(g, w)| (g - w).abs())
-                        .fold(0f32, f32::max);
+                    let err = max_difference(&got, &want);
                     assert!(err < 1e-4, "product {n}x{cin}x{cout} {epilogue:?}: {err}");
                 }
             }
