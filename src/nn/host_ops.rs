@@ -4,8 +4,8 @@
 //!
 //! At batch 1 a burn op costs an allocation, a dispatch and a pass of its own; the
 //! small transformer and conv layers of the towers spend more on that than on their
-//! arithmetic. Here a linear layer is one GEMM into a buffer that already holds the
-//! bias, and each elementwise step (GELU, residual + LayerNorm) is one pass.
+//! arithmetic. Here a linear layer is one GEMM whose sums start from the bias, and
+//! each elementwise step (GELU, the residual add, LayerNorm) is one pass.
 
 use super::cpu_ops::{QkvRows, attention_rows, gelu_rows, reduce8};
 use super::sgemm::{self, Epilogue, Panels};

@@ -263,10 +263,7 @@ mod x86 {
         let n = xs.len() / k;
         let full = n / MR * MR;
         let relu6 = epilogue == Epilogue::Relu6;
-        let (from_y, bias) = match start {
-            Start::Output => (true, None),
-            Start::Bias(b) => (false, b),
-        };
+        let from_y = matches!(start, Start::Output);
         // Only a block with a partial tile pays for the padded copy.
         let mut tail_x = Vec::new();
         if full < n {
@@ -293,10 +290,10 @@ mod x86 {
             let width = NR.min(cout - c0);
             let masks = (mask(width), mask(width.saturating_sub(16)));
             let b = panel.as_ptr();
-            let init = match (from_y, bias) {
-                (true, _) => Init::Output,
-                (false, Some(bias)) => Init::Row(bias[c0..].as_ptr()),
-                (false, None) => Init::Zero,
+            let init = match start {
+                Start::Output => Init::Output,
+                Start::Bias(Some(bias)) => Init::Row(bias[c0..].as_ptr()),
+                Start::Bias(None) => Init::Zero,
             };
             for r0 in (0..full).step_by(MR) {
                 let a = xs[r0 * k..].as_ptr();
@@ -308,13 +305,12 @@ mod x86 {
             }
             if full < n {
                 let rows = n - full;
-                for r in 0..rows {
-                    if from_y {
-                        // SAFETY: row full + r of y holds `cout` values (contract).
-                        let src = unsafe { y.add((full + r) * cout + c0) };
-                        let dst = &mut tail_y[r * NR..r * NR + width];
-                        // SAFETY: `width` values from c0 lie inside the row.
-                        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), width) };
+                for r in (0..rows).filter(|_| from_y) {
+                    // SAFETY: row full + r of y holds `cout` values (the contract), and
+                    // `width` values from c0 lie inside it.
+                    unsafe {
+                        let src = y.add((full + r) * cout + c0);
+                        std::ptr::copy_nonoverlapping(src, tail_y[r * NR..].as_mut_ptr(), width);
                     }
                 }
                 // SAFETY: the padded copies hold MR full rows.
@@ -377,8 +373,9 @@ mod x86 {
     }
 
     /// One MR x NR tile: `c = epilogue(init + a b)`, `a`'s rows at stride k, `c`'s at
-    /// `ldc`, the columns of each half of `c` masked by `masks`, fetching `fetch`. Written out register
-    /// by register: as an array, LLVM kept the accumulators on the stack.
+    /// `ldc`, the columns of each half of `c` masked by `masks`, fetching `fetch`.
+    /// Written out register by register: as an array, LLVM kept the accumulators on
+    /// the stack.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile(

@@ -374,6 +374,39 @@ mod tests {
     use burn::prelude::*;
     use burn::tensor::Distribution;
 
+    /// The AVX-512 depthwise row gives the portable row's bits, at both kernel
+    /// sizes and strides, on rows that cross every edge and rows inside.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_depthwise_row_is_the_portable_row() {
+        if !sgemm::available() {
+            return; // The portable row is the only one here.
+        }
+        let value = |i: usize| ((i * 7_919) % 2_000) as f32 / 500.0 - 2.0;
+        let (h, w, c) = (11, 9, 32);
+        let x: Vec<f32> = (0..h * w * c).map(value).collect();
+        for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
+            let taps: Vec<f32> = (0..k * k * c).map(|i| value(i + 13) / 4.0).collect();
+            let bias: Vec<f32> = (0..c).map(|i| value(i + 29)).collect();
+            let ((pt, oh), (pl, ow)) = (same(h, k, s), same(w, k, s));
+            let reach = Reach { h, w, k, s, pt, pl };
+            for oy in 0..oh {
+                let mut want = vec![0f32; ow * c];
+                depthwise_row(&mut want, &x, &taps, &bias, reach, oy);
+                let mut got = vec![f32::NAN; ow * c];
+                // SAFETY: AVX-512F is present; the sizes are the contract's.
+                unsafe {
+                    match k {
+                        3 => x86::depthwise_row::<3, 9>(&mut got, &x, &taps, &bias, reach, oy),
+                        _ => x86::depthwise_row::<5, 25>(&mut got, &x, &taps, &bias, reach, oy),
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "k {k} stride {s} row {oy}");
+            }
+        }
+    }
+
     /// Random weights and statistics, odd sizes (asymmetric SAME pads on every
     /// stride): the folded token-layout path computes burn's NCHW path.
     #[test]
