@@ -51,6 +51,9 @@ fn same(size: usize, k: usize, stride: usize) -> (usize, usize) {
 struct Depthwise {
     /// `[k*k, C]`: the taps of each kernel position along the channels.
     taps: Vec<f32>,
+    /// The taps as the AVX-512 row reads them, where it runs.
+    #[cfg(target_arch = "x86_64")]
+    grouped: Option<Vec<f32>>,
     bias: Vec<f32>,
     k: usize,
     stride: usize,
@@ -65,8 +68,13 @@ impl Depthwise {
                 taps[t * c + ch] = w[ch * k * k + t];
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        let grouped = (sgemm::available() && c.is_multiple_of(x86::LANES) && matches!(k, 3 | 5))
+            .then(|| x86::group_taps(&taps, c));
         Self {
             taps,
+            #[cfg(target_arch = "x86_64")]
+            grouped,
             bias,
             k,
             stride,
@@ -84,57 +92,87 @@ impl Depthwise {
             h * w * c,
             "the input is h x w pixels of c channels"
         );
-        let mut y = vec![0f32; oh * ow * c];
-        let rows = y.par_chunks_mut(ow * c).enumerate();
         #[cfg(target_arch = "x86_64")]
-        if sgemm::available() && c.is_multiple_of(x86::LANES) && matches!(k, 3 | 5) {
+        if let Some(grouped) = &self.grouped {
+            // Not zeroed first: the row stores every value (a serial pass over up to
+            // 1.2 MB that the other core waited through).
+            let mut y = Vec::with_capacity(oh * ow * c);
+            let rows = y.spare_capacity_mut().par_chunks_mut(ow * c).enumerate();
             rows.for_each(|(oy, row)| {
-                let (taps, bias) = (&self.taps[..], &self.bias[..]);
-                // SAFETY: AVX-512F is present, c is a multiple of 16, and `x` and the
-                // taps hold h x w and k x k rows of c values (asserted above and at load).
+                let bias = &self.bias[..];
+                // SAFETY: the grouped taps exist only where AVX-512F is present and c
+                // is a multiple of 16 (checked at load); `x` and the taps hold h x w
+                // and k x k rows of c values (asserted above and at load).
                 unsafe {
                     match k {
-                        3 => x86::depthwise_row::<3, 9>(row, x, taps, bias, reach, oy),
-                        _ => x86::depthwise_row::<5, 25>(row, x, taps, bias, reach, oy),
+                        3 => x86::depthwise_row::<3, 9>(row, x, grouped, bias, reach, oy),
+                        _ => x86::depthwise_row::<5, 25>(row, x, grouped, bias, reach, oy),
                     }
                 }
             });
+            // SAFETY: every row stored each of its values (the row's contract).
+            unsafe { y.set_len(oh * ow * c) };
             return (y, oh, ow);
         }
+        let mut y = vec![0f32; oh * ow * c];
+        let rows = y.par_chunks_mut(ow * c).enumerate();
         rows.for_each(|(oy, row)| depthwise_row(row, x, &self.taps, &self.bias, reach, oy));
         (y, oh, ow)
     }
 }
 
 /// The depthwise row with AVX-512 intrinsics: the vectoriser keeps the portable
-/// row's accumulators in memory, a load and a store for every tap.
+/// row's accumulators in memory, a load and a store for every tap, and walks each
+/// channel group down a column of pixels `c` floats apart.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Reach;
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// Channels of one register.
     pub(super) const LANES: usize = 16;
 
+    /// Taps `[k*k, c]` regrouped as `[c / 16][k*k][16]`: one group's taps lie
+    /// together, so that the row below reads them as one run.
+    pub(super) fn group_taps(taps: &[f32], c: usize) -> Vec<f32> {
+        let kk = taps.len() / c;
+        let mut grouped = Vec::with_capacity(taps.len());
+        for c0 in (0..c).step_by(LANES) {
+            for t in 0..kk {
+                grouped.extend_from_slice(&taps[t * c + c0..t * c + c0 + LANES]);
+            }
+        }
+        grouped
+    }
+
     /// [`super::depthwise_row`] for a `K x K` kernel (`KK = K * K` taps) and `c` a
-    /// multiple of 16, with the same sums in the same order (the same bits). Each
-    /// group of 16 channels holds its taps in registers while it runs along the
-    /// row; pixels whose window crosses the edge read the taps they need from memory.
+    /// multiple of 16, with the same sums in the same order (the same bits), from
+    /// taps regrouped by [`group_taps`].
+    ///
+    /// Pixels outside, channels inside: as the loop runs along the channels, each
+    /// input pixel is read front to back, as the prefetcher expects (a group's
+    /// column of pixels, `c` floats apart, cost a cache miss per load). Four pixels
+    /// whose windows lie inside the input columns are summed at once, each in its
+    /// own register, so no multiply-add waits on the one before; a window that
+    /// crosses the edge sums only its taps that land inside.
+    ///
+    /// It stores every value of `row`, which need not hold values before.
     ///
     /// # Safety
-    /// AVX-512F is present; `x` holds `r.h x r.w` pixels and `taps` `KK` rows, of `c`
-    /// values each, `c` = `bias.len()` a multiple of 16, and `row` whole pixels.
+    /// AVX-512F is present; `x` holds `r.h x r.w` pixels and `grouped` `KK` taps, of
+    /// `c` values each, `c` = `bias.len()` a multiple of 16, and `row` whole pixels.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn depthwise_row<const K: usize, const KK: usize>(
-        row: &mut [f32],
+        row: &mut [MaybeUninit<f32>],
         x: &[f32],
-        taps: &[f32],
+        grouped: &[f32],
         bias: &[f32],
         r: Reach,
         oy: usize,
     ) {
-        debug_assert_eq!(
-            (KK, taps.len(), x.len()),
+        assert_eq!(
+            (KK, grouped.len(), x.len()),
             (K * K, KK * bias.len(), r.h * r.w * bias.len())
         );
         let c = bias.len();
@@ -142,62 +180,115 @@ mod x86 {
         let ow = row.len() / c;
         let ky0 = r.pt.saturating_sub(oy * s);
         let ky1 = (r.h + r.pt - oy * s).min(K);
-        // Columns whose whole window lies inside the input (all of them need the
-        // row's window inside too).
-        let inside = if (ky0, ky1) == (0, K) && r.w + r.pl >= K {
+        // Output columns whose window lies inside the input columns.
+        let inside = if r.w + r.pl >= K {
             r.pl.div_ceil(s)..((r.w + r.pl - K) / s + 1).min(ow)
         } else {
             0..0
         };
         let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
-        let (xp, tp, out) = (x.as_ptr(), taps.as_ptr(), row.as_mut_ptr());
-        // SAFETY (every access below): the window's rows ky0..ky1 and columns
-        // kx0..kx1 land inside the input (all K of each inside `inside`), c0 + 16
-        // <= c, and ox < ow.
+        let (xp, gp, bp, out) = (
+            x.as_ptr(),
+            grouped.as_ptr(),
+            bias.as_ptr(),
+            row.as_mut_ptr().cast::<f32>(),
+        );
+        // Input pixel (row ky, column kx) of output column ox's window, as an offset.
+        // It may lie outside the input (the row above it for a clipped window), so it
+        // is signed; only offsets inside are read.
+        let at = |ox: usize, ky: usize, kx: usize| {
+            let row = (oy * s + ky) as isize - r.pt as isize;
+            let col = (ox * s + kx) as isize - r.pl as isize;
+            (row * r.w as isize + col) * c as isize
+        };
+        // SAFETY (every access below): rows ky0..ky1 and, per pixel, columns
+        // kx0..kx1 land inside the input (all K of them for `inside` pixels); each
+        // group's KK taps lie at g * KK * 16; c0 + 16 <= c; ox < ow.
         unsafe {
-            // Input pixel (row ky, column kx) of output column ox's window.
-            let at = |ox: usize, ky: usize, kx: usize| {
-                (((oy * s + ky - r.pt) * r.w + ox * s + kx - r.pl) * c) as isize
+            let store = |ox: usize, c0: usize, acc: __m512| {
+                let v = _mm512_min_ps(_mm512_max_ps(acc, zero), six);
+                _mm512_storeu_ps(out.add(ox * c + c0), v);
             };
-            for c0 in (0..c).step_by(LANES) {
-                let xp = xp.add(c0);
-                let mut t = [zero; KK];
-                for (i, t) in t.iter_mut().enumerate() {
-                    *t = _mm512_loadu_ps(tp.add(i * c + c0));
-                }
-                let b = _mm512_loadu_ps(bias.as_ptr().add(c0));
-                let store = |ox: usize, acc: __m512| {
-                    let v = _mm512_min_ps(_mm512_max_ps(acc, zero), six);
-                    _mm512_storeu_ps(out.add(ox * c + c0), v);
-                };
-                // A window crossing the edge: its taps from memory.
-                let edge = |ox: usize| {
-                    let kx0 = r.pl.saturating_sub(ox * s);
-                    let kx1 = (r.w + r.pl - ox * s).min(K);
-                    let mut acc = b;
+            // One pixel whose window may cross the edge: four groups of channels at
+            // once, each in its own register (one accumulator waited on every
+            // multiply-add before it, and in the late blocks nearly every window
+            // crosses an edge).
+            let single = |ox: usize| {
+                let kx0 = r.pl.saturating_sub(ox * s);
+                let kx1 = (r.w + r.pl - ox * s).min(K);
+                let mut c0 = 0;
+                while c0 + 4 * LANES <= c {
+                    let taps = gp.add(c0 * KK);
+                    let b = |g: usize| _mm512_loadu_ps(bp.add(c0 + g * LANES));
+                    let (mut a0, mut a1, mut a2, mut a3) = (b(0), b(1), b(2), b(3));
                     for ky in ky0..ky1 {
                         for kx in kx0..kx1 {
-                            let tap = _mm512_loadu_ps(tp.add((ky * K + kx) * c + c0));
-                            let v = _mm512_loadu_ps(xp.offset(at(ox, ky, kx)));
+                            let t = |g: usize| {
+                                _mm512_loadu_ps(taps.add((g * KK + ky * K + kx) * LANES))
+                            };
+                            let x = xp.offset(at(ox, ky, kx)).add(c0);
+                            let v = |g: usize| _mm512_loadu_ps(x.add(g * LANES));
+                            a0 = _mm512_fmadd_ps(v(0), t(0), a0);
+                            a1 = _mm512_fmadd_ps(v(1), t(1), a1);
+                            a2 = _mm512_fmadd_ps(v(2), t(2), a2);
+                            a3 = _mm512_fmadd_ps(v(3), t(3), a3);
+                        }
+                    }
+                    store(ox, c0, a0);
+                    store(ox, c0 + LANES, a1);
+                    store(ox, c0 + 2 * LANES, a2);
+                    store(ox, c0 + 3 * LANES, a3);
+                    c0 += 4 * LANES;
+                }
+                for c0 in (c0..c).step_by(LANES) {
+                    let taps = gp.add(c0 * KK);
+                    let mut acc = _mm512_loadu_ps(bp.add(c0));
+                    for ky in ky0..ky1 {
+                        for kx in kx0..kx1 {
+                            let tap = _mm512_loadu_ps(taps.add((ky * K + kx) * LANES));
+                            let v = _mm512_loadu_ps(xp.offset(at(ox, ky, kx)).add(c0));
                             acc = _mm512_fmadd_ps(v, tap, acc);
                         }
                     }
-                    store(ox, acc);
-                };
-                for ox in (0..inside.start).chain(inside.end.max(inside.start)..ow) {
-                    edge(ox);
+                    store(ox, c0, acc);
                 }
-                // Inside: every tap, from registers.
-                for ox in inside.clone() {
-                    let mut acc = b;
-                    for ky in 0..K {
+            };
+            let mut ox = 0;
+            while ox < ow {
+                if !(inside.contains(&ox) && ox + 4 <= inside.end) {
+                    single(ox);
+                    ox += 1;
+                    continue;
+                }
+                let p = [
+                    at(ox, 0, 0),
+                    at(ox + 1, 0, 0),
+                    at(ox + 2, 0, 0),
+                    at(ox + 3, 0, 0),
+                ];
+                for c0 in (0..c).step_by(LANES) {
+                    let taps = gp.add(c0 * KK);
+                    let b = _mm512_loadu_ps(bp.add(c0));
+                    let (mut a0, mut a1, mut a2, mut a3) = (b, b, b, b);
+                    let x = xp.add(c0);
+                    for ky in ky0..ky1 {
                         for kx in 0..K {
-                            let v = _mm512_loadu_ps(xp.offset(at(ox, ky, kx)));
-                            acc = _mm512_fmadd_ps(v, t[ky * K + kx], acc);
+                            let tap = _mm512_loadu_ps(taps.add((ky * K + kx) * LANES));
+                            // (ky, kx) from the window's first pixel.
+                            let d = ((ky * r.w + kx) * c) as isize;
+                            let v = |i: usize| _mm512_loadu_ps(x.offset(p[i] + d));
+                            a0 = _mm512_fmadd_ps(v(0), tap, a0);
+                            a1 = _mm512_fmadd_ps(v(1), tap, a1);
+                            a2 = _mm512_fmadd_ps(v(2), tap, a2);
+                            a3 = _mm512_fmadd_ps(v(3), tap, a3);
                         }
                     }
-                    store(ox, acc);
+                    store(ox, c0, a0);
+                    store(ox + 1, c0, a1);
+                    store(ox + 2, c0, a2);
+                    store(ox + 3, c0, a3);
                 }
+                ox += 4;
             }
         }
     }
@@ -373,6 +464,8 @@ mod tests {
     use crate::nn::cpu_ops::tests::rel_l2;
     use burn::prelude::*;
     use burn::tensor::Distribution;
+    #[cfg(target_arch = "x86_64")]
+    use std::mem::MaybeUninit;
 
     /// The AVX-512 depthwise row gives the portable row's bits, at both kernel
     /// sizes and strides, on rows that cross every edge and rows inside.
@@ -383,26 +476,39 @@ mod tests {
             return; // The portable row is the only one here.
         }
         let value = |i: usize| ((i * 7_919) % 2_000) as f32 / 500.0 - 2.0;
-        let (h, w, c) = (11, 9, 32);
-        let x: Vec<f32> = (0..h * w * c).map(value).collect();
-        for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
-            let taps: Vec<f32> = (0..k * k * c).map(|i| value(i + 13) / 4.0).collect();
-            let bias: Vec<f32> = (0..c).map(|i| value(i + 29)).collect();
-            let ((pt, oh), (pl, ow)) = (same(h, k, s), same(w, k, s));
-            let reach = Reach { h, w, k, s, pt, pl };
-            for oy in 0..oh {
-                let mut want = vec![0f32; ow * c];
-                depthwise_row(&mut want, &x, &taps, &bias, reach, oy);
-                let mut got = vec![f32::NAN; ow * c];
-                // SAFETY: AVX-512F is present; the sizes are the contract's.
-                unsafe {
-                    match k {
-                        3 => x86::depthwise_row::<3, 9>(&mut got, &x, &taps, &bias, reach, oy),
-                        _ => x86::depthwise_row::<5, 25>(&mut got, &x, &taps, &bias, reach, oy),
+        // Wide rows (runs of four inside pixels), rows narrower than the kernel, and
+        // channels in blocks of four groups with one left over.
+        for (h, w, c) in [(11, 9, 32), (7, 3, 80), (6, 14, 64)] {
+            let x: Vec<f32> = (0..h * w * c).map(value).collect();
+            for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
+                let taps: Vec<f32> = (0..k * k * c).map(|i| value(i + 13) / 4.0).collect();
+                let grouped = x86::group_taps(&taps, c);
+                let bias: Vec<f32> = (0..c).map(|i| value(i + 29)).collect();
+                let ((pt, oh), (pl, ow)) = (same(h, k, s), same(w, k, s));
+                let reach = Reach { h, w, k, s, pt, pl };
+                for oy in 0..oh {
+                    let mut want = vec![0f32; ow * c];
+                    depthwise_row(&mut want, &x, &taps, &bias, reach, oy);
+                    let mut got = vec![MaybeUninit::new(f32::NAN); ow * c];
+                    // SAFETY: AVX-512F is present; the sizes are the contract's.
+                    unsafe {
+                        match k {
+                            3 => {
+                                x86::depthwise_row::<3, 9>(&mut got, &x, &grouped, &bias, reach, oy)
+                            }
+                            _ => x86::depthwise_row::<5, 25>(
+                                &mut got, &x, &grouped, &bias, reach, oy,
+                            ),
+                        }
                     }
+                    // SAFETY: the row stored every value (NaN before, to catch one missed).
+                    let got: Vec<u32> = got
+                        .iter()
+                        .map(|v| unsafe { v.assume_init() }.to_bits())
+                        .collect();
+                    let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{h}x{w}x{c} k {k} stride {s} row {oy}");
                 }
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "k {k} stride {s} row {oy}");
             }
         }
     }
