@@ -4,6 +4,7 @@
 
 use crate::infer::batch::{FusionRow, TEXT_DIM, batch};
 use crate::infer::classifier::Schedule;
+use crate::infer::classifier::{image_input, tower_tokens};
 use crate::infer::{Classifier, image_tokens, text_tokens};
 use crate::model::cache::CacheDir;
 use crate::nn::cpu_ops::host_device;
@@ -40,9 +41,11 @@ pub struct BenchReport {
     pub load_ms: f64,
     /// decode + classify, per poster, as served (the towers overlapped on a CPU).
     pub total_ms: Percentiles,
-    /// decode, preprocess, image_tower, tokenize, text_tower, fusion, each alone (the
-    /// towers in sequence), their sum as `total_sequential`, and text_tower_128 (the
-    /// tower alone on a full 128-token text).
+    /// decode, preprocess, image_tower, tokenize, text_tower, fusion, each timed within
+    /// the poster (the towers in sequence), their sum as `total_sequential`;
+    /// image_tower_alone and text_tower_alone (each tower run over and over by itself,
+    /// as a peer times one network alone), and text_tower_128 (the tower alone on a
+    /// full 128-token text).
     pub stages: BTreeMap<String, Percentiles>,
     /// Tokens the overview became (the typical text).
     pub text_tokens: usize,
@@ -73,7 +76,7 @@ pub fn run(
     let start = Instant::now();
     let classifier = Classifier::load(model_dir, cache, device)?;
     let load_ms = ms(start);
-    let stage = Stage::start("bench", (runs + 2) as u64 * 2 + BATCH as u64);
+    let stage = Stage::start("bench", (runs + 2) as u64 * 4 + BATCH as u64);
     let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut total = Vec::new();
     // Two warm-up passes: the first calls pay for allocation and kernel set-up.
@@ -100,27 +103,44 @@ pub fn run(
         total.push(decode_ms + served.timings_ms.total);
     }
     let long = long_ids(&classifier, overview)?;
-    for i in 0..runs + 2 {
-        let t = Instant::now();
-        text_tokens(
-            &classifier.towers,
-            &long,
-            classifier.model.spec.text_layers,
-            device,
-        );
-        stage.inc(1);
-        if i >= 2 {
-            stages
-                .entry("text_tower_128".into())
-                .or_default()
-                .push(ms(t));
-        }
-    }
     let img = decode(poster)?;
     let ids = match overview {
         Some(s) => classifier.towers.tokenizer.encode(s)?,
         None => Vec::new(),
     };
+    let spec = &classifier.model.spec;
+    let (towers, layers) = (&classifier.towers, spec.text_layers);
+    let x = image_input(std::slice::from_ref(&img), spec.image_input);
+    // Each tower by itself, run after run, on a pool worker as a poster is: with its
+    // weights and buffers warm from the run before, as a peer's session holding one
+    // network is timed. The rows above are the same towers within a poster.
+    let alone: [(&str, &(dyn Fn() + Sync)); 3] = [
+        ("image_tower_alone", &|| {
+            let t = tower_tokens(towers, x.clone(), device);
+            std::hint::black_box(t.into_data());
+        }),
+        ("text_tower_alone", &|| {
+            std::hint::black_box(text_tokens(towers, &ids, layers, device));
+        }),
+        ("text_tower_128", &|| {
+            std::hint::black_box(text_tokens(towers, &long, layers, device));
+        }),
+    ];
+    for (name, pass) in alone {
+        let times = rayon::scope(|_| {
+            let mut times = Vec::with_capacity(runs);
+            for i in 0..runs + 2 {
+                let t = Instant::now();
+                pass();
+                stage.inc(1);
+                if i >= 2 {
+                    times.push(ms(t));
+                }
+            }
+            times
+        });
+        stages.insert(name.to_string(), times);
+    }
     let mut best = f64::MAX;
     for _ in 0..BATCH {
         let t = Instant::now();
@@ -128,7 +148,6 @@ pub fn run(
         best = best.min(ms(t));
         stage.inc(1);
     }
-    let spec = &classifier.model.spec;
     Ok(BenchReport {
         backend: backend.to_string(),
         threads: threads(),

@@ -245,6 +245,10 @@ def parity(args, peer, spec, out, overview):
 # defaults for latency (benches/peer/README.md): stage -> graph.
 ALONE = {"image_tower": "image_tower.onnx", "text_tower": "text_tower.onnx",
          "text_tower_128": "text_tower.onnx", "fusion": "fusion_members.onnx"}
+# Marquee's own figure for a network alone (each tower run after run by itself,
+# `marquee bench`), held against ORT's alone schedule so that both sides are timed the
+# same way; the stage's within-poster figure is held against ORT's loop.
+MARQUEE_ALONE = {"image_tower": "image_tower_alone", "text_tower": "text_tower_alone"}
 # The whole path as one graph, in one session, as sequential and parallel executors.
 PIPELINES = {"pipeline": [], "pipeline_parallel": ["--parallel"]}
 
@@ -391,6 +395,7 @@ def main():
         if not np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want):
             sys.exit(f"compare: the merged ONNX graph ({name}) differs from the three graphs")
     mine = {s: [] for s in STAGES}
+    mine_alone = {s: [] for s in MARQUEE_ALONE}
     theirs = {s: [] for s in STAGES}
     alone = {s: [] for s in list(ALONE) + list(PIPELINES)}
     extra = []
@@ -403,6 +408,8 @@ def main():
         extra.append(b)
         for s in STAGES:
             mine[s].append(b["total_ms"]["p50"] if s == "total" else b["stages"][s]["p50"])
+        for s, name in MARQUEE_ALONE.items():
+            mine_alone[s].append(b["stages"][name]["p50"])
         log(f"compare: round {i + 1}/{args.rounds}: onnxruntime")
         per = {s: [] for s in STAGES}
         overlapped = []
@@ -441,12 +448,18 @@ def main():
     schedules["total"].update({s: alone[s] for s in PIPELINES})
     rows = []
     for s in STAGES:
-        m = statistics.median(mine[s])
+        poster_ms = statistics.median(mine[s])
+        # Marquee's figure timed as ORT's schedule is: alone against alone.
+        paired = {k: statistics.median(mine_alone[s]) if k == "alone" and s in MARQUEE_ALONE else poster_ms
+                  for k in schedules[s]}
         best = min(schedules[s], key=schedules[s].get)
         p = schedules[s][best]
+        m = paired[best]
         row = {"stage": s, "marquee_ms": round(m, 3), "peer_ms": round(p, 3), "peer_schedule": best,
-               "ratio": round(m / p, 3), "peer_loop_ms": round(schedules[s]["loop"], 3),
-               "ratio_loop": round(m / schedules[s]["loop"], 3),
+               "ratio": round(m / p, 3), "marquee_poster_ms": round(poster_ms, 3),
+               "peer_loop_ms": round(schedules[s]["loop"], 3),
+               "ratio_loop": round(poster_ms / schedules[s]["loop"], 3),
+               "ratio_unpaired": round(poster_ms / p, 3),
                "peer_schedules_ms": {k: round(v, 3) for k, v in schedules[s].items()}}
         if s in flops:
             gf = flops[s]
@@ -478,11 +491,11 @@ def main():
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{'stage':<17}{'marquee ms':>11}{'ORT loop':>10}{'ORT best':>10}{'(schedule)':>19}{'ratio':>7}"
-              f"{'GFLOP':>8}{'% peak':>8}{'ORT %':>7}{'x floor':>9}")
+        print(f"{'stage':<17}{'in poster':>10}{'ORT loop':>10}{'marquee ms':>11}{'ORT best':>10}{'(schedule)':>19}"
+              f"{'ratio':>7}{'GFLOP':>8}{'% peak':>8}{'ORT %':>7}{'x floor':>9}")
         for r in rows:
-            print(f"{r['stage']:<17}{r['marquee_ms']:>11.2f}{r['peer_loop_ms']:>10.2f}{r['peer_ms']:>10.2f}"
-                  f"{r['peer_schedule']:>19}{r['ratio']:>7.2f}"
+            print(f"{r['stage']:<17}{r['marquee_poster_ms']:>10.2f}{r['peer_loop_ms']:>10.2f}{r['marquee_ms']:>11.2f}"
+                  f"{r['peer_ms']:>10.2f}{r['peer_schedule']:>19}{r['ratio']:>7.2f}"
                   f"{r.get('gflop', float('nan')):>8.3f}{r.get('marquee_pct_peak', float('nan')):>8.1f}"
                   f"{r.get('peer_pct_peak', float('nan')):>7.1f}{r.get('marquee_x_floor', float('nan')):>9.2f}")
         print(f"peak (1024^3 matmul): marquee {mine_peak:.1f} GFLOP/s, ORT {peer_peak:.1f} GFLOP/s; "
