@@ -265,9 +265,12 @@ mod x86 {
         let relu6 = epilogue == Epilogue::Relu6;
         let from_y = matches!(start, Start::Output);
         // Only a block with a partial tile pays for the padded copy.
+        // The last rows run in the shortest tile that holds them (4, 8 or 12 rows):
+        // padded to 12, five rows left over cost as much as a whole tile.
+        let tail = (n - full).next_multiple_of(4);
         let mut tail_x = Vec::new();
         if full < n {
-            tail_x.resize(MR * k, 0f32);
+            tail_x.resize(tail * k, 0f32);
             tail_x[..(n - full) * k].copy_from_slice(&xs[full * k..]);
         }
         let mut tail_y = [0f32; MR * NR];
@@ -313,19 +316,15 @@ mod x86 {
                         std::ptr::copy_nonoverlapping(src, tail_y[r * NR..].as_mut_ptr(), width);
                     }
                 }
-                // SAFETY: the padded copies hold MR full rows.
+                let (a, c, f) = (tail_x.as_ptr(), tail_y.as_mut_ptr(), fetch(full / MR));
+                // SAFETY: the padded copies hold `tail` full rows, the rows of the tile
+                // each call runs.
                 unsafe {
-                    tile(
-                        k,
-                        tail_x.as_ptr(),
-                        b,
-                        tail_y.as_mut_ptr(),
-                        NR,
-                        masks,
-                        init,
-                        relu6,
-                        fetch(full / MR),
-                    )
+                    match tail {
+                        4 => tile4(k, a, b, c, NR, masks, init, relu6, f),
+                        8 => tile8(k, a, b, c, NR, masks, init, relu6, f),
+                        _ => tile(k, a, b, c, NR, masks, init, relu6, f),
+                    }
                 };
                 for r in 0..rows {
                     // SAFETY: as above; y has room for these rows.
@@ -372,25 +371,26 @@ mod x86 {
         }
     }
 
-    /// One MR x NR tile: `c = epilogue(init + a b)`, `a`'s rows at stride k, `c`'s at
-    /// `ldc`, the columns of each half of `c` masked by `masks`, fetching `fetch`.
-    /// Written out register by register: as an array, LLVM kept the accumulators on
-    /// the stack.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(
-        k: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        (m0, m1): (u16, u16),
-        init: Init,
-        relu6: bool,
-        fetch: Fetch,
-    ) {
-        macro_rules! kernel {
-            ($($r:literal => $lo:ident $hi:ident),*) => {
+    /// Defines a tile of as many rows as it lists: `c = epilogue(init + a b)`, `a`'s
+    /// rows at stride k, `c`'s at `ldc`, the columns of each half of `c` masked by
+    /// `masks`, fetching `fetch`. Written out register by register: as an array,
+    /// LLVM kept the accumulators on the stack.
+    macro_rules! tile_fn {
+        ($(#[$doc:meta])* $name:ident: $($r:literal => $lo:ident $hi:ident),*) => {
+            $(#[$doc])*
+            #[target_feature(enable = "avx512f")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $name(
+                k: usize,
+                a: *const f32,
+                b: *const f32,
+                c: *mut f32,
+                ldc: usize,
+                (m0, m1): (u16, u16),
+                init: Init,
+                relu6: bool,
+                fetch: Fetch,
+            ) {
                 // SAFETY (every pointer access): the caller's bounds; masked lanes are
                 // not touched.
                 unsafe {
@@ -438,14 +438,25 @@ mod x86 {
                         _mm512_mask_storeu_ps(c.add($r * ldc + 16), m1, $hi);
                     )*
                 }
-            };
-        }
-        kernel!(
-            0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b,
-            5 => c5a c5b, 6 => c6a c6b, 7 => c7a c7b, 8 => c8a c8b, 9 => c9a c9b,
-            10 => c10a c10b, 11 => c11a c11b
-        );
+            }
+        };
     }
+
+    tile_fn!(
+        /// The whole tile: `MR` rows.
+        tile: 0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b,
+        5 => c5a c5b, 6 => c6a c6b, 7 => c7a c7b, 8 => c8a c8b, 9 => c9a c9b,
+        10 => c10a c10b, 11 => c11a c11b
+    );
+    tile_fn!(
+        /// Eight rows: a block's last rows when 5-8 are left.
+        tile8: 0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b,
+        5 => c5a c5b, 6 => c6a c6b, 7 => c7a c7b
+    );
+    tile_fn!(
+        /// Four rows: a block's last rows when 1-4 are left.
+        tile4: 0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b
+    );
 }
 
 #[cfg(test)]
@@ -486,8 +497,8 @@ mod tests {
         }
     }
 
-    /// Every tile height (1..=12 rows and beyond), every tail width (masked one- and
-    /// two-register panels), k from 1 up, both epilogues, one task and several (split
+    /// Every tile height (1..=12 rows and beyond: last rows in tiles of 4, 8 and 12),
+    /// every tail width (masked one- and two-register panels), k from 1 up, both epilogues, one task and several (split
     /// by rows, and by panels where the rows are few), onto `y` and from a bias.
     #[test]
     fn kernel_equals_a_plain_product() {
@@ -502,6 +513,8 @@ mod tests {
             (25, 40, 33),
             (65, 384, 100),
             (100, 7, 24),
+            (20, 33, 64),
+            (35, 20, 40),
             (40, 192, 1_152),
             (300, 80, 480),
         ] {
