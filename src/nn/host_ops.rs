@@ -100,6 +100,11 @@ impl Dense {
         Self::new(w, bias)
     }
 
+    /// Input features.
+    pub fn cin(&self) -> usize {
+        self.cin
+    }
+
     /// Output features.
     pub fn cout(&self) -> usize {
         self.bias.len()
@@ -117,15 +122,25 @@ impl Dense {
     }
 
     fn forward_with(&self, x: &[f32], epilogue: Epilogue) -> Vec<f32> {
+        self.forward_on(x, epilogue, self.parallel(x))
+    }
+
+    /// `epilogue(x @ W + b)` on the calling thread alone: for a caller that already
+    /// runs one task per core (EfficientNet's bands).
+    pub fn forward_serial(&self, x: &[f32], epilogue: Epilogue) -> Vec<f32> {
+        self.forward_on(x, epilogue, false)
+    }
+
+    fn forward_on(&self, x: &[f32], epilogue: Epilogue, parallel: bool) -> Vec<f32> {
         if let Weights::Panels(p) = &self.w {
-            return p.product(x, Some(&self.bias), epilogue, self.parallel(x));
+            return p.product(x, Some(&self.bias), epilogue, parallel);
         }
         let n = x.len() / self.cin;
         let mut y: Vec<f32> = Vec::with_capacity(n * self.cout());
         for _ in 0..n {
             y.extend_from_slice(&self.bias);
         }
-        self.accumulate(x, &mut y, epilogue);
+        self.accumulate_on(x, &mut y, epilogue, parallel);
         y
     }
 
@@ -153,10 +168,13 @@ impl Dense {
 
     /// `y = epilogue(y + x w)`.
     fn accumulate(&self, x: &[f32], y: &mut [f32], epilogue: Epilogue) {
+        self.accumulate_on(x, y, epilogue, self.parallel(x));
+    }
+
+    fn accumulate_on(&self, x: &[f32], y: &mut [f32], epilogue: Epilogue, parallel: bool) {
         let (cin, cout) = (self.cin, self.cout());
         let n = x.len() / cin;
         assert_eq!((n * cin, n * cout), (x.len(), y.len()), "row counts agree");
-        let parallel = self.parallel(x);
         let w = match &self.w {
             Weights::Panels(p) => return p.accumulate(x, y, epilogue, parallel),
             Weights::RowMajor(w) => w,
