@@ -264,9 +264,9 @@ mod x86 {
         let full = n / MR * MR;
         let relu6 = epilogue == Epilogue::Relu6;
         let from_y = matches!(start, Start::Output);
-        // Only a block with a partial tile pays for the padded copy.
-        // The last rows run in the shortest tile that holds them (4, 8 or 12 rows):
-        // padded to 12, five rows left over cost as much as a whole tile.
+        // Only a block with a partial tile pays for the padded copy, and its last rows
+        // run in the shortest tile that holds them (4, 8 or 12 rows): padded to 12,
+        // five rows left over cost as much as a whole tile.
         let tail = (n - full).next_multiple_of(4);
         let mut tail_x = Vec::new();
         if full < n {

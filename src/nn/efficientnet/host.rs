@@ -88,18 +88,34 @@ impl Depthwise {
     fn row(&self, x: &[f32], r: Reach, oy: usize, row: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if let Some(grouped) = &self.grouped {
-            // SAFETY: as in `forward`; an initialised row may be handed on as one that
-            // need not be, since the kernel stores only values into it.
-            unsafe {
-                let row = &mut *(row as *mut [f32] as *mut [MaybeUninit<f32>]);
-                match self.k {
-                    3 => x86::depthwise_row::<3, 9>(row, x, grouped, &self.bias, r, oy),
-                    _ => x86::depthwise_row::<5, 25>(row, x, grouped, &self.bias, r, oy),
-                }
-            }
-            return;
+            // SAFETY: an initialised row may be handed on as one that need not be:
+            // the kernel stores only values into it.
+            let row = unsafe { &mut *(row as *mut [f32] as *mut [MaybeUninit<f32>]) };
+            return self.avx512_row(grouped, x, r, oy, row);
         }
         depthwise_row(row, x, &self.taps, &self.bias, r, oy);
+    }
+
+    /// [`x86::depthwise_row`] for this layer's kernel size; it stores every value of
+    /// `row`.
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_row(
+        &self,
+        grouped: &[f32],
+        x: &[f32],
+        r: Reach,
+        oy: usize,
+        row: &mut [MaybeUninit<f32>],
+    ) {
+        // SAFETY: the grouped taps exist only where AVX-512F is present and c is a
+        // multiple of 16 (checked at load); the kernel asserts the sizes of `x` and
+        // the taps against its reach.
+        unsafe {
+            match self.k {
+                3 => x86::depthwise_row::<3, 9>(row, x, grouped, &self.bias, r, oy),
+                _ => x86::depthwise_row::<5, 25>(row, x, grouped, &self.bias, r, oy),
+            }
+        }
     }
 
     fn forward(&self, x: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
@@ -119,18 +135,7 @@ impl Depthwise {
             // 1.2 MB that the other core waited through).
             let mut y = Vec::with_capacity(oh * ow * c);
             let rows = y.spare_capacity_mut().par_chunks_mut(ow * c).enumerate();
-            rows.for_each(|(oy, row)| {
-                let bias = &self.bias[..];
-                // SAFETY: the grouped taps exist only where AVX-512F is present and c
-                // is a multiple of 16 (checked at load); `x` and the taps hold h x w
-                // and k x k rows of c values (asserted above and at load).
-                unsafe {
-                    match k {
-                        3 => x86::depthwise_row::<3, 9>(row, x, grouped, bias, reach, oy),
-                        _ => x86::depthwise_row::<5, 25>(row, x, grouped, bias, reach, oy),
-                    }
-                }
-            });
+            rows.for_each(|(oy, row)| self.avx512_row(grouped, x, reach, oy, row));
             // SAFETY: every row stored each of its values (the row's contract).
             unsafe { y.set_len(oh * ow * c) };
             return (y, oh, ow);
@@ -143,8 +148,7 @@ impl Depthwise {
 }
 
 /// The depthwise row with AVX-512 intrinsics: the vectoriser keeps the portable
-/// row's accumulators in memory, a load and a store for every tap, and walks each
-/// channel group down a column of pixels `c` floats apart.
+/// row's accumulators in memory, a load and a store for every tap.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Reach;
@@ -176,7 +180,8 @@ mod x86 {
     /// column of pixels, `c` floats apart, cost a cache miss per load). Four pixels
     /// whose windows lie inside the input columns are summed at once, each in its
     /// own register, so no multiply-add waits on the one before; a window that
-    /// crosses the edge sums only its taps that land inside.
+    /// crosses the edge sums only its taps that land inside, four channel groups at
+    /// once.
     ///
     /// It stores every value of `row`, which need not hold values before.
     ///
