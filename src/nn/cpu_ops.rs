@@ -10,7 +10,11 @@
 //! autodiff, or for a dtype other than f32, so results never depend on the path
 //! beyond float rounding.
 
+use super::gemv::{self, Layout};
+use super::sgemm::{self, Epilogue, Panels};
 use super::simd::widest;
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Linear, PaddingConfig2d};
 use burn::prelude::*;
@@ -30,6 +34,89 @@ fn on_host_f32<const D: usize>(x: &Tensor<D>) -> bool {
     host_device(&x.device()) && x.dtype() == DType::F32
 }
 
+/// Below this many multiply-adds a product runs on one thread: the hand-off costs more.
+const PARALLEL_WORK: usize = 1 << 18;
+
+/// `linear.forward(x)`. On the host a few rows read the weights in place
+/// ([`gemv`]), and more rows run in the packed AVX-512 GEMM where the CPU has it;
+/// elsewhere, and for many rows without AVX-512, burn's linear.
+pub fn linear<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
+    product(
+        x,
+        linear.weight.val(),
+        linear.bias.as_ref().map(|b| b.val()),
+    )
+}
+
+/// `x wᵀ` for weights laid out `[cout, cin]`: an embedding table as the output layer
+/// (a tied lm_head). A few rows read the table in place; more rows, burn's matmul.
+pub fn matmul_transposed(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    host_product(x, &w, Layout::OutIn, None).unwrap_or_else(|x| x.matmul(w.transpose()))
+}
+
+/// `x w + bias` for `[cin, cout]` weights, over the last axis of `x`.
+fn product<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
+    host_product(x, &w, Layout::InOut, bias.as_ref())
+        .unwrap_or_else(|x| burn::tensor::module::linear(x, w, bias))
+}
+
+/// [`product`] on the host kernels, reading flex's weight buffers without a copy;
+/// `x` back where they do not apply (another device, dtype or shape, or many rows
+/// on a CPU without AVX-512F), for burn's ops to run instead.
+#[allow(clippy::result_large_err)] // `Err` hands `x` itself back; boxing it costs a call.
+fn host_product<const D: usize>(
+    x: Tensor<D>,
+    w: &Tensor<2>,
+    layout: Layout,
+    bias: Option<&Tensor<1>>,
+) -> Result<Tensor<D>, Tensor<D>> {
+    let dims = x.dims();
+    let cin = dims[D - 1];
+    let cout = match (layout, w.dims()) {
+        (Layout::InOut, [i, o]) | (Layout::OutIn, [o, i]) if i == cin => o,
+        _ => return Err(x),
+    };
+    let n = dims[..D - 1].iter().product::<usize>();
+    let few = n <= gemv::FEW;
+    if !on_host_f32(&x) || !(few || layout == Layout::InOut && sgemm::available()) {
+        return Err(x);
+    }
+    let Some(w) = flex(w.clone()) else {
+        return Err(x);
+    };
+    let b = match bias.map(|b| flex(b.clone())) {
+        Some(None) => return Err(x),
+        b => b.flatten(),
+    };
+    let (Some(w), Some(bias)) = (
+        w.as_slice::<f32>(),
+        b.as_ref()
+            .map(|b| b.as_slice::<f32>())
+            .map_or(Some(None), |b| b.map(Some)),
+    ) else {
+        return Err(x);
+    };
+    let device = x.device();
+    let data = x.into_data();
+    let Ok(xs) = data.as_slice::<f32>() else {
+        return Err(Tensor::from_data(data, &device));
+    };
+    let parallel = n * cin * cout >= PARALLEL_WORK;
+    let y = if few {
+        gemv::product(xs, w, layout, bias, cout, parallel)
+    } else {
+        Panels::pack(w, cin, cout).product(xs, bias, Epilogue::Plain, parallel)
+    };
+    let mut shape = dims;
+    shape[D - 1] = cout;
+    Ok(Tensor::from_data(TensorData::new(y, shape), &device))
+}
+
+/// `t`'s flex buffer, shared, not copied; `None` on another backend.
+fn flex<const D: usize>(t: Tensor<D>) -> Option<FlexTensor> {
+    t.try_into_primitive::<Flex>().ok()
+}
+
 /// `gelu(linear(x))`, GELU in the exact (erf) form as PyTorch's `nn.GELU()` and
 /// transformers' "gelu". On the host the bias is added inside the GELU pass, which
 /// saves a pass over the widest activation of a transformer block.
@@ -41,7 +128,7 @@ pub fn linear_gelu<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     let (true, Some(bias)) = (on_host_f32(&x), bias) else {
         return burn::tensor::activation::gelu(linear.forward(x));
     };
-    let y = burn::tensor::module::linear(x, linear.weight.val(), None);
+    let y = product(x, linear.weight.val(), None);
     let device = y.device();
     let mut data = y.into_data();
     let Ok(values) = data.as_mut_slice::<f32>() else {
@@ -239,8 +326,7 @@ pub fn conv2d_tokens(conv: &Conv2d, x: Tensor<3>, h: usize, w: usize) -> (Tensor
         .val()
         .permute([2, 3, 1, 0])
         .reshape([patch, cout]);
-    let bias = conv.bias.as_ref().map(|b| b.val());
-    let y = burn::tensor::module::linear(cols, weight, bias);
+    let y = product(cols, weight, conv.bias.as_ref().map(|b| b.val()));
     (y.reshape([b, ho * wo, cout]), ho, wo)
 }
 
@@ -283,7 +369,7 @@ pub fn window_attention(
         return generic(x);
     };
     let device = x.device();
-    let data = burn::tensor::module::linear(x, qkv.weight.val(), None).into_data();
+    let data = product(x, qkv.weight.val(), None).into_data();
     let input = data.as_slice::<f32>().unwrap_or(&[]);
     let mut out = vec![0.0f32; b * n * c];
     let band = ws * w * c; // one row of windows, all columns: contiguous in the output

@@ -4,6 +4,7 @@ pub mod cpu_ops;
 pub mod efficientnet;
 pub mod florence;
 pub mod fusion;
+pub mod gemv;
 pub mod host_ops;
 pub mod sgemm;
 mod simd;

@@ -4,7 +4,7 @@
 //! cross-attention K/V of the encoder output are projected once per generation.
 
 use super::config::{POSITION_OFFSET, TextConfig};
-use crate::nn::cpu_ops::linear_gelu;
+use crate::nn::cpu_ops::{self, host_device, linear, linear_gelu, matmul_transposed};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
@@ -45,28 +45,35 @@ impl Attention {
     /// K and V of `x` as `[B, heads, L, dh]`.
     fn kv(&self, x: Tensor<3>) -> KeyValue {
         KeyValue {
-            k: self.split(self.k_proj.forward(x.clone())),
-            v: self.split(self.v_proj.forward(x)),
+            k: self.split(linear(&self.k_proj, x.clone())),
+            v: self.split(linear(&self.v_proj, x)),
         }
     }
 
-    /// Unmasked self-attention through the backend's fused attention op: the score
-    /// matrix of a long encoder input never makes a round trip through memory.
+    /// Unmasked self-attention: on the host, each head is two GEMMs and a vectorised
+    /// softmax over column strides of q, k and v (`cpu_ops::attention`); elsewhere the
+    /// backend's fused attention op, so the score matrix of a long encoder input never
+    /// makes a round trip through memory.
     fn attend_fused(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, l, d] = x.dims();
-        let q = self.split(self.q_proj.forward(x.clone()));
-        let KeyValue { k, v } = self.kv(x);
-        let ctx = attention(q, k, v, None, None, AttentionModuleOptions::default())
-            .swap_dims(1, 2)
-            .reshape([b, l, d]);
-        self.out_proj.forward(ctx)
+        let q = linear(&self.q_proj, x.clone());
+        let (k, v) = (linear(&self.k_proj, x.clone()), linear(&self.v_proj, x));
+        let ctx = if host_device(&q.device()) {
+            cpu_ops::attention(q, k, v, self.heads)
+        } else {
+            let (q, k, v) = (self.split(q), self.split(k), self.split(v));
+            attention(q, k, v, None, None, AttentionModuleOptions::default())
+                .swap_dims(1, 2)
+                .reshape([b, l, d])
+        };
+        linear(&self.out_proj, ctx)
     }
 
     /// `bias` broadcasts to `[B, heads, Lq, Lk]`.
     fn attend(&self, x: Tensor<3>, kv: &KeyValue, bias: Option<Tensor<4>>) -> Tensor<3> {
         let [b, l, d] = x.dims();
         let dh = d / self.heads;
-        let q = self.split(self.q_proj.forward(x) * (dh as f64).powf(-0.5));
+        let q = self.split(linear(&self.q_proj, x) * (dh as f64).powf(-0.5));
         let mut scores = q.matmul(kv.k.clone().swap_dims(2, 3));
         if let Some(bias) = bias {
             scores = scores + bias;
@@ -75,7 +82,7 @@ impl Attention {
             .matmul(kv.v.clone())
             .swap_dims(1, 2)
             .reshape([b, l, d]);
-        self.out_proj.forward(ctx)
+        linear(&self.out_proj, ctx)
     }
 }
 
@@ -125,7 +132,7 @@ impl EncoderLayer {
                 .attend(x.clone(), &self.self_attn.kv(x.clone()), bias),
         };
         let x = self.self_attn_layer_norm.forward(x + a);
-        let f = self.fc2.forward(linear_gelu(&self.fc1, x.clone()));
+        let f = linear(&self.fc2, linear_gelu(&self.fc1, x.clone()));
         self.final_layer_norm.forward(x + f)
     }
 }
@@ -344,7 +351,7 @@ impl Bart {
                 Some(cache.cross_bias.clone()),
             );
             x = layer.encoder_attn_layer_norm.forward(x + c);
-            let f = layer.fc2.forward(linear_gelu(&layer.fc1, x.clone()));
+            let f = linear(&layer.fc2, linear_gelu(&layer.fc1, x.clone()));
             x = layer.final_layer_norm.forward(x + f);
         }
         cache.len += t;
@@ -356,9 +363,6 @@ impl Bart {
         let [b, t, d] = hidden.dims();
         let w = self.shared.weight.val();
         let [v, _] = w.dims();
-        hidden
-            .reshape([b * t, d])
-            .matmul(w.transpose())
-            .reshape([b, t, v])
+        matmul_transposed(hidden.reshape([b * t, d]), w).reshape([b, t, v])
     }
 }

@@ -98,7 +98,7 @@ impl Mlp {
         }
     }
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(cpu_ops::linear_gelu(&self.fc1, x))
+        cpu_ops::linear(&self.fc2, cpu_ops::linear_gelu(&self.fc1, x))
     }
 }
 
@@ -120,9 +120,7 @@ impl QkvProj {
     /// `[B, N, C]` -> q, k, v each `[B, parts, N, C/parts]`.
     fn split(&self, x: Tensor<3>, parts: usize) -> [Tensor<4>; 3] {
         let [b, n, c] = x.dims();
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = cpu_ops::linear(&self.qkv, x)
             .reshape([b, n, 3, parts, c / parts])
             .permute([2, 0, 3, 1, 4]);
         let pick = |i: usize| {
@@ -174,7 +172,7 @@ impl SpatialBlock {
         let out =
             cpu_ops::window_attention(&self.window_attn.qkv, x, win, |x| self.windowed(x, h, w));
         // Per token, so after un-partitioning: padding tokens are not projected.
-        self.window_attn.proj.forward(out)
+        cpu_ops::linear(&self.window_attn.proj, out)
     }
 
     /// burn's path: pad, partition into windows, fused attention, un-partition.
@@ -247,9 +245,8 @@ impl ChannelBlock {
         let attn = softmax(q.swap_dims(2, 3).matmul(k), 3);
         // (A · vᵀ)ᵀ = v · Aᵀ: [B, G, N, C/G].
         let out = v.matmul(attn.swap_dims(2, 3));
-        self.channel_attn
-            .proj
-            .forward(out.swap_dims(1, 2).reshape([b, n, c]))
+        let out = out.swap_dims(1, 2).reshape([b, n, c]);
+        cpu_ops::linear(&self.channel_attn.proj, out)
     }
 
     fn forward(&self, x: Tensor<3>, h: usize, w: usize) -> Tensor<3> {

@@ -2,6 +2,7 @@
 //! embedding of frame 0, a mean token in front, a bias-free projection and a LayerNorm.
 
 use super::config::VisionConfig;
+use crate::nn::cpu_ops;
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
@@ -77,6 +78,6 @@ impl Projector {
         let mean = tokens.clone().mean_dim(1);
         let feats = Tensor::cat(vec![mean, tokens], 1);
         self.image_proj_norm
-            .forward(self.image_projection.forward(feats))
+            .forward(cpu_ops::linear(&self.image_projection, feats))
     }
 }
