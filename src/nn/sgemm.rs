@@ -17,11 +17,14 @@
 //! columns), so that each thread streams only its share of the weights.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Columns of a panel: two 16-lane registers.
 const NR: usize = 32;
 /// Rows of a tile.
 const MR: usize = 12;
+/// Packed values from which packing is worth splitting over the pool.
+const PARALLEL_PACK: usize = 1 << 18;
 
 /// What the kernel does to each output value as it stores it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,18 +84,40 @@ impl Out {
 }
 
 impl Panels {
-    /// Packs row-major `[cin, cout]` weights.
+    /// Packs row-major `[cin, cout]` weights. Large weights are packed in parallel,
+    /// a panel a task: Florence-2 packs each layer as it runs it, and a serial copy
+    /// left the other core idle. Every value is written once (not zeroed first).
     pub fn pack(w: &[f32], cin: usize, cout: usize) -> Self {
         assert_eq!(w.len(), cin * cout, "weights are [cin, cout]");
-        let panels = cout.div_ceil(NR);
-        let mut data = vec![0f32; panels * cin * NR];
-        for (p, panel) in data.chunks_exact_mut(cin * NR).enumerate() {
+        let len = cout.div_ceil(NR) * cin * NR;
+        let mut data = Vec::with_capacity(len);
+        let pack_panel = |(p, panel): (usize, &mut [MaybeUninit<f32>])| {
             let c0 = p * NR;
             let width = NR.min(cout - c0);
             for (i, row) in panel.chunks_exact_mut(NR).enumerate() {
-                row[..width].copy_from_slice(&w[i * cout + c0..i * cout + c0 + width]);
+                let (values, pad) = row.split_at_mut(width);
+                let src = &w[i * cout + c0..i * cout + c0 + width];
+                values
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(d, &v)| _ = d.write(v));
+                pad.iter_mut().for_each(|d| _ = d.write(0.0));
             }
+        };
+        let (spare, panel) = (&mut data.spare_capacity_mut()[..len], (cin * NR).max(1));
+        if len >= PARALLEL_PACK {
+            spare
+                .par_chunks_exact_mut(panel)
+                .enumerate()
+                .for_each(pack_panel);
+        } else {
+            spare
+                .chunks_exact_mut(panel)
+                .enumerate()
+                .for_each(pack_panel);
         }
+        // SAFETY: every panel wrote each of its `cin x NR` values above.
+        unsafe { data.set_len(len) };
         Self { data, cin, cout }
     }
 
