@@ -6,7 +6,7 @@
 //! limit. So the weights are read once, in place, and split by columns over the
 //! threads, each streaming its share; packing them first (as `sgemm` does for many
 //! rows) would read them twice and write them once. The loops are plain Rust that
-//! [`widest!`] builds for AVX-512, AVX2 + FMA and the target's baseline (NEON on
+//! `widest!` builds for AVX-512, AVX2 + FMA and the target's baseline (NEON on
 //! aarch64). A `[cin, cout]` product starts from the bias and adds the products in
 //! order of k with one fused multiply-add each, as `sgemm`'s kernel does, so the two
 //! give the same bits.
