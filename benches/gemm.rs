@@ -1,6 +1,7 @@
 //! The host layers' GEMM on the towers' shapes: `gemm` 0.19 (what `Dense` calls
-//! without AVX-512F) against the packed AVX-512 kernel (`nn::sgemm`), one thread and
-//! rayon's pool, in one run. `cargo bench --bench gemm`; docs/performance.md.
+//! where no packed kernel runs) against the packed kernel (`nn::sgemm`: AVX-512F, or
+//! AVX2 and FMA, the widest this CPU has), one thread and rayon's pool, in one run.
+//! `cargo bench --bench gemm`; docs/performance.md.
 
 use marquee::nn::host_ops::gemm_rows;
 use marquee::nn::sgemm::{self, Epilogue, Panels};
@@ -66,6 +67,6 @@ fn main() {
         );
     }
     if !packed {
-        println!("(no AVX-512F on this CPU: `Dense` runs `gemm`)");
+        println!("(no AVX-512F or AVX2 + FMA on this CPU: `Dense` runs `gemm`)");
     }
 }

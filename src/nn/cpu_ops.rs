@@ -38,8 +38,8 @@ fn on_host_f32<const D: usize>(x: &Tensor<D>) -> bool {
 const PARALLEL_WORK: usize = 1 << 18;
 
 /// `linear.forward(x)`. On the host a few rows read the weights in place
-/// ([`gemv`]), and more rows run in the packed AVX-512 GEMM where the CPU has it;
-/// elsewhere, and for many rows without AVX-512, burn's linear.
+/// ([`gemv`]), and more rows run in the packed GEMM where the CPU has a kernel for
+/// it (AVX-512F, or AVX2 and FMA); elsewhere burn's linear.
 pub fn linear<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     product(
         x,
@@ -62,7 +62,7 @@ fn product<const D: usize>(x: Tensor<D>, w: Tensor<2>, bias: Option<Tensor<1>>) 
 
 /// [`product`] on the host kernels, reading flex's weight buffers without a copy;
 /// `x` back where they do not apply (another device, dtype or shape, or many rows
-/// on a CPU without AVX-512F), for burn's ops to run instead.
+/// on a CPU that runs no packed kernel), for burn's ops to run instead.
 #[allow(clippy::result_large_err)] // `Err` hands `x` itself back; boxing it costs a call.
 fn host_product<const D: usize>(
     x: Tensor<D>,

@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn rows_in_place_give_the_packed_kernels_bits() {
         if !super::super::sgemm::available() {
-            return; // the packed kernel is AVX-512F only
+            return; // no packed kernel for this CPU
         }
         let (n, cin, cout) = (3, 200, 150);
         let (x, w, bias) = (values(n * cin, 6), values(cin * cout, 7), values(cout, 8));

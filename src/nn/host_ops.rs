@@ -37,7 +37,7 @@ pub struct Dense {
 enum Weights {
     /// `[cin, cout]`, row-major, for `gemm`.
     RowMajor(Vec<f32>),
-    /// Column panels for the AVX-512 kernel.
+    /// Column panels for the packed kernel (AVX-512F, or AVX2 and FMA).
     Panels(Panels),
 }
 
@@ -187,8 +187,9 @@ impl Dense {
 }
 
 /// `y += x w` through `gemm` for row-major `x` (`[n, cin]`), `w` (`[cin, cout]`)
-/// and `y` (`[n, cout]`), on rayon's pool when `parallel`: the path without
-/// AVX-512F (and the peer of `nn::sgemm` in `benches/gemm.rs`).
+/// and `y` (`[n, cout]`), on rayon's pool when `parallel`: the path where no packed
+/// kernel runs (aarch64, armv7, x86-64 without AVX2), and the peer of `nn::sgemm` in
+/// `benches/gemm.rs`.
 pub fn gemm_rows(x: &[f32], w: &[f32], y: &mut [f32], cin: usize, parallel: bool) {
     let cout = w.len() / cin;
     let n = x.len() / cin;

@@ -12,7 +12,6 @@
 use super::{BN_EPS, EfficientNetLite0, FEATURE_DIM, MbConv};
 use crate::nn::host_ops::{Dense, host};
 #[cfg(target_arch = "x86_64")]
-use crate::nn::sgemm;
 use crate::nn::sgemm::Epilogue;
 use crate::nn::simd::widest;
 use burn::nn::BatchNorm;
@@ -72,7 +71,7 @@ impl Depthwise {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        let grouped = (sgemm::available() && c.is_multiple_of(x86::LANES) && matches!(k, 3 | 5))
+        let grouped = (x86::available() && c.is_multiple_of(x86::LANES) && matches!(k, 3 | 5))
             .then(|| x86::group_taps(&taps, c));
         Self {
             taps,
@@ -157,6 +156,11 @@ mod x86 {
 
     /// Channels of one register.
     pub(super) const LANES: usize = 16;
+
+    /// Whether this CPU has AVX-512F (checked at run time).
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
 
     /// Taps `[k*k, c]` regrouped as `[c / 16][k*k][16]`: one group's taps lie
     /// together, so that the row below reads them as one run.
@@ -574,7 +578,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_depthwise_row_is_the_portable_row() {
-        if !sgemm::available() {
+        if !x86::available() {
             return; // The portable row is the only one here.
         }
         let value = |i: usize| ((i * 7_919) % 2_000) as f32 / 500.0 - 2.0;

@@ -1,0 +1,218 @@
+//! The loops around a register tile, the same for every instruction set: blocks of
+//! rows that fit in L2, panel by panel within a block, a tile's columns of the panel
+//! at a time, tile by tile down the rows,
+//! the last rows through a padded copy, and the next panel fetched into L2 as the
+//! tiles of this one run.
+
+use super::panels::{NR, Panels};
+use std::ops::Range;
+
+/// Bytes of input rows a block holds, and bytes of output columns it writes: both
+/// stay in the core's L2 while every panel of weights passes over them (each panel
+/// writes its columns of every output row, so an output block larger than L2 went
+/// out to L3 and back once a panel).
+const BLOCK_BYTES: usize = 256 << 10;
+/// The most rows a tile has (the padded copy of a block's last rows is this tall).
+const MAX_TILE_ROWS: usize = 12;
+
+/// What the kernel does to each output value as it stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// Store the sum.
+    Plain,
+    /// Store the sum clamped to [0, 6] (EfficientNet's activation).
+    Relu6,
+}
+
+/// Where the accumulators start.
+#[derive(Clone, Copy)]
+pub(super) enum Start<'a> {
+    /// From the values in `y`.
+    Output,
+    /// From the bias row, or from zero.
+    Bias(Option<&'a [f32]>),
+}
+
+/// Where a tile's accumulators start.
+#[derive(Clone, Copy)]
+pub(super) enum Init {
+    /// The tile's values in `c`.
+    Output,
+    /// The same row for every row (a bias), from the tile's first column.
+    Row(*const f32),
+    /// Zero.
+    Zero,
+}
+
+/// Panel rows for a tile to fetch into L2 as it runs, one row a step of k.
+#[derive(Clone, Copy)]
+pub(super) struct Fetch {
+    pub(super) from: *const f32,
+    pub(super) rows: usize,
+}
+
+impl Fetch {
+    const NONE: Self = Self {
+        from: std::ptr::null(),
+        rows: 0,
+    };
+}
+
+/// One tile's operands: `c = epilogue(init + a b)` for `a`'s rows (k values each, at
+/// stride k) against `COLS` columns of a panel (`b`: k rows, `NR` apart), `c`'s rows
+/// at stride `ldc`, of which the first `width` (at most `COLS`) exist.
+#[derive(Clone, Copy)]
+pub(super) struct Tile {
+    pub(super) k: usize,
+    pub(super) a: *const f32,
+    pub(super) b: *const f32,
+    pub(super) c: *mut f32,
+    pub(super) ldc: usize,
+    pub(super) width: usize,
+    pub(super) init: Init,
+    pub(super) relu6: bool,
+    pub(super) fetch: Fetch,
+}
+
+/// An instruction set's register tile.
+pub(super) trait Kernel {
+    /// Rows of the whole tile (at most 12).
+    const ROWS: usize;
+    /// Columns of a tile: a panel's width, or a whole fraction of it.
+    const COLS: usize;
+
+    /// The height of the shortest tile that holds a block's last `left` rows
+    /// (`0 < left < ROWS`).
+    fn tail(left: usize) -> usize;
+
+    /// Runs a tile of `rows` rows: `ROWS`, or a height [`Kernel::tail`] gives.
+    ///
+    /// # Safety
+    /// The CPU has the kernel's instruction set; `a` holds `rows` rows of k values,
+    /// `b` k rows of `NR`, `c` room for `rows` rows of `width` values at stride `ldc`
+    /// (holding them where `init` is `Output`), a `Row` init `width` values, and
+    /// `fetch` its rows of `NR` values.
+    unsafe fn tile(rows: usize, t: Tile);
+}
+
+/// Columns `panels` of every tile of `y` (rows of `xs`, `cout` apart), in blocks of
+/// rows that fit in L2.
+///
+/// # Safety
+/// The CPU has `K`'s instruction set, and `y` has room for `xs`'s rows of `cout`
+/// values (and holds them where `start` is `Output`).
+pub(super) unsafe fn rows<K: Kernel>(
+    w: &Panels,
+    xs: &[f32],
+    y: *mut f32,
+    panels: Range<usize>,
+    start: Start,
+    epilogue: Epilogue,
+) {
+    let (k, cout) = (w.cin, w.cout);
+    let written = 4 * (panels.len() * NR).min(cout);
+    let block = (BLOCK_BYTES / (4 * k)).min(BLOCK_BYTES / written);
+    let block = block.max(K::ROWS) / K::ROWS * K::ROWS;
+    for (b, xb) in xs.chunks(block * k).enumerate() {
+        let y = y.wrapping_add(b * block * cout);
+        // SAFETY: as this function's own contract, for a block of its rows.
+        unsafe { block_rows::<K>(w, xb, y, panels.clone(), start, epilogue) };
+    }
+}
+
+/// [`rows`] for one block: panel by panel, so the weights a tile reads stay in L1
+/// while the block's rows pass under them. The last rows, fewer than a tile, go through a
+/// zero-padded copy, so the kernel has a few fixed shapes.
+unsafe fn block_rows<K: Kernel>(
+    w: &Panels,
+    xs: &[f32],
+    y: *mut f32,
+    panels: Range<usize>,
+    start: Start,
+    epilogue: Epilogue,
+) {
+    let (k, cout) = (w.cin, w.cout);
+    let n = xs.len() / k;
+    let full = n / K::ROWS * K::ROWS;
+    let relu6 = epilogue == Epilogue::Relu6;
+    let from_y = matches!(start, Start::Output);
+    // Only a block with a partial tile pays for the padded copy, and its last rows run
+    // in the shortest tile that holds them: padded to a whole tile, a few rows left
+    // over cost as much as a whole one.
+    let tail = if full < n { K::tail(n - full) } else { 0 };
+    let mut tail_x = Vec::new();
+    if full < n {
+        tail_x.resize(tail * k, 0f32);
+        tail_x[..(n - full) * k].copy_from_slice(&xs[full * k..]);
+    }
+    let mut tail_y = [0f32; MAX_TILE_ROWS * NR];
+    // While a panel's tiles run, they fetch the next panel into L2, a share each: the
+    // weights come from L3 or memory once a poster, and the first tile of a panel
+    // would otherwise wait for every line of it.
+    let (groups, tiles) = (NR / K::COLS, n.div_ceil(K::ROWS));
+    let share = k.div_ceil(groups * tiles);
+    let last = panels.end;
+    for p in panels {
+        let panel = &w.data[p * k * NR..(p + 1) * k * NR];
+        let next = (p + 1 < last).then(|| w.data[(p + 1) * k * NR..].as_ptr());
+        let fetch = |tile: usize| match next {
+            Some(next) if tile * share < k => Fetch {
+                from: next.wrapping_add(tile * share * NR),
+                rows: share.min(k - tile * share),
+            },
+            _ => Fetch::NONE,
+        };
+        // A tile's columns of the panel at a time, so that those columns of the panel
+        // stay in L1 while the block's rows pass under them.
+        for g in (0..groups).take_while(|g| p * NR + g * K::COLS < cout) {
+            let c0 = p * NR + g * K::COLS;
+            let width = K::COLS.min(cout - c0);
+            let init = match start {
+                Start::Output => Init::Output,
+                Start::Bias(Some(bias)) => Init::Row(bias[c0..].as_ptr()),
+                Start::Bias(None) => Init::Zero,
+            };
+            let tile = |a: *const f32, c: *mut f32, ldc: usize, t: usize| Tile {
+                k,
+                a,
+                b: panel[g * K::COLS..].as_ptr(),
+                c,
+                ldc,
+                width,
+                init,
+                relu6,
+                fetch: fetch(g * tiles + t),
+            };
+            for r0 in (0..full).step_by(K::ROWS) {
+                let (a, c) = (xs[r0 * k..].as_ptr(), y.wrapping_add(r0 * cout + c0));
+                let t = tile(a, c, cout, r0 / K::ROWS);
+                // SAFETY: `a` has ROWS rows of k values, `y` room for them at stride
+                // `cout` (the caller's contract), `b` k rows of NR from the group's
+                // column; `width` columns from c0 exist in `y` and in the bias row.
+                unsafe { K::tile(K::ROWS, t) };
+            }
+            if full < n {
+                let rows = n - full;
+                for r in (0..rows).filter(|_| from_y) {
+                    // SAFETY: row full + r of y holds `cout` values (the contract),
+                    // and `width` values from c0 lie inside it.
+                    unsafe {
+                        let src = y.add((full + r) * cout + c0);
+                        std::ptr::copy_nonoverlapping(src, tail_y[r * NR..].as_mut_ptr(), width);
+                    }
+                }
+                let t = tile(tail_x.as_ptr(), tail_y.as_mut_ptr(), NR, full / K::ROWS);
+                // SAFETY: the padded copies hold `tail` full rows, the rows of the
+                // tile, and a row of `tail_y` room for NR >= width values.
+                unsafe { K::tile(tail, t) };
+                for r in 0..rows {
+                    // SAFETY: as above; y has room for these rows.
+                    unsafe {
+                        let dst = y.add((full + r) * cout + c0);
+                        std::ptr::copy_nonoverlapping(tail_y[r * NR..].as_ptr(), dst, width);
+                    }
+                }
+            }
+        }
+    }
+}

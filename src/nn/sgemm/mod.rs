@@ -1,0 +1,378 @@
+//! `y = x w (+ b or + y)` for the host layers on an x86-64 CPU with AVX-512F or
+//! AVX2 + FMA, and on aarch64 (NEON), with `w` packed once, at load, into column
+//! panels that the kernel reads in order.
+//!
+//! Why our own: `gemm` 0.19 has no AVX-512 path on stable Rust (its widest kernel is
+//! AVX2+FMA, 8 lanes), and the towers' products are small and oddly shaped (k of
+//! 16-1536, widths such as 24, 40 and 1152), where a plain register tile does well.
+//! The panels are 32 columns wide for every instruction set (`panels.rs`); each set
+//! has its register tile (`avx512.rs`: 12 rows x 32 columns; `avx2.rs` and
+//! `neon.rs`: 6 rows x 16 columns, run over each half of a panel), and the loops
+//! around the tile are shared (`blocks.rs`). The last panel's columns are masked, so
+//! no width needs padding in `y`. The accumulators start from the bias (a new output
+//! is never filled first, then read back) or from `y`, and the kernel can clamp each
+//! value as it stores it (ReLU6), so a conv layer needs no second pass over its
+//! output. Each output adds its products in order of k with one fused multiply-add
+//! each, so every instruction set gives the same bits. Elsewhere (armv7, whose NEON
+//! intrinsics are not stable Rust, and x86-64 without AVX2), `Dense` calls `gemm`.
+//!
+//! Work is split by rows when there are enough tiles to share, and by panels when
+//! there are few rows (the towers' last layers: 40-77 rows against up to 1280
+//! columns), so that each thread streams only its share of the weights.
+
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+mod blocks;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+mod panels;
+
+pub use blocks::Epilogue;
+use blocks::Start;
+use panels::NR;
+pub use panels::Panels;
+
+/// Rows a row task takes a multiple of: whole tiles of every instruction set.
+const TASK_ROWS: usize = 12;
+
+/// The instruction sets the kernel is built for (those of this target).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+}
+
+impl Isa {
+    /// Every instruction set this CPU runs, widest first (checked at run time on
+    /// x86-64: the binary is built for its baseline).
+    fn here() -> Vec<Isa> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut isas = Vec::new();
+        #[cfg(target_arch = "aarch64")]
+        isas.push(Isa::Neon);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                isas.push(Isa::Avx2);
+            }
+        }
+        isas
+    }
+
+    /// The widest this CPU runs.
+    fn widest() -> Option<Isa> {
+        Isa::here().first().copied()
+    }
+}
+
+/// Whether this CPU runs the kernel: AVX-512F, AVX2 and FMA, or NEON (aarch64).
+pub fn available() -> bool {
+    Isa::widest().is_some()
+}
+
+/// `y`'s first value, shared by tasks that write disjoint tiles of it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint (row, column) tiles through it, and the owner of `y`
+// waits for every task before it reads `y` again.
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The address `i` values on (a method, so that closures capture the whole
+    /// `Out`, which may cross threads, and not its pointer).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+impl Panels {
+    /// `y = epilogue(y + x w)` for the rows of `x` (`[n, cin]`) and `y` (`[n, cout]`),
+    /// split over rayon's pool when `parallel`.
+    ///
+    /// # Panics
+    /// If the CPU runs no kernel (see [`available`]) or the lengths disagree.
+    pub fn accumulate(&self, x: &[f32], y: &mut [f32], epilogue: Epilogue, parallel: bool) {
+        self.accumulate_on(widest(), x, y, epilogue, parallel);
+    }
+
+    /// [`Panels::accumulate`] with the tile of `isa`.
+    fn accumulate_on(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        y: &mut [f32],
+        epilogue: Epilogue,
+        parallel: bool,
+    ) {
+        let n = x.len() / self.cin;
+        assert_eq!(y.len(), n * self.cout, "row counts agree");
+        let y = Out(y.as_mut_ptr());
+        self.run(isa, x, y, Start::Output, epilogue, parallel);
+    }
+
+    /// `epilogue(x w + bias)` (zero without a bias) as a new `[n, cout]` buffer,
+    /// written once: it is never filled first.
+    ///
+    /// # Panics
+    /// As [`Panels::accumulate`], or if `bias` is not `cout` wide.
+    pub fn product(
+        &self,
+        x: &[f32],
+        bias: Option<&[f32]>,
+        epilogue: Epilogue,
+        parallel: bool,
+    ) -> Vec<f32> {
+        self.product_on(widest(), x, bias, epilogue, parallel)
+    }
+
+    /// [`Panels::product`] with the tile of `isa`.
+    fn product_on(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        bias: Option<&[f32]>,
+        epilogue: Epilogue,
+        parallel: bool,
+    ) -> Vec<f32> {
+        let n = x.len() / self.cin;
+        assert!(
+            bias.is_none_or(|b| b.len() == self.cout),
+            "a bias per column"
+        );
+        let mut y = Vec::with_capacity(n * self.cout);
+        let out = Out(y.as_mut_ptr());
+        self.run(isa, x, out, Start::Bias(bias), epilogue, parallel);
+        // SAFETY: `run` stored every value of the n x cout rows: each tile of every
+        // panel, masked to the columns that exist, and the last rows through a copy.
+        unsafe { y.set_len(n * self.cout) };
+        y
+    }
+
+    /// The shared body: `y` has room for `n x cout` values, and this CPU runs `isa`.
+    fn run(&self, isa: Isa, x: &[f32], y: Out, start: Start, epilogue: Epilogue, parallel: bool) {
+        let (cin, cout) = (self.cin, self.cout);
+        let n = x.len() / cin;
+        assert_eq!(n * cin, x.len(), "whole rows");
+        assert!(Isa::here().contains(&isa), "this CPU runs {isa:?}");
+        if n == 0 || cout == 0 {
+            return;
+        }
+        let (row_tasks, panel_tasks) = split(n, cout, parallel);
+        let rows = n.div_ceil(row_tasks).next_multiple_of(TASK_ROWS);
+        let row_tasks = n.div_ceil(rows);
+        let panels = cout.div_ceil(NR);
+        let per_task = panels.div_ceil(panel_tasks);
+        let panel_tasks = panels.div_ceil(per_task);
+        let task = |t: usize| {
+            let (r, p) = (t / panel_tasks, t % panel_tasks);
+            let rows = r * rows..((r + 1) * rows).min(n);
+            let panels = p * per_task..((p + 1) * per_task).min(panels);
+            let xs = &x[rows.start * cin..rows.end * cin];
+            let y = y.at(rows.start * cout);
+            // SAFETY: this CPU runs `isa` (asserted above); `y` has room for the rows
+            // of `xs`, and no other task writes these rows' columns `panels`.
+            unsafe { rows_on(isa, self, xs, y, panels, start, epilogue) }
+        };
+        let tasks = row_tasks * panel_tasks;
+        if tasks > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            task(0);
+        }
+    }
+}
+
+/// [`blocks::rows`] with `isa`'s tile.
+///
+/// # Safety
+/// As [`blocks::rows`]: this CPU runs `isa`, and `y` has room for `xs`'s rows.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(unused_variables)
+)]
+unsafe fn rows_on(
+    isa: Isa,
+    w: &Panels,
+    xs: &[f32],
+    y: *mut f32,
+    panels: std::ops::Range<usize>,
+    start: Start,
+    epilogue: Epilogue,
+) {
+    // SAFETY (each arm): the caller's contract.
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { blocks::rows::<avx512::Avx512>(w, xs, y, panels, start, epilogue) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { blocks::rows::<avx2::Avx2>(w, xs, y, panels, start, epilogue) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { blocks::rows::<neon::Neon>(w, xs, y, panels, start, epilogue) },
+    }
+}
+
+/// The widest instruction set here.
+///
+/// # Panics
+/// If this CPU runs none of them.
+fn widest() -> Isa {
+    Isa::widest().expect("the packed kernel needs AVX-512F, AVX2 and FMA, or NEON")
+}
+
+/// (row tasks, panel tasks): four row tasks a thread, whole tiles each, so that a
+/// slow core evens out; with fewer rows than that, every task takes all the rows and
+/// a share of the panels, so each thread streams only its share of the weights.
+fn split(n: usize, cout: usize, parallel: bool) -> (usize, usize) {
+    if !parallel {
+        return (1, 1);
+    }
+    let tasks = 4 * rayon::current_num_threads();
+    if n.div_ceil(TASK_ROWS) >= tasks {
+        (tasks, 1)
+    } else {
+        (1, cout.div_ceil(NR).min(tasks))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], w: &[f32], y: &mut [f32], cin: usize, cout: usize, relu6: bool) {
+        for (xr, yr) in x.chunks_exact(cin).zip(y.chunks_exact_mut(cout)) {
+            for (o, out) in yr.iter_mut().enumerate() {
+                let mut s = *out as f64;
+                for (i, xv) in xr.iter().enumerate() {
+                    s += *xv as f64 * w[i * cout + o] as f64;
+                }
+                *out = if relu6 { s.clamp(0.0, 6.0) } else { s } as f32;
+            }
+        }
+    }
+
+    fn max_difference(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        got.iter()
+            .zip(want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max)
+    }
+
+    /// A value in [-1, 1) from an index, so the test needs no random source.
+    fn value(i: usize, salt: usize) -> f32 {
+        let h = (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % 2_000;
+        h as f32 / 1_000.0 - 1.0
+    }
+
+    #[test]
+    fn packing_round_trips_every_width() {
+        for (cin, cout) in [(1, 1), (3, 31), (5, 32), (7, 33), (2, 70)] {
+            let w: Vec<f32> = (0..cin * cout).map(|i| value(i, 1)).collect();
+            assert_eq!(Panels::pack(&w, cin, cout).unpack(), w, "{cin} x {cout}");
+        }
+    }
+
+    /// Every tile height (1..=12 rows and beyond: last rows in each kernel's short
+    /// tiles), every tail width (masked panels, halves and registers), k from 1 up,
+    /// both epilogues, one task and several (split by rows, and by panels where the
+    /// rows are few), onto `y` and from a bias; for each instruction set this CPU
+    /// runs.
+    #[test]
+    fn kernel_equals_a_plain_product() {
+        for isa in Isa::here() {
+            kernel_equals_a_plain_product_on(isa);
+        }
+    }
+
+    fn kernel_equals_a_plain_product_on(isa: Isa) {
+        for (n, cin, cout) in [
+            (1, 1, 1),
+            (5, 3, 16),
+            (7, 5, 8),
+            (3, 11, 45),
+            (16, 9, 60),
+            (12, 16, 17),
+            (13, 27, 32),
+            (25, 40, 33),
+            (65, 384, 100),
+            (100, 7, 24),
+            (20, 33, 64),
+            (35, 20, 40),
+            (40, 192, 1_152),
+            (300, 80, 480),
+        ] {
+            let x: Vec<f32> = (0..n * cin).map(|i| value(i, 2)).collect();
+            let w: Vec<f32> = (0..cin * cout).map(|i| value(i, 3)).collect();
+            let bias: Vec<f32> = (0..n * cout).map(|i| value(i, 4) * 4.0).collect();
+            let panels = Panels::pack(&w, cin, cout);
+            for (epilogue, parallel) in [
+                (Epilogue::Plain, false),
+                (Epilogue::Relu6, false),
+                (Epilogue::Plain, true),
+                (Epilogue::Relu6, true),
+            ] {
+                let mut got = bias.clone();
+                panels.accumulate_on(isa, &x, &mut got, epilogue, parallel);
+                let mut want = bias.clone();
+                naive(&x, &w, &mut want, cin, cout, epilogue == Epilogue::Relu6);
+                let err = max_difference(&got, &want);
+                assert!(err < 1e-4, "{isa:?} {n}x{cin}x{cout} {epilogue:?}: {err}");
+
+                // A new output from the bias row, and from zero.
+                let row: Vec<f32> = (0..cout).map(|i| value(i, 5) * 4.0).collect();
+                for bias in [Some(&row[..]), None] {
+                    let got = panels.product_on(isa, &x, bias, epilogue, parallel);
+                    let mut want: Vec<f32> = (0..n)
+                        .flat_map(|_| bias.map_or(vec![0.0; cout], <[f32]>::to_vec))
+                        .collect();
+                    naive(&x, &w, &mut want, cin, cout, epilogue == Epilogue::Relu6);
+                    let err = max_difference(&got, &want);
+                    assert!(
+                        err < 1e-4,
+                        "{isa:?} product {n}x{cin}x{cout} {epilogue:?}: {err}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Each output adds its products in order of k with one fused multiply-add
+    /// each, so the AVX-512 and AVX2 tiles give the same bits (checked where the
+    /// CPU runs both).
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let isas = Isa::here();
+        let Some(first) = isas.first() else {
+            return;
+        };
+        for (n, cin, cout) in [(13, 27, 33), (77, 320, 1_280), (300, 80, 40)] {
+            let x: Vec<f32> = (0..n * cin).map(|i| value(i, 6)).collect();
+            let w: Vec<f32> = (0..cin * cout).map(|i| value(i, 7)).collect();
+            let bias: Vec<f32> = (0..cout).map(|i| value(i, 8)).collect();
+            let panels = Panels::pack(&w, cin, cout);
+            let want = panels.product_on(*first, &x, Some(&bias), Epilogue::Plain, true);
+            for isa in &isas[1..] {
+                let got = panels.product_on(*isa, &x, Some(&bias), Epilogue::Plain, true);
+                assert!(got == want, "{isa:?} against {first:?}, {n}x{cin}x{cout}");
+            }
+        }
+    }
+}
