@@ -11,7 +11,6 @@
 
 use super::{BN_EPS, EfficientNetLite0, FEATURE_DIM, MbConv};
 use crate::nn::host_ops::{Dense, host};
-#[cfg(target_arch = "x86_64")]
 use crate::nn::sgemm::Epilogue;
 use crate::nn::simd::widest;
 use burn::nn::BatchNorm;

@@ -4,7 +4,7 @@
 //! AVX-512's. Columns past the last one are masked lanes on loads and stores; whole
 //! tiles load and store plainly.
 
-use super::blocks::{Init, Kernel, Tile};
+use super::blocks::{Init, Kernel, Run, Tile};
 use super::panels::NR;
 use std::arch::x86_64::*;
 
@@ -12,24 +12,9 @@ use std::arch::x86_64::*;
 pub(super) struct Avx2;
 
 impl Kernel for Avx2 {
-    const ROWS: usize = 6;
     const COLS: usize = 16;
-
-    /// 2, 4 or 6 rows.
-    fn tail(left: usize) -> usize {
-        left.next_multiple_of(2)
-    }
-
-    unsafe fn tile(rows: usize, t: Tile) {
-        // SAFETY: the caller's contract, for a tile of `rows` rows.
-        unsafe {
-            match rows {
-                2 => tile2(t),
-                4 => tile4(t),
-                _ => tile6(t),
-            }
-        }
-    }
+    /// A block's last rows run in 2, 4 or 6.
+    const TILES: &'static [Run] = &[(2, tile2), (4, tile4), (6, tile6)];
 }
 
 /// The lanes of an 8-lane register below `n` (all of them from 8 on), as a mask

@@ -2,7 +2,7 @@
 //! registers and one broadcast in AVX-512's 32 registers. The last panel's columns
 //! are masked lanes.
 
-use super::blocks::{Init, Kernel, Tile};
+use super::blocks::{Init, Kernel, Run, Tile};
 use super::panels::NR;
 use std::arch::x86_64::*;
 
@@ -10,25 +10,10 @@ use std::arch::x86_64::*;
 pub(super) struct Avx512;
 
 impl Kernel for Avx512 {
-    const ROWS: usize = 12;
     const COLS: usize = 32;
-
-    /// 4, 8 or 12 rows: padded to 12, five rows left over cost as much as a whole
-    /// tile.
-    fn tail(left: usize) -> usize {
-        left.next_multiple_of(4)
-    }
-
-    unsafe fn tile(rows: usize, t: Tile) {
-        // SAFETY: the caller's contract, for a tile of `rows` rows.
-        unsafe {
-            match rows {
-                4 => tile4(t),
-                8 => tile8(t),
-                _ => tile12(t),
-            }
-        }
-    }
+    /// A block's last rows run in 4, 8 or 12: padded to 12, five rows left over
+    /// cost as much as a whole tile.
+    const TILES: &'static [Run] = &[(4, tile4), (8, tile8), (12, tile12)];
 }
 
 /// The lanes of a 16-lane register that hold the first `width` columns.

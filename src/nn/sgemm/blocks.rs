@@ -74,25 +74,32 @@ pub(super) struct Tile {
     pub(super) fetch: Fetch,
 }
 
-/// An instruction set's register tile.
+/// A tile of so many rows.
+///
+/// Its function's safety contract: the CPU has the kernel's instruction set; `a`
+/// holds the tile's rows of k values, `b` k rows of `NR`, `c` room for those rows of
+/// `width` values at stride `ldc` (holding them where `init` is `Output`), a `Row`
+/// init `width` values, and `fetch` its rows of `NR` values.
+pub(super) type Run = (usize, unsafe fn(Tile));
+
+/// An instruction set's register tiles.
 pub(super) trait Kernel {
-    /// Rows of the whole tile (at most 12).
-    const ROWS: usize;
     /// Columns of a tile: a panel's width, or a whole fraction of it.
     const COLS: usize;
+    /// Its tiles, shortest first: the last is the whole tile (at most 12 rows), the
+    /// others take a block's last rows.
+    const TILES: &'static [Run];
+    /// Rows of the whole tile.
+    const ROWS: usize = Self::TILES[Self::TILES.len() - 1].0;
+}
 
-    /// The height of the shortest tile that holds a block's last `left` rows
-    /// (`0 < left < ROWS`).
-    fn tail(left: usize) -> usize;
-
-    /// Runs a tile of `rows` rows: `ROWS`, or a height [`Kernel::tail`] gives.
-    ///
-    /// # Safety
-    /// The CPU has the kernel's instruction set; `a` holds `rows` rows of k values,
-    /// `b` k rows of `NR`, `c` room for `rows` rows of `width` values at stride `ldc`
-    /// (holding them where `init` is `Output`), a `Row` init `width` values, and
-    /// `fetch` its rows of `NR` values.
-    unsafe fn tile(rows: usize, t: Tile);
+/// What a task computes: columns `panels` of `epilogue(start + x w)`.
+#[derive(Clone)]
+pub(super) struct Job<'a> {
+    pub(super) w: &'a Panels,
+    pub(super) panels: Range<usize>,
+    pub(super) start: Start<'a>,
+    pub(super) epilogue: Epilogue,
 }
 
 /// Columns `panels` of every tile of `y` (rows of `xs`, `cout` apart), in blocks of
@@ -101,36 +108,25 @@ pub(super) trait Kernel {
 /// # Safety
 /// The CPU has `K`'s instruction set, and `y` has room for `xs`'s rows of `cout`
 /// values (and holds them where `start` is `Output`).
-pub(super) unsafe fn rows<K: Kernel>(
-    w: &Panels,
-    xs: &[f32],
-    y: *mut f32,
-    panels: Range<usize>,
-    start: Start,
-    epilogue: Epilogue,
-) {
-    let (k, cout) = (w.cin, w.cout);
-    let written = 4 * (panels.len() * NR).min(cout);
+pub(super) unsafe fn rows<K: Kernel>(job: &Job, xs: &[f32], y: *mut f32) {
+    let (k, cout) = (job.w.cin, job.w.cout);
+    let written = 4 * (job.panels.len() * NR).min(cout);
     let block = (BLOCK_BYTES / (4 * k)).min(BLOCK_BYTES / written);
     let block = block.max(K::ROWS) / K::ROWS * K::ROWS;
     for (b, xb) in xs.chunks(block * k).enumerate() {
         let y = y.wrapping_add(b * block * cout);
         // SAFETY: as this function's own contract, for a block of its rows.
-        unsafe { block_rows::<K>(w, xb, y, panels.clone(), start, epilogue) };
+        unsafe { block_rows::<K>(job, xb, y) };
     }
 }
 
 /// [`rows`] for one block: panel by panel, so the weights a tile reads stay in L1
-/// while the block's rows pass under them. The last rows, fewer than a tile, go through a
-/// zero-padded copy, so the kernel has a few fixed shapes.
-unsafe fn block_rows<K: Kernel>(
-    w: &Panels,
-    xs: &[f32],
-    y: *mut f32,
-    panels: Range<usize>,
-    start: Start,
-    epilogue: Epilogue,
-) {
+/// while the block's rows pass under them. The last rows, fewer than a tile, go
+/// through a zero-padded copy, so the kernel has a few fixed shapes.
+unsafe fn block_rows<K: Kernel>(job: &Job, xs: &[f32], y: *mut f32) {
+    let Job {
+        w, start, epilogue, ..
+    } = *job;
     let (k, cout) = (w.cin, w.cout);
     let n = xs.len() / k;
     let full = n / K::ROWS * K::ROWS;
@@ -139,7 +135,9 @@ unsafe fn block_rows<K: Kernel>(
     // Only a block with a partial tile pays for the padded copy, and its last rows run
     // in the shortest tile that holds them: padded to a whole tile, a few rows left
     // over cost as much as a whole one.
-    let tail = if full < n { K::tail(n - full) } else { 0 };
+    const { assert!(K::ROWS <= MAX_TILE_ROWS) };
+    let whole = K::TILES[K::TILES.len() - 1].1;
+    let &(tail, short) = (K::TILES.iter().find(|t| t.0 >= n - full)).expect("a whole tile");
     let mut tail_x = Vec::new();
     if full < n {
         tail_x.resize(tail * k, 0f32);
@@ -151,8 +149,8 @@ unsafe fn block_rows<K: Kernel>(
     // would otherwise wait for every line of it.
     let (groups, tiles) = (NR / K::COLS, n.div_ceil(K::ROWS));
     let share = k.div_ceil(groups * tiles);
-    let last = panels.end;
-    for p in panels {
+    let last = job.panels.end;
+    for p in job.panels.clone() {
         let panel = &w.data[p * k * NR..(p + 1) * k * NR];
         let next = (p + 1 < last).then(|| w.data[(p + 1) * k * NR..].as_ptr());
         let fetch = |tile: usize| match next {
@@ -189,7 +187,7 @@ unsafe fn block_rows<K: Kernel>(
                 // SAFETY: `a` has ROWS rows of k values, `y` room for them at stride
                 // `cout` (the caller's contract), `b` k rows of NR from the group's
                 // column; `width` columns from c0 exist in `y` and in the bias row.
-                unsafe { K::tile(K::ROWS, t) };
+                unsafe { whole(t) };
             }
             if full < n {
                 let rows = n - full;
@@ -204,7 +202,7 @@ unsafe fn block_rows<K: Kernel>(
                 let t = tile(tail_x.as_ptr(), tail_y.as_mut_ptr(), NR, full / K::ROWS);
                 // SAFETY: the padded copies hold `tail` full rows, the rows of the
                 // tile, and a row of `tail_y` room for NR >= width values.
-                unsafe { K::tile(tail, t) };
+                unsafe { short(t) };
                 for r in 0..rows {
                     // SAFETY: as above; y has room for these rows.
                     unsafe {

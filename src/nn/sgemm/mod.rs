@@ -58,22 +58,23 @@ impl Isa {
     /// Every instruction set this CPU runs, widest first (checked at run time on
     /// x86-64: the binary is built for its baseline).
     fn here() -> Vec<Isa> {
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut isas = Vec::new();
-        #[cfg(target_arch = "aarch64")]
-        isas.push(Isa::Neon);
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                isas.push(Isa::Avx512);
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                isas.push(Isa::Avx2);
-            }
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma");
+            [(has!("avx512f"), Isa::Avx512), (avx2, Isa::Avx2)]
+                .into_iter()
+                .filter_map(|(here, isa)| here.then_some(isa))
+                .collect()
         }
-        isas
+        #[cfg(target_arch = "aarch64")]
+        {
+            vec![Isa::Neon]
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            Vec::new()
+        }
     }
 
     /// The widest this CPU runs.
@@ -188,9 +189,15 @@ impl Panels {
             let panels = p * per_task..((p + 1) * per_task).min(panels);
             let xs = &x[rows.start * cin..rows.end * cin];
             let y = y.at(rows.start * cout);
+            let job = blocks::Job {
+                w: self,
+                panels,
+                start,
+                epilogue,
+            };
             // SAFETY: this CPU runs `isa` (asserted above); `y` has room for the rows
             // of `xs`, and no other task writes these rows' columns `panels`.
-            unsafe { rows_on(isa, self, xs, y, panels, start, epilogue) }
+            unsafe { rows_on(isa, &job, xs, y) }
         };
         let tasks = row_tasks * panel_tasks;
         if tasks > 1 {
@@ -209,23 +216,15 @@ impl Panels {
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(unused_variables)
 )]
-unsafe fn rows_on(
-    isa: Isa,
-    w: &Panels,
-    xs: &[f32],
-    y: *mut f32,
-    panels: std::ops::Range<usize>,
-    start: Start,
-    epilogue: Epilogue,
-) {
+unsafe fn rows_on(isa: Isa, job: &blocks::Job, xs: &[f32], y: *mut f32) {
     // SAFETY (each arm): the caller's contract.
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { blocks::rows::<avx512::Avx512>(w, xs, y, panels, start, epilogue) },
+        Isa::Avx512 => unsafe { blocks::rows::<avx512::Avx512>(job, xs, y) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { blocks::rows::<avx2::Avx2>(w, xs, y, panels, start, epilogue) },
+        Isa::Avx2 => unsafe { blocks::rows::<avx2::Avx2>(job, xs, y) },
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => unsafe { blocks::rows::<neon::Neon>(w, xs, y, panels, start, epilogue) },
+        Isa::Neon => unsafe { blocks::rows::<neon::Neon>(job, xs, y) },
     }
 }
 

@@ -3,7 +3,7 @@
 //! as the AVX2 tile. NEON has no masked loads or stores, so a tile with fewer than 16
 //! columns (the last panel's) goes through a small buffer on the stack.
 
-use super::blocks::{Init, Kernel, Tile};
+use super::blocks::{Init, Kernel, Run, Tile};
 use super::panels::NR;
 use std::arch::aarch64::*;
 
@@ -11,24 +11,9 @@ use std::arch::aarch64::*;
 pub(super) struct Neon;
 
 impl Kernel for Neon {
-    const ROWS: usize = 6;
     const COLS: usize = 16;
-
-    /// 2, 4 or 6 rows.
-    fn tail(left: usize) -> usize {
-        left.next_multiple_of(2)
-    }
-
-    unsafe fn tile(rows: usize, t: Tile) {
-        // SAFETY: the caller's contract, for a tile of `rows` rows.
-        unsafe {
-            match rows {
-                2 => tile2(t),
-                4 => tile4(t),
-                _ => tile6(t),
-            }
-        }
-    }
+    /// A block's last rows run in 2, 4 or 6.
+    const TILES: &'static [Run] = &[(2, tile2), (4, tile4), (6, tile6)];
 }
 
 /// Four registers: 16 columns.
@@ -71,14 +56,23 @@ unsafe fn store(p: *mut f32, v: Row, w: usize) {
     }
 }
 
+/// Fetches the 64-byte line at `p` into L2 (`prfm`; the prefetch intrinsics are not
+/// stable Rust on aarch64).
+#[inline(always)]
+fn fetch_line(p: *const f32) {
+    // SAFETY: a prefetch is a hint: it reads nothing into registers and cannot fault.
+    unsafe {
+        std::arch::asm!("prfm pldl2keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags));
+    }
+}
+
 /// Defines a tile of as many rows as it lists (see [`Tile`]), written out register
-/// by register as the x86 tiles are. NEON cannot prefetch on stable Rust, so the
-/// tile does not fetch.
+/// by register as the x86 tiles are.
 macro_rules! tile_fn {
     ($(#[$doc:meta])* $name:ident: $($r:literal => $v:ident),*) => {
         $(#[$doc])*
         unsafe fn $name(t: Tile) {
-            let Tile { k, a, b, c, ldc, width: w, init, relu6, fetch: _ } = t;
+            let Tile { k, a, b, c, ldc, width: w, init, relu6, fetch } = t;
             // SAFETY (every pointer access): the caller's bounds, `w` columns of `c`
             // and of the bias.
             unsafe {
@@ -91,6 +85,11 @@ macro_rules! tile_fn {
                     let mut $v: Row = if from_c { load(c.add($r * ldc), w) } else { first };
                 )*
                 for p in 0..k {
+                    if p < fetch.rows {
+                        let line = fetch.from.wrapping_add(p * NR);
+                        fetch_line(line);
+                        fetch_line(line.wrapping_add(16));
+                    }
                     let bp = b.add(p * NR);
                     let panel = [0, 4, 8, 12].map(|i| vld1q_f32(bp.add(i)));
                     $(
