@@ -20,16 +20,19 @@
 //! there are few rows (the towers' last layers: 40-77 rows against up to 1280
 //! columns), so that each thread streams only its share of the weights.
 
+// Where no kernel is built (armv7), `Isa` has no value: the entry points panic
+// before they compute, and `Dense` never calls them (`available` is false).
+#![cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code, unreachable_code, unused_variables)
+)]
+
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    allow(dead_code)
-)]
 mod blocks;
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -212,10 +215,6 @@ impl Panels {
 ///
 /// # Safety
 /// As [`blocks::rows`]: this CPU runs `isa`, and `y` has room for `xs`'s rows.
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    allow(unused_variables)
-)]
 unsafe fn rows_on(isa: Isa, job: &blocks::Job, xs: &[f32], y: *mut f32) {
     // SAFETY (each arm): the caller's contract.
     match isa {
