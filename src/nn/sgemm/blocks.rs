@@ -1,8 +1,7 @@
 //! The loops around a register tile, the same for every instruction set: blocks of
 //! rows that fit in L2, panel by panel within a block, a tile's columns of the panel
-//! at a time, tile by tile down the rows,
-//! the last rows through a padded copy, and the next panel fetched into L2 as the
-//! tiles of this one run.
+//! at a time, tile by tile down the rows, the last rows through a padded copy, and
+//! the next panel fetched into L2 as the tiles of this one run.
 
 use super::panels::{NR, Panels};
 use std::ops::Range;

@@ -58,31 +58,37 @@ enum Isa {
 }
 
 impl Isa {
-    /// Every instruction set this CPU runs, widest first (checked at run time on
-    /// x86-64: the binary is built for its baseline).
-    fn here() -> Vec<Isa> {
+    /// This target's, widest first.
+    #[cfg(target_arch = "x86_64")]
+    const ALL: &'static [Isa] = &[Isa::Avx512, Isa::Avx2];
+    #[cfg(target_arch = "aarch64")]
+    const ALL: &'static [Isa] = &[Isa::Neon];
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    const ALL: &'static [Isa] = &[];
+
+    /// Whether this CPU runs it (checked at run time on x86-64: the binary is built
+    /// for its baseline; std caches the answer).
+    fn runs(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            let avx2 = has!("avx2") && has!("fma");
-            [(has!("avx512f"), Isa::Avx512), (avx2, Isa::Avx2)]
-                .into_iter()
-                .filter_map(|(here, isa)| here.then_some(isa))
-                .collect()
+        use std::arch::is_x86_feature_detected as has;
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => has!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => has!("avx2") && has!("fma"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => true,
         }
-        #[cfg(target_arch = "aarch64")]
-        {
-            vec![Isa::Neon]
-        }
-        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-        {
-            Vec::new()
-        }
+    }
+
+    /// Every instruction set this CPU runs, widest first.
+    fn here() -> impl Iterator<Item = Isa> {
+        Isa::ALL.iter().copied().filter(|isa| isa.runs())
     }
 
     /// The widest this CPU runs.
     fn widest() -> Option<Isa> {
-        Isa::here().first().copied()
+        Isa::here().next()
     }
 }
 
@@ -176,7 +182,7 @@ impl Panels {
         let (cin, cout) = (self.cin, self.cout);
         let n = x.len() / cin;
         assert_eq!(n * cin, x.len(), "whole rows");
-        assert!(Isa::here().contains(&isa), "this CPU runs {isa:?}");
+        assert!(isa.runs(), "this CPU runs {isa:?}");
         if n == 0 || cout == 0 {
             return;
         }
@@ -357,7 +363,7 @@ mod tests {
     /// CPU runs both).
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        let isas = Isa::here();
+        let isas: Vec<Isa> = Isa::here().collect();
         let Some(first) = isas.first() else {
             return;
         };
