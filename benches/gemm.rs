@@ -1,14 +1,17 @@
 //! The host layers' GEMM on the towers' shapes: `gemm` 0.19 (what `Dense` calls
 //! where no packed kernel runs) against the packed kernel (`nn::sgemm`: AVX-512F, or
 //! AVX2 and FMA, the widest this CPU has), one thread and rayon's pool, in one run.
-//! `cargo bench --bench gemm`; docs/performance.md.
+//! Florence-2-base's dense layers are the last rows. `cargo bench --bench gemm [--
+//! WORD]` (only the shapes whose name holds WORD); docs/performance.md.
 
 use marquee::nn::host_ops::gemm_rows;
 use marquee::nn::sgemm::{self, Epilogue, Panels};
 use std::time::Instant;
 
-/// (what, rows, k, cout) at the shipped 224x336 input and a 65-token overview.
-const SHAPES: [(&str, usize, usize, usize); 12] = [
+/// (what, rows, k, cout) at the shipped 224x336 input and a 65-token overview, then
+/// Florence-2-base's at 768x768 (DaViT's third stage: 48x48 tokens of 512; BART's
+/// encoder: 577 + 8 tokens of 768).
+const SHAPES: [(&str, usize, usize, usize); 17] = [
     ("stem 3x3/2 (im2col)", 18_816, 27, 32),
     ("stage 2 expand", 18_816, 16, 96),
     ("stage 2 project", 4_704, 144, 24),
@@ -21,6 +24,11 @@ const SHAPES: [(&str, usize, usize, usize); 12] = [
     ("text q|k|v", 65, 384, 1_152),
     ("text ffn out", 65, 1_536, 384),
     ("1024^3", 1_024, 1_024, 1_024),
+    ("florence davit qkv", 2_304, 512, 1_536),
+    ("florence davit fc1", 2_304, 512, 2_048),
+    ("florence davit fc2", 2_304, 2_048, 512),
+    ("florence bart fc1", 585, 768, 3_072),
+    ("florence bart fc2", 585, 3_072, 768),
 ];
 
 fn value(i: usize) -> f32 {
@@ -45,7 +53,11 @@ fn main() {
         "{:<22}{:>7}{:>6}{:>6}  GFLOP/s: {:>8}{:>8}  {:>10}{:>10}",
         "shape", "rows", "k", "cout", "gemm 1t", "ours 1t", "gemm pool", "ours pool"
     );
-    for (what, n, k, m) in SHAPES {
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let chosen = SHAPES
+        .iter()
+        .filter(|s| only.as_ref().is_none_or(|w| s.0.contains(w.as_str())));
+    for &(what, n, k, m) in chosen {
         let x: Vec<f32> = (0..n * k).map(value).collect();
         let w: Vec<f32> = (0..k * m).map(|i| value(i + 7)).collect();
         let mut y = vec![0f32; n * m];

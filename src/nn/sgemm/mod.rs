@@ -43,7 +43,7 @@ use blocks::Start;
 use panels::NR;
 pub use panels::Panels;
 
-/// Rows a row task takes a multiple of: whole tiles of every instruction set.
+/// Rows counted as one when choosing how many row tasks: the tallest tile.
 const TASK_ROWS: usize = 12;
 
 /// The instruction sets the kernel is built for (those of this target).
@@ -89,6 +89,18 @@ impl Isa {
     /// The widest this CPU runs.
     fn widest() -> Option<Isa> {
         Isa::here().next()
+    }
+
+    /// Rows of its whole tile.
+    fn rows(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => <avx512::Avx512 as blocks::Kernel>::ROWS,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => <avx2::Avx2 as blocks::Kernel>::ROWS,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => <neon::Neon as blocks::Kernel>::ROWS,
+        }
     }
 }
 
@@ -187,14 +199,18 @@ impl Panels {
             return;
         }
         let (row_tasks, panel_tasks) = split(n, cout, parallel);
-        let rows = n.div_ceil(row_tasks).next_multiple_of(TASK_ROWS);
-        let row_tasks = n.div_ceil(rows);
+        let row_tasks = even(n.div_ceil(n.div_ceil(row_tasks).next_multiple_of(TASK_ROWS)));
+        // Whole tiles a row task, as evenly as they go: 585 rows in seven tasks of 84
+        // kept one thread of two a task behind the other.
+        let tiles = n.div_ceil(isa.rows());
+        let row_tasks = row_tasks.min(tiles);
+        let first_row = |r: usize| (r * tiles / row_tasks * isa.rows()).min(n);
         let panels = cout.div_ceil(NR);
         let per_task = panels.div_ceil(panel_tasks);
         let panel_tasks = panels.div_ceil(per_task);
         let task = |t: usize| {
             let (r, p) = (t / panel_tasks, t % panel_tasks);
-            let rows = r * rows..((r + 1) * rows).min(n);
+            let rows = first_row(r)..first_row(r + 1);
             let panels = p * per_task..((p + 1) * per_task).min(panels);
             let xs = &x[rows.start * cin..rows.end * cin];
             let y = y.at(rows.start * cout);
@@ -239,6 +255,17 @@ unsafe fn rows_on(isa: Isa, job: &blocks::Job, xs: &[f32], y: *mut f32) {
 /// If this CPU runs none of them.
 fn widest() -> Isa {
     Isa::widest().expect("the packed kernel needs AVX-512F, AVX2 and FMA, or NEON")
+}
+
+/// `tasks` rounded up to a multiple of the threads, so that no thread is left a
+/// task behind the others.
+fn even(tasks: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if tasks > 1 {
+        tasks.next_multiple_of(threads)
+    } else {
+        tasks
+    }
 }
 
 /// (row tasks, panel tasks): four row tasks a thread, whole tiles each, so that a
