@@ -150,8 +150,8 @@ unsafe fn block_rows<K: Kernel>(job: &Job, xs: &[f32], y: *mut f32) {
     let share = k.div_ceil(groups * tiles);
     let last = job.panels.end;
     for p in job.panels.clone() {
-        let panel = &w.data[p * k * NR..(p + 1) * k * NR];
-        let next = (p + 1 < last).then(|| w.data[(p + 1) * k * NR..].as_ptr());
+        let panel = &w.values()[p * k * NR..(p + 1) * k * NR];
+        let next = (p + 1 < last).then(|| w.values()[(p + 1) * k * NR..].as_ptr());
         let fetch = |tile: usize| match next {
             Some(next) if tile * share < k => Fetch {
                 from: next.wrapping_add(tile * share * NR),

@@ -12,10 +12,15 @@ const PARALLEL_PACK: usize = 1 << 18;
 /// `[cin, cout]` weights as panels of `NR` columns: panel `p` holds rows `0..cin` of
 /// columns `p * NR..(p + 1) * NR`, one row after another, zero past `cout`.
 pub struct Panels {
-    pub(super) data: Vec<f32>,
+    /// The panels from `data[start]`, the first value of a cache line.
+    data: Vec<f32>,
+    start: usize,
     pub(super) cin: usize,
     pub(super) cout: usize,
 }
+
+/// Floats in a cache line: a panel row is two lines, and a tile reads whole ones.
+const LINE: usize = 16;
 
 impl Panels {
     /// Packs row-major `[cin, cout]` weights. Large weights are packed in parallel,
@@ -24,7 +29,11 @@ impl Panels {
     pub fn pack(w: &[f32], cin: usize, cout: usize) -> Self {
         assert_eq!(w.len(), cin * cout, "weights are [cin, cout]");
         let len = cout.div_ceil(NR) * cin * NR;
-        let mut data = Vec::with_capacity(len);
+        // A large allocation starts 16 bytes into a page, so half of an AVX2 tile's
+        // 32-byte loads of a panel row would straddle two cache lines.
+        let mut data = Vec::<f32>::with_capacity(len + LINE - 1);
+        let start = data.as_ptr().align_offset(4 * LINE).min(LINE - 1);
+        data.resize(start, 0.0);
         let pack_panel = |(p, panel): (usize, &mut [MaybeUninit<f32>])| {
             let c0 = p * NR;
             let width = NR.min(cout - c0);
@@ -51,14 +60,24 @@ impl Panels {
                 .for_each(pack_panel);
         }
         // SAFETY: every panel wrote each of its `cin x NR` values above.
-        unsafe { data.set_len(len) };
-        Self { data, cin, cout }
+        unsafe { data.set_len(start + len) };
+        Self {
+            data,
+            start,
+            cin,
+            cout,
+        }
+    }
+
+    /// The panels, one after another.
+    pub(super) fn values(&self) -> &[f32] {
+        &self.data[self.start..]
     }
 
     /// The weights back as row-major `[cin, cout]`.
     pub fn unpack(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.cin * self.cout];
-        for (p, panel) in self.data.chunks_exact(self.cin * NR).enumerate() {
+        for (p, panel) in self.values().chunks_exact(self.cin * NR).enumerate() {
             let c0 = p * NR;
             let width = NR.min(self.cout - c0);
             for (i, row) in panel.chunks_exact(NR).enumerate() {
