@@ -43,7 +43,7 @@ use blocks::Start;
 use panels::NR;
 pub use panels::Panels;
 
-/// Rows counted as one when choosing how many row tasks: the tallest tile.
+/// The fewest rows worth a row task of their own: the tallest tile.
 const TASK_ROWS: usize = 12;
 
 /// The instruction sets the kernel is built for (those of this target).
@@ -199,9 +199,7 @@ impl Panels {
             return;
         }
         let (row_tasks, panel_tasks) = split(n, cout, parallel);
-        let row_tasks = even(n.div_ceil(n.div_ceil(row_tasks).next_multiple_of(TASK_ROWS)));
-        // Whole tiles a row task, as evenly as they go: 585 rows in seven tasks of 84
-        // kept one thread of two a task behind the other.
+        // Whole tiles a row task, as evenly as they go.
         let tiles = n.div_ceil(isa.rows());
         let row_tasks = row_tasks.min(tiles);
         let first_row = |r: usize| (r * tiles / row_tasks * isa.rows()).min(n);
@@ -257,27 +255,21 @@ fn widest() -> Isa {
     Isa::widest().expect("the packed kernel needs AVX-512F, AVX2 and FMA, or NEON")
 }
 
-/// `tasks` rounded up to a multiple of the threads, so that no thread is left a
-/// task behind the others.
-fn even(tasks: usize) -> usize {
-    let threads = rayon::current_num_threads();
-    if tasks > 1 {
-        tasks.next_multiple_of(threads)
-    } else {
-        tasks
-    }
-}
-
-/// (row tasks, panel tasks): four row tasks a thread, whole tiles each, so that a
-/// slow core evens out; with fewer rows than that, every task takes all the rows and
-/// a share of the panels, so each thread streams only its share of the weights.
+/// (row tasks, panel tasks). With enough rows, up to four row tasks a thread, so
+/// that a slow core evens out: as many as take 12 rows or more each (each streams
+/// every weight), rounded up to a multiple of the threads (585 rows in seven tasks
+/// kept one thread of two a task behind the other). With fewer rows, every task
+/// takes all the rows and a share of the panels, so each thread streams only its
+/// share of the weights.
 fn split(n: usize, cout: usize, parallel: bool) -> (usize, usize) {
     if !parallel {
         return (1, 1);
     }
-    let tasks = 4 * rayon::current_num_threads();
+    let threads = rayon::current_num_threads();
+    let tasks = 4 * threads;
     if n.div_ceil(TASK_ROWS) >= tasks {
-        (tasks, 1)
+        let rows = n.div_ceil(tasks).next_multiple_of(TASK_ROWS);
+        (n.div_ceil(rows).next_multiple_of(threads), 1)
     } else {
         (1, cout.div_ceil(NR).min(tasks))
     }
