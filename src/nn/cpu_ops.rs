@@ -448,43 +448,51 @@ impl<'a> WindowBand<'a> {
                 v: &self.qkv[2 * c + head * d..],
                 stride: 3 * c,
             };
-            attend_head(rows, [l, d], &mut self.scores, &mut self.out[head * d..], c);
+            attend_head(
+                rows,
+                [l, l, d],
+                &mut self.scores,
+                &mut self.out[head * d..],
+                c,
+            );
         }
     }
 }
 
-/// One head: `out = softmax(q kᵀ / sqrt(d)) v` for `l x d` blocks whose rows are
-/// `x.stride` apart, into `out` with rows `out_stride` apart; `scores` is `l x l`
-/// scratch. Two GEMMs and the vectorised softmax, no copies of the operands.
+/// One head for a block of queries: `out = softmax(q kᵀ / sqrt(d)) v` for `lq`
+/// query rows against `lk` key and value rows, each `d` wide and `x.stride` apart,
+/// into `out` with rows `out_stride` apart; `scores` is `lq x lk` scratch. Two GEMMs
+/// and the vectorised softmax, no copies of the operands.
 fn attend_head(
     x: QkvRows,
-    [l, d]: [usize; 2],
+    [lq, lk, d]: [usize; 3],
     scores: &mut [f32],
     out: &mut [f32],
     out_stride: usize,
 ) {
     let QkvRows { q, k, v, stride } = x;
-    let span = |rs: usize| (l - 1) * rs + d;
-    assert!(l > 0 && stride >= d && out_stride >= d, "rows hold a head");
+    let span = |l: usize, rs: usize| (l - 1) * rs + d;
+    assert!(lq > 0 && lk > 0, "a head has rows");
+    assert!(stride >= d && out_stride >= d, "rows hold a head");
     assert!(
-        q.len().min(k.len()).min(v.len()) >= span(stride),
+        q.len() >= span(lq, stride) && k.len().min(v.len()) >= span(lk, stride),
         "operands cover the head"
     );
     assert!(
-        scores.len() >= l * l && out.len() >= span(out_stride),
+        scores.len() >= lq * lk && out.len() >= span(lq, out_stride),
         "buffers cover the head"
     );
     let scale = 1.0 / (d as f32).sqrt();
-    // SAFETY: q and k hold `l` rows of `d` values `stride` apart and scores is
-    // `l x l` (checked above).
+    // SAFETY: q holds `lq` rows and k `lk` rows of `d` values `stride` apart, and
+    // scores is `lq x lk` (checked above).
     unsafe {
         gemm::gemm(
-            l,
-            l,
+            lq,
+            lk,
             d,
             scores.as_mut_ptr(),
             1,
-            l as isize,
+            lk as isize,
             false,
             q.as_ptr(),
             1,
@@ -500,23 +508,23 @@ fn attend_head(
             gemm::Parallelism::None,
         );
     }
-    for row in scores[..l * l].chunks_exact_mut(l) {
+    for row in scores[..lq * lk].chunks_exact_mut(lk) {
         softmax_row(row);
     }
-    // SAFETY: scores is `l x l`, v holds `l` rows of `d` values `stride` apart and out
-    // `l` rows of `d` values `out_stride` apart (checked above).
+    // SAFETY: scores is `lq x lk`, v holds `lk` rows of `d` values `stride` apart and
+    // out `lq` rows of `d` values `out_stride` apart (checked above).
     unsafe {
         gemm::gemm(
-            l,
+            lq,
             d,
-            l,
+            lk,
             out.as_mut_ptr(),
             1,
             out_stride as isize,
             false,
             scores.as_ptr(),
             1,
-            l as isize,
+            lk as isize,
             v.as_ptr(),
             1,
             stride as isize,
@@ -564,8 +572,11 @@ pub(crate) fn reduce8(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 0.0);
-    // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (no libm floor).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (no libm floor):
+    // `t`'s low mantissa bits then hold n itself, read as an integer below.
+    const MAGIC: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     for a in [
@@ -578,7 +589,10 @@ fn exp(x: f32) -> f32 {
         p = p * r + a;
     }
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // 2^n from t's bits (n + 127 in the exponent field): integer lanes, where `n as
+    // i32` would be a saturating conversion that does not vectorise.
+    let biased = t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127);
+    e * f32::from_bits(biased << 23)
 }
 
 /// Multi-head self-attention without padding, `softmax(q kᵀ / sqrt(d)) v` for each
@@ -609,6 +623,9 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
     Tensor::from_data(TensorData::new(context, [b, l, c]), &device)
 }
 
+/// Bytes of scores an attention task holds (with a head's keys and values, in L2).
+const SCORE_BYTES: usize = 128 << 10;
+
 /// Queries, keys and values as host rows: each starts at its own first column and
 /// steps `stride` values per token, so one `[tokens, 3C]` projection can serve all three.
 pub struct QkvRows<'a> {
@@ -633,28 +650,42 @@ pub fn attention_rows(x: QkvRows, [b, l, c]: [usize; 3], heads: usize) -> Vec<f3
     for t in [q, k, v] {
         assert!(t.len() >= (b * l - 1) * stride + c, "rows cover the batch");
     }
-    let blocks: Vec<Vec<f32>> = (0..b * heads)
+    // A task takes a block of one head's queries, so that its scores stay in L2
+    // while the softmax and the second product pass over them: a whole head of
+    // BART's 585 tokens has 1.4 MB of scores.
+    let block = (SCORE_BYTES / (4 * l)).clamp(1, l);
+    let blocks_per_head = l.div_ceil(block);
+    let blocks: Vec<Vec<f32>> = (0..b * heads * blocks_per_head)
         .into_par_iter()
         .map(|job| {
-            let (item, head) = (job / heads, job % heads);
+            let (item, head, qb) = (
+                job / (heads * blocks_per_head),
+                job / blocks_per_head % heads,
+                job % blocks_per_head,
+            );
+            let lq = block.min(l - qb * block);
             let at = item * l * stride + head * d;
-            let mut scores = vec![0f32; l * l];
-            let mut out = vec![0f32; l * d];
+            let mut scores = vec![0f32; lq * l];
+            let mut out = vec![0f32; lq * d];
             let rows = QkvRows {
-                q: &q[at..],
+                q: &q[at + qb * block * stride..],
                 k: &k[at..],
                 v: &v[at..],
                 stride,
             };
-            attend_head(rows, [l, d], &mut scores, &mut out, d);
+            attend_head(rows, [lq, l, d], &mut scores, &mut out, d);
             out
         })
         .collect();
     let mut context = vec![0f32; b * l * c];
-    for (job, block) in blocks.iter().enumerate() {
-        let (item, head) = (job / heads, job % heads);
-        for (r, src) in block.chunks_exact(d).enumerate() {
-            let at = item * l * c + r * c + head * d;
+    for (job, rows) in blocks.iter().enumerate() {
+        let (item, head, qb) = (
+            job / (heads * blocks_per_head),
+            job / blocks_per_head % heads,
+            job % blocks_per_head,
+        );
+        for (r, src) in rows.chunks_exact(d).enumerate() {
+            let at = item * l * c + (qb * block + r) * c + head * d;
             context[at..at + d].copy_from_slice(src);
         }
     }
@@ -691,8 +722,9 @@ pub(crate) mod tests {
         let device = Device::flex();
         device.seed(11);
         // Heads of 32 (the towers', the fusion's, DaViT's) and of other widths, odd
-        // row counts among them.
+        // row counts among them; 300 tokens take three blocks of queries a head.
         let shapes = [
+            (2, 300, 64, 2),
             (1, 65, 384, 12),
             (1, 5, 64, 2),
             (2, 49, 128, 4),

@@ -32,7 +32,7 @@ macro_rules! tile_fn {
         $(#[$doc])*
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $name(t: Tile) {
-            let Tile { k, a, b, c, ldc, width, init, relu6, fetch } = t;
+            let Tile { k, a, lda, b, c, ldc, width, init, relu6, fetch } = t;
             let (m0, m1) = (lanes(width), lanes(width.saturating_sub(8)));
             // SAFETY (every pointer access): the caller's bounds; masked lanes are not
             // touched.
@@ -67,7 +67,7 @@ macro_rules! tile_fn {
                     let b0 = _mm256_loadu_ps(b.add(p * NR));
                     let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
                     $(
-                        let x = _mm256_set1_ps(*a.add($r * k + p));
+                        let x = _mm256_set1_ps(*a.add($r * lda + p));
                         $lo = _mm256_fmadd_ps(x, b0, $lo);
                         $hi = _mm256_fmadd_ps(x, b1, $hi);
                     )*

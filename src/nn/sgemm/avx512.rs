@@ -32,7 +32,7 @@ macro_rules! tile_fn {
         $(#[$doc])*
         #[target_feature(enable = "avx512f")]
         unsafe fn $name(t: Tile) {
-            let Tile { k, a, b, c, ldc, width, init, relu6, fetch } = t;
+            let Tile { k, a, lda, b, c, ldc, width, init, relu6, fetch } = t;
             let (m0, m1) = (mask(width), mask(width.saturating_sub(16)));
             // SAFETY (every pointer access): the caller's bounds; masked lanes are
             // not touched.
@@ -64,7 +64,7 @@ macro_rules! tile_fn {
                     let b0 = _mm512_loadu_ps(b.add(p * NR));
                     let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
                     $(
-                        let x = _mm512_set1_ps(*a.add($r * k + p));
+                        let x = _mm512_set1_ps(*a.add($r * lda + p));
                         $lo = _mm512_fmadd_ps(x, b0, $lo);
                         $hi = _mm512_fmadd_ps(x, b1, $hi);
                     )*

@@ -6,11 +6,19 @@
 use super::panels::{NR, Panels};
 use std::ops::Range;
 
-/// Bytes of input rows a block holds, and bytes of output columns it writes: both
-/// stay in the core's L2 while every panel of weights passes over them (each panel
-/// writes its columns of every output row, so an output block larger than L2 went
-/// out to L3 and back once a panel).
+/// Bytes of input rows a block holds, and bytes of output columns it writes, where
+/// k takes one pass: both stay in the core's L2 while every panel of weights passes
+/// over them (each panel writes its columns of every output row, so an output block
+/// larger than L2 went out to L3 and back once a panel).
 const BLOCK_BYTES: usize = 256 << 10;
+/// Bytes of a block's rows over one pass of k (the rows a block holds).
+const A_BYTES: usize = 128 << 10;
+/// Bytes of a block's output over a chunk of panels (the panels a chunk holds).
+const C_BYTES: usize = 192 << 10;
+/// Bytes of a tile's columns of a panel over one pass of k: they stay in L1, with the
+/// tile's rows, while the block's rows pass under them (a whole panel's columns at k =
+/// 768, 48 KB, did not, and every tile read them from L2).
+const PASS_BYTES: usize = 16 << 10;
 /// The most rows a tile has (the padded copy of a block's last rows is this tall).
 const MAX_TILE_ROWS: usize = 12;
 
@@ -58,12 +66,13 @@ impl Fetch {
 }
 
 /// One tile's operands: `c = epilogue(init + a b)` for `a`'s rows (k values each, at
-/// stride k) against `COLS` columns of a panel (`b`: k rows, `NR` apart), `c`'s rows
+/// stride `lda`) against `COLS` columns of a panel (`b`: k rows, `NR` apart), `c`'s rows
 /// at stride `ldc`, of which the first `width` (at most `COLS`) exist.
 #[derive(Clone, Copy)]
 pub(super) struct Tile {
     pub(super) k: usize,
     pub(super) a: *const f32,
+    pub(super) lda: usize,
     pub(super) b: *const f32,
     pub(super) c: *mut f32,
     pub(super) ldc: usize,
@@ -109,28 +118,59 @@ pub(super) struct Job<'a> {
 /// values (and holds them where `start` is `Output`).
 pub(super) unsafe fn rows<K: Kernel>(job: &Job, xs: &[f32], y: *mut f32) {
     let (k, cout) = (job.w.cin, job.w.cout);
-    let written = 4 * (job.panels.len() * NR).min(cout);
-    let block = (BLOCK_BYTES / (4 * k)).min(BLOCK_BYTES / written);
-    let block = block.max(K::ROWS) / K::ROWS * K::ROWS;
+    let kc = pass_len(k, K::COLS);
+    let (block, chunk) = if kc == k {
+        // One pass: a block's rows, and its output over every panel, stay in L2 while
+        // the panels pass over them.
+        let written = 4 * (job.panels.len() * NR).min(cout);
+        let block = (BLOCK_BYTES / (4 * k)).min(BLOCK_BYTES / written);
+        (
+            block.max(K::ROWS) / K::ROWS * K::ROWS,
+            job.panels.len().max(1),
+        )
+    } else {
+        // Passes over k: a block's rows of one pass, and its output over a chunk of
+        // panels, stay in L2 while every pass of the chunk goes over them; a chunk's
+        // output is finished before the next, so it never goes out to L3 and back
+        // between passes.
+        let block = (A_BYTES / (4 * kc)).max(K::ROWS) / K::ROWS * K::ROWS;
+        let block = block.min(xs.len() / k);
+        (block, (C_BYTES / (4 * NR * block.max(1))).max(1))
+    };
     for (b, xb) in xs.chunks(block * k).enumerate() {
         let y = y.wrapping_add(b * block * cout);
-        // SAFETY: as this function's own contract, for a block of its rows.
-        unsafe { block_rows::<K>(job, xb, y) };
+        for first in job.panels.clone().step_by(chunk) {
+            let job = Job {
+                panels: first..(first + chunk).min(job.panels.end),
+                ..job.clone()
+            };
+            // SAFETY: as this function's own contract, for a block of its rows.
+            unsafe { block_rows::<K>(&job, xb, y, kc) };
+        }
     }
 }
 
-/// [`rows`] for one block: panel by panel, so the weights a tile reads stay in L1
-/// while the block's rows pass under them. The last rows, fewer than a tile, go
-/// through a zero-padded copy, so the kernel has a few fixed shapes.
-unsafe fn block_rows<K: Kernel>(job: &Job, xs: &[f32], y: *mut f32) {
+/// The length of a pass over k: as even as the passes go, with a tile's columns of a
+/// panel for one pass no larger than `PASS_BYTES`.
+fn pass_len(k: usize, cols: usize) -> usize {
+    let most = (PASS_BYTES / (4 * cols)).max(1);
+    if k <= 2 * most {
+        return k;
+    }
+    k.div_ceil(k.div_ceil(most))
+}
+
+/// [`rows`] for one block, in passes over k of `kc` (every pass but the first starts
+/// from the sums in `y`): panel by panel, so the weights a tile reads stay in L1 while
+/// the block's rows pass under them. The last rows, fewer than a tile, go through a
+/// zero-padded copy, so the kernel has a few fixed shapes.
+unsafe fn block_rows<K: Kernel>(job: &Job, xs: &[f32], y: *mut f32, kc: usize) {
     let Job {
         w, start, epilogue, ..
     } = *job;
     let (k, cout) = (w.cin, w.cout);
     let n = xs.len() / k;
     let full = n / K::ROWS * K::ROWS;
-    let relu6 = epilogue == Epilogue::Relu6;
-    let from_y = matches!(start, Start::Output);
     // Only a block with a partial tile pays for the padded copy, and its last rows run
     // in the shortest tile that holds them: padded to a whole tile, a few rows left
     // over cost as much as a whole one.
@@ -143,70 +183,87 @@ unsafe fn block_rows<K: Kernel>(job: &Job, xs: &[f32], y: *mut f32) {
         tail_x[..(n - full) * k].copy_from_slice(&xs[full * k..]);
     }
     let mut tail_y = [0f32; MAX_TILE_ROWS * NR];
-    // While a panel's tiles run, they fetch the next panel into L2, a share each: the
-    // weights come from L3 or memory once a poster, and the first tile of a panel
-    // would otherwise wait for every line of it.
     let (groups, tiles) = (NR / K::COLS, n.div_ceil(K::ROWS));
-    let share = k.div_ceil(groups * tiles);
-    let last = job.panels.end;
-    for p in job.panels.clone() {
-        let panel = &w.values()[p * k * NR..(p + 1) * k * NR];
-        let next = (p + 1 < last).then(|| w.values()[(p + 1) * k * NR..].as_ptr());
-        let fetch = |tile: usize| match next {
-            Some(next) if tile * share < k => Fetch {
-                from: next.wrapping_add(tile * share * NR),
-                rows: share.min(k - tile * share),
-            },
-            _ => Fetch::NONE,
-        };
-        // A tile's columns of the panel at a time, so that those columns of the panel
-        // stay in L1 while the block's rows pass under them.
-        for g in (0..groups).take_while(|g| p * NR + g * K::COLS < cout) {
-            let c0 = p * NR + g * K::COLS;
-            let width = K::COLS.min(cout - c0);
-            let init = match start {
-                Start::Output => Init::Output,
-                Start::Bias(Some(bias)) => Init::Row(bias[c0..].as_ptr()),
-                Start::Bias(None) => Init::Zero,
+    let panels = job.panels.clone();
+    for k0 in (0..k).step_by(kc) {
+        let kl = kc.min(k - k0);
+        let (first, last) = (k0 == 0, k0 + kl == k);
+        let relu6 = last && epilogue == Epilogue::Relu6;
+        let from_y = !first || matches!(start, Start::Output);
+        // The pass's rows of panel `p`.
+        let slice = |p: usize| &w.values()[p * k * NR + k0 * NR..p * k * NR + (k0 + kl) * NR];
+        // While a panel's tiles run, they fetch the next panel's rows for this pass
+        // into L2, a share each: the weights come from L3 or memory, and the first
+        // tile of a panel would otherwise wait for every line of it.
+        let share = kl.div_ceil(groups * tiles);
+        for p in panels.clone() {
+            let panel = slice(p);
+            let next = (p + 1 < panels.end).then(|| slice(p + 1).as_ptr());
+            let fetch = |tile: usize| match next {
+                Some(next) if tile * share < kl => Fetch {
+                    from: next.wrapping_add(tile * share * NR),
+                    rows: share.min(kl - tile * share),
+                },
+                _ => Fetch::NONE,
             };
-            let tile = |a: *const f32, c: *mut f32, ldc: usize, t: usize| Tile {
-                k,
-                a,
-                b: panel[g * K::COLS..].as_ptr(),
-                c,
-                ldc,
-                width,
-                init,
-                relu6,
-                fetch: fetch(g * tiles + t),
-            };
-            for r0 in (0..full).step_by(K::ROWS) {
-                let (a, c) = (xs[r0 * k..].as_ptr(), y.wrapping_add(r0 * cout + c0));
-                let t = tile(a, c, cout, r0 / K::ROWS);
-                // SAFETY: `a` has ROWS rows of k values, `y` room for them at stride
-                // `cout` (the caller's contract), `b` k rows of NR from the group's
-                // column; `width` columns from c0 exist in `y` and in the bias row.
-                unsafe { whole(t) };
-            }
-            if full < n {
-                let rows = n - full;
-                for r in (0..rows).filter(|_| from_y) {
-                    // SAFETY: row full + r of y holds `cout` values (the contract),
-                    // and `width` values from c0 lie inside it.
-                    unsafe {
-                        let src = y.add((full + r) * cout + c0);
-                        std::ptr::copy_nonoverlapping(src, tail_y[r * NR..].as_mut_ptr(), width);
-                    }
+            // A tile's columns of the panel at a time, so that those columns of the
+            // pass stay in L1 while the block's rows pass under them.
+            for g in (0..groups).take_while(|g| p * NR + g * K::COLS < cout) {
+                let c0 = p * NR + g * K::COLS;
+                let width = K::COLS.min(cout - c0);
+                let init = match start {
+                    _ if !first => Init::Output,
+                    Start::Output => Init::Output,
+                    Start::Bias(Some(bias)) => Init::Row(bias[c0..].as_ptr()),
+                    Start::Bias(None) => Init::Zero,
+                };
+                let tile = |a: *const f32, c: *mut f32, ldc: usize, t: usize| Tile {
+                    k: kl,
+                    a,
+                    lda: k,
+                    b: panel[g * K::COLS..].as_ptr(),
+                    c,
+                    ldc,
+                    width,
+                    init,
+                    relu6,
+                    fetch: fetch(g * tiles + t),
+                };
+                for r0 in (0..full).step_by(K::ROWS) {
+                    let (a, c) = (xs[r0 * k + k0..].as_ptr(), y.wrapping_add(r0 * cout + c0));
+                    let t = tile(a, c, cout, r0 / K::ROWS);
+                    // SAFETY: `a` has ROWS rows of k values from k0 (kl of them read),
+                    // `y` room for them at stride `cout` (the caller's contract), `b`
+                    // kl rows of NR from the group's column; `width` columns from c0
+                    // exist in `y` and in the bias row.
+                    unsafe { whole(t) };
                 }
-                let t = tile(tail_x.as_ptr(), tail_y.as_mut_ptr(), NR, full / K::ROWS);
-                // SAFETY: the padded copies hold `tail` full rows, the rows of the
-                // tile, and a row of `tail_y` room for NR >= width values.
-                unsafe { short(t) };
-                for r in 0..rows {
-                    // SAFETY: as above; y has room for these rows.
-                    unsafe {
-                        let dst = y.add((full + r) * cout + c0);
-                        std::ptr::copy_nonoverlapping(tail_y[r * NR..].as_ptr(), dst, width);
+                if full < n {
+                    let rows = n - full;
+                    for r in (0..rows).filter(|_| from_y) {
+                        // SAFETY: row full + r of y holds `cout` values (the contract),
+                        // and `width` values from c0 lie inside it.
+                        unsafe {
+                            let src = y.add((full + r) * cout + c0);
+                            let dst = tail_y[r * NR..].as_mut_ptr();
+                            std::ptr::copy_nonoverlapping(src, dst, width);
+                        }
+                    }
+                    let t = tile(
+                        tail_x[k0..].as_ptr(),
+                        tail_y.as_mut_ptr(),
+                        NR,
+                        full / K::ROWS,
+                    );
+                    // SAFETY: the padded copies hold `tail` full rows, the rows of the
+                    // tile, and a row of `tail_y` room for NR >= width values.
+                    unsafe { short(t) };
+                    for r in 0..rows {
+                        // SAFETY: as above; y has room for these rows.
+                        unsafe {
+                            let dst = y.add((full + r) * cout + c0);
+                            std::ptr::copy_nonoverlapping(tail_y[r * NR..].as_ptr(), dst, width);
+                        }
                     }
                 }
             }

@@ -314,10 +314,10 @@ mod tests {
     }
 
     /// Every tile height (1..=12 rows and beyond: last rows in each kernel's short
-    /// tiles), every tail width (masked panels, halves and registers), k from 1 up,
-    /// both epilogues, one task and several (split by rows, and by panels where the
-    /// rows are few), onto `y` and from a bias; for each instruction set this CPU
-    /// runs.
+    /// tiles), every tail width (masked panels, halves and registers), k from 1 up
+    /// (in one pass and in several), both epilogues, one task and several (split by
+    /// rows, and by panels where the rows are few), onto `y` and from a bias; for
+    /// each instruction set this CPU runs.
     #[test]
     fn kernel_equals_a_plain_product() {
         for isa in Isa::here() {
@@ -341,6 +341,12 @@ mod tests {
             (35, 20, 40),
             (40, 192, 1_152),
             (300, 80, 480),
+            // Passes over k (past 512 on AVX2 and NEON, 256 on AVX-512), with tail
+            // rows and a masked last panel, and enough rows for row tasks.
+            (7, 600, 45),
+            (29, 1_100, 70),
+            (150, 777, 100),
+            (60, 700, 1_000),
         ] {
             let x: Vec<f32> = (0..n * cin).map(|i| value(i, 2)).collect();
             let w: Vec<f32> = (0..cin * cout).map(|i| value(i, 3)).collect();
@@ -386,7 +392,7 @@ mod tests {
         let Some(first) = isas.first() else {
             return;
         };
-        for (n, cin, cout) in [(13, 27, 33), (77, 320, 1_280), (300, 80, 40)] {
+        for (n, cin, cout) in [(13, 27, 33), (77, 320, 1_280), (300, 80, 40), (50, 900, 70)] {
             let x: Vec<f32> = (0..n * cin).map(|i| value(i, 6)).collect();
             let w: Vec<f32> = (0..cin * cout).map(|i| value(i, 7)).collect();
             let bias: Vec<f32> = (0..cout).map(|i| value(i, 8)).collect();

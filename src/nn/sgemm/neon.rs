@@ -72,7 +72,7 @@ macro_rules! tile_fn {
     ($(#[$doc:meta])* $name:ident: $($r:literal => $v:ident),*) => {
         $(#[$doc])*
         unsafe fn $name(t: Tile) {
-            let Tile { k, a, b, c, ldc, width: w, init, relu6, fetch } = t;
+            let Tile { k, a, lda, b, c, ldc, width: w, init, relu6, fetch } = t;
             // SAFETY (every pointer access): the caller's bounds, `w` columns of `c`
             // and of the bias.
             unsafe {
@@ -93,7 +93,7 @@ macro_rules! tile_fn {
                     let bp = b.add(p * NR);
                     let panel = [0, 4, 8, 12].map(|i| vld1q_f32(bp.add(i)));
                     $(
-                        let x = vld1q_dup_f32(a.add($r * k + p));
+                        let x = vld1q_dup_f32(a.add($r * lda + p));
                         $v = [0, 1, 2, 3].map(|i| vfmaq_f32($v[i], panel[i], x));
                     )*
                 }
