@@ -508,8 +508,11 @@ fn attend_head(
             gemm::Parallelism::None,
         );
     }
-    for row in scores[..lq * lk].chunks_exact_mut(lk) {
-        softmax_row(row);
+    // Each row's 1 / sum scales its d outputs after the second product, not its lk
+    // scores before it.
+    let mut inv = vec![0f32; lq];
+    for (row, inv) in scores[..lq * lk].chunks_exact_mut(lk).zip(&mut inv) {
+        *inv = exp_row(row);
     }
     // SAFETY: scores is `lq x lk`, v holds `lk` rows of `d` values `stride` apart and
     // out `lq` rows of `d` values `out_stride` apart (checked above).
@@ -536,16 +539,31 @@ fn attend_head(
             gemm::Parallelism::None,
         );
     }
+    for (row, inv) in out.chunks_mut(out_stride).zip(inv) {
+        row[..d].iter_mut().for_each(|o| *o *= inv);
+    }
 }
 
 widest! {
-    /// `row = softmax(row)`.
-    fn softmax_row(row: &mut [f32]) {
+    /// `row = exp(row - max(row))`, returning 1 / its sum: softmax without the last
+    /// scaling, which the caller applies where it is cheaper.
+    fn exp_row(row: &mut [f32]) -> f32 {
         let max = reduce8(row, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
-        // Three separate passes: a loop that also accumulated would not vectorise.
-        row.iter_mut().for_each(|s| *s = exp(*s - max));
-        let inv = 1.0 / reduce8(row, 0.0, |a, b| a + b);
-        row.iter_mut().for_each(|s| *s *= inv);
+        // Eight lanes of sums beside the exponentials, so the one pass vectorises.
+        let mut lanes = [0f32; 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            for (sum, s) in lanes.iter_mut().zip(chunk) {
+                *s = exp(*s - max);
+                *sum += *s;
+            }
+        }
+        let mut sum = lanes.into_iter().fold(0.0, |a, b| a + b);
+        for s in chunks.into_remainder() {
+            *s = exp(*s - max);
+            sum += *s;
+        }
+        1.0 / sum
     }
 }
 

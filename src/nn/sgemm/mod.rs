@@ -36,10 +36,12 @@ mod avx512;
 mod blocks;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+mod out;
 mod panels;
 
 pub use blocks::Epilogue;
 use blocks::Start;
+use out::Out;
 use panels::NR;
 pub use panels::Panels;
 
@@ -107,23 +109,6 @@ impl Isa {
 /// Whether this CPU runs the kernel: AVX-512F, AVX2 and FMA, or NEON (aarch64).
 pub fn available() -> bool {
     Isa::widest().is_some()
-}
-
-/// `y`'s first value, shared by tasks that write disjoint tiles of it.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint (row, column) tiles through it, and the owner of `y`
-// waits for every task before it reads `y` again.
-unsafe impl Send for Out {}
-// SAFETY: as above.
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The address `i` values on (a method, so that closures capture the whole
-    /// `Out`, which may cross threads, and not its pointer).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 impl Panels {

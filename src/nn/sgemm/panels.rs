@@ -1,13 +1,15 @@
 //! The weights' layout for the kernels: `[cin, cout]` as column panels of 32, each
 //! read in order by a tile.
 
+use super::out::Out;
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 
 /// Columns of a panel: two 16-lane registers, four 8-lane ones.
 pub(super) const NR: usize = 32;
 /// Packed values from which packing is worth splitting over the pool.
 const PARALLEL_PACK: usize = 1 << 18;
+/// Rows of the weights a packing task takes.
+const BAND: usize = 16;
 
 /// `[cin, cout]` weights as panels of `NR` columns: panel `p` holds rows `0..cin` of
 /// columns `p * NR..(p + 1) * NR`, one row after another, zero past `cout`.
@@ -23,9 +25,11 @@ pub struct Panels {
 const LINE: usize = 16;
 
 impl Panels {
-    /// Packs row-major `[cin, cout]` weights. Large weights are packed in parallel,
-    /// a panel a task: Florence-2 packs each layer as it runs it, and a serial copy
-    /// left the other core idle. Every value is written once (not zeroed first).
+    /// Packs row-major `[cin, cout]` weights. Large weights are packed in parallel:
+    /// Florence-2 packs each layer as it runs it, and a serial copy left the other
+    /// core idle. A task packs a band of rows into every panel, so it reads whole rows
+    /// in order (a panel at a time read 128 bytes a row, each row a page or more from
+    /// the last). Every value is written once (not zeroed first).
     pub fn pack(w: &[f32], cin: usize, cout: usize) -> Self {
         assert_eq!(w.len(), cin * cout, "weights are [cin, cout]");
         let len = cout.div_ceil(NR) * cin * NR;
@@ -34,32 +38,36 @@ impl Panels {
         let mut data = Vec::<f32>::with_capacity(len + LINE - 1);
         let start = data.as_ptr().align_offset(4 * LINE).min(LINE - 1);
         data.resize(start, 0.0);
-        let pack_panel = |(p, panel): (usize, &mut [MaybeUninit<f32>])| {
-            let c0 = p * NR;
-            let width = NR.min(cout - c0);
-            for (i, row) in panel.chunks_exact_mut(NR).enumerate() {
-                let (values, pad) = row.split_at_mut(width);
-                let src = &w[i * cout + c0..i * cout + c0 + width];
-                values
-                    .iter_mut()
-                    .zip(src)
-                    .for_each(|(d, &v)| _ = d.write(v));
-                pad.iter_mut().for_each(|d| _ = d.write(0.0));
+        let out = Out(data.spare_capacity_mut()[..len].as_mut_ptr().cast::<f32>());
+        let pack_band = |band: usize| {
+            let rows = band * BAND..((band + 1) * BAND).min(cin);
+            for (c0, panel) in (0..cout).step_by(NR).zip((0..).step_by(cin * NR)) {
+                let width = NR.min(cout - c0);
+                for i in rows.clone() {
+                    let src = &w[i * cout + c0..i * cout + c0 + width];
+                    // SAFETY: row i of the panel from `c0` is NR values inside the `len`
+                    // reserved, and no other band writes row i.
+                    unsafe {
+                        let dst = out.at(panel + i * NR);
+                        if width == NR {
+                            // A fixed-size copy: inline vector moves, not a call.
+                            let row = src.as_ptr().cast::<[f32; NR]>().read_unaligned();
+                            dst.cast::<[f32; NR]>().write_unaligned(row);
+                        } else {
+                            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, width);
+                            std::ptr::write_bytes(dst.add(width), 0, NR - width);
+                        }
+                    }
+                }
             }
         };
-        let (spare, panel) = (&mut data.spare_capacity_mut()[..len], (cin * NR).max(1));
+        let bands = cin.div_ceil(BAND);
         if len >= PARALLEL_PACK {
-            spare
-                .par_chunks_exact_mut(panel)
-                .enumerate()
-                .for_each(pack_panel);
+            (0..bands).into_par_iter().for_each(pack_band);
         } else {
-            spare
-                .chunks_exact_mut(panel)
-                .enumerate()
-                .for_each(pack_panel);
+            (0..bands).for_each(pack_band);
         }
-        // SAFETY: every panel wrote each of its `cin x NR` values above.
+        // SAFETY: every band wrote each of its rows' values in every panel above.
         unsafe { data.set_len(start + len) };
         Self {
             data,
