@@ -1,7 +1,9 @@
 //! The loops around a register tile, the same for every instruction set: blocks of
-//! rows that fit in L2, panel by panel within a block, a tile's columns of the panel
-//! at a time, tile by tile down the rows, the last rows through a padded copy, and
-//! the next panel fetched into L2 as the tiles of this one run.
+//! rows that fit in L2, chunks of panels whose output fits beside them, k in passes
+//! where it is long (each pass starts from the last one's sums), panel by panel, a
+//! tile's columns of the panel at a time, tile by tile down the rows, the last rows
+//! through a padded copy, and the next panel fetched into L2 as the tiles of this
+//! one run.
 
 use super::panels::{NR, Panels};
 use std::ops::Range;
