@@ -406,7 +406,7 @@ impl<'a> WindowBand<'a> {
             c,
             band,
             qkv: vec![0.0; l * 3 * c],
-            scores: vec![0.0; l * l],
+            scores: vec![0.0; l * l + l],
             out: vec![0.0; l * c],
         }
     }
@@ -461,12 +461,13 @@ impl<'a> WindowBand<'a> {
 
 /// One head for a block of queries: `out = softmax(q kᵀ / sqrt(d)) v` for `lq`
 /// query rows against `lk` key and value rows, each `d` wide and `x.stride` apart,
-/// into `out` with rows `out_stride` apart; `scores` is `lq x lk` scratch. Two GEMMs
-/// and the vectorised softmax, no copies of the operands.
+/// into `out` with rows `out_stride` apart; `scratch` holds the `lq x lk` scores and
+/// a value a query row. Two GEMMs and the vectorised softmax, no copies of the
+/// operands.
 fn attend_head(
     x: QkvRows,
     [lq, lk, d]: [usize; 3],
-    scores: &mut [f32],
+    scratch: &mut [f32],
     out: &mut [f32],
     out_stride: usize,
 ) {
@@ -479,9 +480,10 @@ fn attend_head(
         "operands cover the head"
     );
     assert!(
-        scores.len() >= lq * lk && out.len() >= span(lq, out_stride),
+        scratch.len() >= lq * lk + lq && out.len() >= span(lq, out_stride),
         "buffers cover the head"
     );
+    let (scores, inv) = scratch.split_at_mut(lq * lk);
     let scale = 1.0 / (d as f32).sqrt();
     // SAFETY: q holds `lq` rows and k `lk` rows of `d` values `stride` apart, and
     // scores is `lq x lk` (checked above).
@@ -510,8 +512,7 @@ fn attend_head(
     }
     // Each row's 1 / sum scales its d outputs after the second product, not its lk
     // scores before it.
-    let mut inv = vec![0f32; lq];
-    for (row, inv) in scores[..lq * lk].chunks_exact_mut(lk).zip(&mut inv) {
+    for (row, inv) in scores.chunks_exact_mut(lk).zip(inv.iter_mut()) {
         *inv = exp_row(row);
     }
     // SAFETY: scores is `lq x lk`, v holds `lk` rows of `d` values `stride` apart and
@@ -539,7 +540,7 @@ fn attend_head(
             gemm::Parallelism::None,
         );
     }
-    for (row, inv) in out.chunks_mut(out_stride).zip(inv) {
+    for (row, &inv) in out.chunks_mut(out_stride).zip(inv.iter()) {
         row[..d].iter_mut().for_each(|o| *o *= inv);
     }
 }
@@ -673,17 +674,21 @@ pub fn attention_rows(x: QkvRows, [b, l, c]: [usize; 3], heads: usize) -> Vec<f3
     // BART's 585 tokens has 1.4 MB of scores.
     let block = (SCORE_BYTES / (4 * l)).clamp(1, l);
     let blocks_per_head = l.div_ceil(block);
+    // A job's (batch item, head, block of queries).
+    let place = |job: usize| {
+        (
+            job / (heads * blocks_per_head),
+            job / blocks_per_head % heads,
+            job % blocks_per_head,
+        )
+    };
     let blocks: Vec<Vec<f32>> = (0..b * heads * blocks_per_head)
         .into_par_iter()
         .map(|job| {
-            let (item, head, qb) = (
-                job / (heads * blocks_per_head),
-                job / blocks_per_head % heads,
-                job % blocks_per_head,
-            );
+            let (item, head, qb) = place(job);
             let lq = block.min(l - qb * block);
             let at = item * l * stride + head * d;
-            let mut scores = vec![0f32; lq * l];
+            let mut scratch = vec![0f32; lq * l + lq];
             let mut out = vec![0f32; lq * d];
             let rows = QkvRows {
                 q: &q[at + qb * block * stride..],
@@ -691,17 +696,13 @@ pub fn attention_rows(x: QkvRows, [b, l, c]: [usize; 3], heads: usize) -> Vec<f3
                 v: &v[at..],
                 stride,
             };
-            attend_head(rows, [lq, l, d], &mut scores, &mut out, d);
+            attend_head(rows, [lq, l, d], &mut scratch, &mut out, d);
             out
         })
         .collect();
     let mut context = vec![0f32; b * l * c];
     for (job, rows) in blocks.iter().enumerate() {
-        let (item, head, qb) = (
-            job / (heads * blocks_per_head),
-            job / blocks_per_head % heads,
-            job % blocks_per_head,
-        );
+        let (item, head, qb) = place(job);
         for (r, src) in rows.chunks_exact(d).enumerate() {
             let at = item * l * c + (qb * block + r) * c + head * d;
             context[at..at + d].copy_from_slice(src);

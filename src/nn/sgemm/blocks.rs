@@ -152,8 +152,9 @@ pub(super) unsafe fn rows<K: Kernel>(job: &Job, xs: &[f32], y: *mut f32) {
     }
 }
 
-/// The length of a pass over k: as even as the passes go, with a tile's columns of a
-/// panel for one pass no larger than `PASS_BYTES`.
+/// The length of a pass over k: all of k up to twice `PASS_BYTES` of a tile's columns
+/// (the towers' head, k = 320, ran slower in two passes), else passes as even as they go,
+/// each no larger than `PASS_BYTES`.
 fn pass_len(k: usize, cols: usize) -> usize {
     let most = (PASS_BYTES / (4 * cols)).max(1);
     if k <= 2 * most {
@@ -214,10 +215,9 @@ unsafe fn block_rows<K: Kernel>(job: &Job, xs: &[f32], y: *mut f32, kc: usize) {
                 let c0 = p * NR + g * K::COLS;
                 let width = K::COLS.min(cout - c0);
                 let init = match start {
-                    _ if !first => Init::Output,
-                    Start::Output => Init::Output,
-                    Start::Bias(Some(bias)) => Init::Row(bias[c0..].as_ptr()),
-                    Start::Bias(None) => Init::Zero,
+                    Start::Bias(Some(bias)) if first => Init::Row(bias[c0..].as_ptr()),
+                    Start::Bias(None) if first => Init::Zero,
+                    _ => Init::Output,
                 };
                 let tile = |a: *const f32, c: *mut f32, ldc: usize, t: usize| Tile {
                     k: kl,
