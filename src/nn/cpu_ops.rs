@@ -97,9 +97,20 @@ fn host_product<const D: usize>(
         return Err(x);
     };
     let device = x.device();
-    let data = x.into_data();
-    let Ok(xs) = data.as_slice::<f32>() else {
-        return Err(Tensor::from_data(data, &device));
+    // The rows in place where flex holds them contiguous: a layer's input is most
+    // often shared (a residual keeps it, and q, k and v read it), and `into_data`
+    // copies a shared buffer.
+    let view = flex(x.clone());
+    let data;
+    let xs = match view.as_ref().and_then(|v| v.as_slice::<f32>()) {
+        Some(xs) => xs,
+        None => {
+            data = x.into_data();
+            let Ok(xs) = data.as_slice::<f32>() else {
+                return Err(Tensor::from_data(data, &device));
+            };
+            xs
+        }
     };
     let parallel = n * cin * cout >= PARALLEL_WORK;
     let y = if few {
