@@ -395,6 +395,118 @@ pub fn window_attention(
     Tensor::from_data(TensorData::new(out, [b, n, c]), &device)
 }
 
+/// Rows of the output a task of [`channel_attention`]'s second product takes.
+const CHANNEL_ROWS: usize = 256;
+
+/// DaViT's channel attention before its output projection: `qkv` projects tokens
+/// `[B, N, C]`; within each of `groups` groups of channels, `attn = softmax(q_gᵀ k_g
+/// / sqrt(N))` (channels attend to channels over every token) and the output is `v_g
+/// attnᵀ`, back as `[B, N, C]`. On the host the groups are column strides of the
+/// projection's rows: no split, transpose or copy of q, k and v (burn's path made
+/// contiguous copies of each, and of the output). Where the host path does not apply,
+/// `generic` computes the same from `x`.
+pub fn channel_attention(
+    qkv: &Linear,
+    x: Tensor<3>,
+    groups: usize,
+    generic: impl FnOnce(Tensor<3>) -> Tensor<3>,
+) -> Tensor<3> {
+    let [b, n, c] = x.dims();
+    let shapes = qkv.weight.dims() == [c, 3 * c] && groups > 0 && c % groups == 0 && n > 0;
+    if !(shapes && on_host_f32(&x)) {
+        return generic(x);
+    }
+    let device = x.device();
+    let data = linear(qkv, x).into_data();
+    let rows = data.as_slice::<f32>().unwrap_or(&[]);
+    assert_eq!(rows.len(), b * n * 3 * c, "the projection's rows");
+    let d = c / groups;
+    let scale = 1.0 / (n as f32).sqrt();
+    // Each (image, group)'s d x d attention: a product over all N tokens, then the
+    // softmax along its rows.
+    let attn: Vec<Vec<f32>> = (0..b * groups)
+        .into_par_iter()
+        .map(|job| {
+            let (image, g) = (job / groups, job % groups);
+            let at = image * n * 3 * c + g * d;
+            let (q, k) = (&rows[at..], &rows[at + c..]);
+            let mut a = vec![0f32; d * d];
+            // SAFETY: q and k hold N rows of the group's d values 3C apart (the length
+            // asserted above), and `a` is d x d.
+            unsafe {
+                gemm::gemm(
+                    d,
+                    d,
+                    n,
+                    a.as_mut_ptr(),
+                    1,
+                    d as isize,
+                    false,
+                    q.as_ptr(),
+                    (3 * c) as isize,
+                    1,
+                    k.as_ptr(),
+                    1,
+                    (3 * c) as isize,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for row in a.chunks_exact_mut(d) {
+                let inv = exp_row(row);
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+            a
+        })
+        .collect();
+    // `out = v attnᵀ`, a band of rows at a time, every group into its columns.
+    let mut out = vec![0f32; b * n * c];
+    out.par_chunks_mut(n * c)
+        .enumerate()
+        .for_each(|(image, out_image)| {
+            let bands = out_image.par_chunks_mut(CHANNEL_ROWS * c).enumerate();
+            bands.for_each(|(band, out_band)| {
+                let (first, m) = (band * CHANNEL_ROWS, out_band.len() / c);
+                for (g, a) in attn[image * groups..(image + 1) * groups]
+                    .iter()
+                    .enumerate()
+                {
+                    let v = &rows[(image * n + first) * 3 * c + 2 * c + g * d..];
+                    // SAFETY: v holds the band's m rows of d values 3C apart, `a` is
+                    // d x d, and the band's m rows of C hold the group's d columns.
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            d,
+                            d,
+                            out_band[g * d..].as_mut_ptr(),
+                            1,
+                            c as isize,
+                            false,
+                            v.as_ptr(),
+                            1,
+                            (3 * c) as isize,
+                            a.as_ptr(),
+                            d as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+            });
+        });
+    Tensor::from_data(TensorData::new(out, [b, n, c]), &device)
+}
+
 /// Scratch for the windows of one band (row of windows) of one image.
 struct WindowBand<'a> {
     tokens: &'a [f32],

@@ -239,14 +239,21 @@ impl ChannelBlock {
     }
 
     fn attention(&self, x: Tensor<3>) -> Tensor<3> {
+        let out = cpu_ops::channel_attention(&self.channel_attn.qkv, x, self.groups, |x| {
+            self.channel_generic(x)
+        });
+        cpu_ops::linear(&self.channel_attn.proj, out)
+    }
+
+    /// burn's path: split the heads, two matmuls through transposes.
+    fn channel_generic(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, n, c] = x.dims();
         let [q, k, v] = self.channel_attn.split(x, self.groups);
         let q = q * (n as f64).powf(-0.5);
         let attn = softmax(q.swap_dims(2, 3).matmul(k), 3);
         // (A · vᵀ)ᵀ = v · Aᵀ: [B, G, N, C/G].
         let out = v.matmul(attn.swap_dims(2, 3));
-        let out = out.swap_dims(1, 2).reshape([b, n, c]);
-        cpu_ops::linear(&self.channel_attn.proj, out)
+        out.swap_dims(1, 2).reshape([b, n, c])
     }
 
     fn forward(&self, x: Tensor<3>, h: usize, w: usize) -> Tensor<3> {
@@ -332,5 +339,33 @@ impl Davit {
             unreachable!("DaViT has at least one stage")
         };
         (t, h, w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::cpu_ops::tests::rel_l2;
+    use burn::tensor::Distribution;
+
+    /// The host channel attention gives burn's: several groups, a batch, a band of
+    /// rows and a short one, one token.
+    #[test]
+    fn host_channel_attention_matches_burns() {
+        let device = Device::flex();
+        device.seed(3);
+        for (b, n, c, groups) in [(1, 300, 64, 2), (2, 37, 96, 3), (1, 1, 32, 1)] {
+            let block = ChannelBlock::new(c, groups, &device);
+            let x = Tensor::<3>::random([b, n, c], Distribution::Normal(0.0, 1.0), &device);
+            let want = block.channel_generic(x.clone());
+            let got = cpu_ops::channel_attention(&block.channel_attn.qkv, x, groups, |_| {
+                unreachable!("the host path applies")
+            });
+            let err = rel_l2(
+                &got.into_data().try_to_vec::<f32>().unwrap(),
+                &want.into_data().try_to_vec::<f32>().unwrap(),
+            );
+            assert!(err < 1e-5, "{b}x{n}x{c}/{groups}: rel L2 {err:.3e}");
+        }
     }
 }
