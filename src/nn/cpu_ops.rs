@@ -765,7 +765,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
     Tensor::from_data(TensorData::new(context, [b, l, c]), &device)
 }
 
-/// Bytes of scores an attention task holds (with a head's keys and values, in L2).
+/// Bytes of scores an attention task holds, so that they stay in L2.
 /// `gemm` packs the head's keys and values again for every block, so larger blocks
 /// pack less: at BART's 585 tokens a block is 112 queries, six a head, where 128 KB
 /// made eleven (the packing's share of the encoder 2.3 -> 1.3 %).
@@ -867,7 +867,8 @@ pub(crate) mod tests {
         let device = Device::flex();
         device.seed(11);
         // Heads of 32 (the towers', the fusion's, DaViT's) and of other widths, odd
-        // row counts among them; 600 tokens take three blocks of queries a head.
+        // row counts among them; 600 tokens take six blocks of queries a head, the
+        // last one short.
         let shapes = [
             (2, 600, 64, 2),
             (1, 65, 384, 12),
