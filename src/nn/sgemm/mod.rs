@@ -16,9 +16,10 @@
 //! each, so every instruction set gives the same bits. Elsewhere (armv7, whose NEON
 //! intrinsics are not stable Rust, and x86-64 without AVX2), `Dense` calls `gemm`.
 //!
-//! Work is split by rows when there are enough tiles to share, and by panels when
-//! there are few rows (the towers' last layers: 40-77 rows against up to 1280
-//! columns), so that each thread streams only its share of the weights.
+//! Work is split into a grid of row bands by panel groups, the one that streams the
+//! least: the towers' last layers (40-77 rows against up to 1280 columns) and BART's
+//! wide layers by panels, so that each thread streams only its share of the weights,
+//! and tall, narrow products by rows.
 
 // Where no kernel is built (armv7), `Isa` has no value: the entry points panic
 // before they compute, and `Dense` never calls them (`available` is false).
@@ -240,23 +241,38 @@ fn widest() -> Isa {
     Isa::widest().expect("the packed kernel needs AVX-512F, AVX2 and FMA, or NEON")
 }
 
-/// (row tasks, panel tasks). With enough rows, up to four row tasks a thread, so
-/// that a slow core evens out: as many as take 12 rows or more each (each streams
-/// every weight), rounded up to a multiple of the threads (585 rows in seven tasks
-/// kept one thread of two a task behind the other). With fewer rows, every task
-/// takes all the rows and a share of the panels, so each thread streams only its
-/// share of the weights.
+/// (row tasks, panel tasks): `4 x threads` tasks, so that a slow core evens out, as
+/// a grid of row bands by panel groups. Each row task streams every weight (`cout`
+/// values a step of k) and each panel task every input row (`n` a step of k), so the
+/// grid that streams the least, `n x panel tasks + cout x row tasks`, is chosen, ties
+/// to rows. BART's 585 x 768 x 3072 in eight row tasks read its 9.4 MB of weights
+/// eight times and ran 8-10 % slower on two cores than in eight panel tasks (fc1) or
+/// two by four (fc2); DaViT's 2304-row products are level either way. Row bands take
+/// whole tiles, and with one panel task their count is rounded up to a multiple of
+/// the threads (585 rows in seven tasks kept one thread of two a task behind the
+/// other). With too few rows and panels for any grid, every task takes all the rows.
 fn split(n: usize, cout: usize, parallel: bool) -> (usize, usize) {
     if !parallel {
         return (1, 1);
     }
     let threads = rayon::current_num_threads();
     let tasks = 4 * threads;
-    if n.div_ceil(TASK_ROWS) >= tasks {
-        let rows = n.div_ceil(tasks).next_multiple_of(TASK_ROWS);
-        (n.div_ceil(rows).next_multiple_of(threads), 1)
+    let panels = cout.div_ceil(NR);
+    let bands = n.div_ceil(TASK_ROWS);
+    let grid = std::iter::successors(Some(1), |p| Some(p * 2))
+        .take_while(|&p| p <= tasks)
+        .map(|p| (tasks.div_ceil(p), p))
+        .filter(|&(r, p)| r <= bands && p <= panels)
+        .min_by_key(|&(r, p)| (n * p + cout * r, p));
+    let Some((r, p)) = grid else {
+        return (1, panels.min(tasks));
+    };
+    let rows = n.div_ceil(r).next_multiple_of(TASK_ROWS);
+    let r = n.div_ceil(rows);
+    if p == 1 {
+        (r.next_multiple_of(threads), 1)
     } else {
-        (1, cout.div_ceil(NR).min(tasks))
+        (r, p)
     }
 }
 
@@ -366,6 +382,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The grid streams the least: panels for BART's wide layers and for a few rows,
+    /// rows for a tall, narrow product, a multiple of the threads either way.
+    #[test]
+    fn split_streams_the_least() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build();
+        pool.expect("a pool of two").install(|| {
+            assert_eq!(split(585, 3_072, true), (1, 8), "BART fc1");
+            assert_eq!(split(585, 768, true), (2, 4), "BART fc2");
+            assert_eq!(split(18_816, 32, true), (8, 1), "the stem");
+            assert_eq!(split(100, 24, true), (6, 1), "rows rounded to the threads");
+            assert_eq!(split(65, 1_152, true), (1, 8), "a few rows");
+            assert_eq!(split(20, 32, true), (1, 1), "one panel, two bands");
+            assert_eq!(split(585, 3_072, false), (1, 1), "serial");
+        });
     }
 
     /// Each output adds its products in order of k with one fused multiply-add
