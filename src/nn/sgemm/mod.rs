@@ -245,9 +245,10 @@ fn widest() -> Isa {
 /// a grid of row bands by panel groups. Each row task streams every weight (`cout`
 /// values a step of k) and each panel task every input row (`n` a step of k), so the
 /// grid that streams the least, `n x panel tasks + cout x row tasks`, is chosen, ties
-/// to rows. BART's 585 x 768 x 3072 in eight row tasks read its 9.4 MB of weights
-/// eight times and ran 8-10 % slower on two cores than in eight panel tasks (fc1) or
-/// two by four (fc2); DaViT's 2304-row products are level either way. Row bands take
+/// to rows. BART's fc1 (585 x 768 x 3072) in eight row tasks read its 9.4 MB of
+/// weights eight times, and ran on two cores 10 % slower than in eight panel tasks
+/// while the shared cache was busy, 3 % when it was quiet; DaViT's 2304-row products
+/// are level either way (docs/performance.md, entry 19). Row bands take
 /// whole tiles, and with one panel task their count is rounded up to a multiple of
 /// the threads (585 rows in seven tasks kept one thread of two a task behind the
 /// other). With too few rows and panels for any grid, every task takes all the rows.
