@@ -434,27 +434,14 @@ pub fn channel_attention(
             // SAFETY: q and k hold N rows of the group's d values 3C apart (the length
             // asserted above), and `a` is d x d.
             unsafe {
-                gemm::gemm(
-                    d,
-                    d,
-                    n,
+                strided_gemm(
+                    [d, d, n],
                     a.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    q.as_ptr(),
-                    (3 * c) as isize,
-                    1,
-                    k.as_ptr(),
-                    1,
-                    (3 * c) as isize,
-                    0.0,
+                    d,
+                    Strided::transposed(q.as_ptr(), 3 * c),
+                    Strided::rows(k.as_ptr(), 3 * c),
                     scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                )
             }
             for row in a.chunks_exact_mut(d) {
                 let inv = exp_row(row);
@@ -479,27 +466,14 @@ pub fn channel_attention(
                     // SAFETY: v holds the band's m rows of d values 3C apart, `a` is
                     // d x d, and the band's m rows of C hold the group's d columns.
                     unsafe {
-                        gemm::gemm(
-                            m,
-                            d,
-                            d,
+                        strided_gemm(
+                            [m, d, d],
                             out_band[g * d..].as_mut_ptr(),
-                            1,
-                            c as isize,
-                            false,
-                            v.as_ptr(),
-                            1,
-                            (3 * c) as isize,
-                            a.as_ptr(),
-                            d as isize,
-                            1,
-                            0.0,
+                            c,
+                            Strided::rows(v.as_ptr(), 3 * c),
+                            Strided::transposed(a.as_ptr(), d),
                             1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
+                        )
                     }
                 }
             });
@@ -611,27 +585,14 @@ fn attend_head(
     // SAFETY: q holds `lq` rows and k `lk` rows of `d` values `stride` apart, and
     // scores is `lq x lk` (checked above).
     unsafe {
-        gemm::gemm(
-            lq,
-            lk,
-            d,
+        strided_gemm(
+            [lq, lk, d],
             scores.as_mut_ptr(),
-            1,
-            lk as isize,
-            false,
-            q.as_ptr(),
-            1,
-            stride as isize,
-            k.as_ptr(),
-            stride as isize,
-            1,
-            0.0,
+            lk,
+            Strided::rows(q.as_ptr(), stride),
+            Strided::transposed(k.as_ptr(), stride),
             scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        )
     }
     // Each row's 1 / sum scales its d outputs after the second product, not its lk
     // scores before it.
@@ -641,30 +602,86 @@ fn attend_head(
     // SAFETY: scores is `lq x lk`, v holds `lk` rows of `d` values `stride` apart and
     // out `lq` rows of `d` values `out_stride` apart (checked above).
     unsafe {
-        gemm::gemm(
-            lq,
-            d,
-            lk,
+        strided_gemm(
+            [lq, d, lk],
             out.as_mut_ptr(),
-            1,
-            out_stride as isize,
-            false,
-            scores.as_ptr(),
-            1,
-            lk as isize,
-            v.as_ptr(),
-            1,
-            stride as isize,
-            0.0,
+            out_stride,
+            Strided::rows(scores.as_ptr(), lk),
+            Strided::rows(v.as_ptr(), stride),
             1.0,
+        )
+    }
+    for (row, &inv) in out.chunks_mut(out_stride).zip(inv.iter()) {
+        row[..d].iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// An operand of [`strided_gemm`]: its first value and the steps between its columns
+/// and between its rows, so heads and groups are read in place from a projection's
+/// rows.
+#[derive(Clone, Copy)]
+struct Strided {
+    at: *const f32,
+    col: usize,
+    row: usize,
+}
+
+impl Strided {
+    /// Rows `step` values apart, each row's values adjacent.
+    fn rows(at: *const f32, step: usize) -> Self {
+        Self {
+            at,
+            col: 1,
+            row: step,
+        }
+    }
+
+    /// The transpose of [`Strided::rows`]: its rows are the columns here.
+    fn transposed(at: *const f32, step: usize) -> Self {
+        Self {
+            at,
+            col: step,
+            row: 1,
+        }
+    }
+}
+
+/// `dst = scale (lhs rhs)` for an `m x k` lhs and a `k x n` rhs, on this thread, with
+/// `dst`'s columns adjacent and its rows `dst_row` apart; `dst` is written, never read.
+///
+/// # Safety
+/// Each operand holds every value its shape and steps reach.
+unsafe fn strided_gemm(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    dst_row: usize,
+    lhs: Strided,
+    rhs: Strided,
+    scale: f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_row as isize,
+            false,
+            lhs.at,
+            lhs.col as isize,
+            lhs.row as isize,
+            rhs.at,
+            rhs.col as isize,
+            rhs.row as isize,
+            0.0,
+            scale,
             false,
             false,
             false,
             gemm::Parallelism::None,
         );
-    }
-    for (row, &inv) in out.chunks_mut(out_stride).zip(inv.iter()) {
-        row[..d].iter_mut().for_each(|o| *o *= inv);
     }
 }
 
