@@ -16,7 +16,6 @@ use crate::nn::simd::widest;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
-#[cfg(target_arch = "x86_64")]
 use std::mem::MaybeUninit;
 
 /// `conv` followed by `bn`, as one conv: weights `[Cout, Cin/groups, k, k]` scaled by
@@ -52,8 +51,8 @@ fn same(size: usize, k: usize, stride: usize) -> (usize, usize) {
 struct Depthwise {
     /// `[k*k, C]`: the taps of each kernel position along the channels.
     taps: Vec<f32>,
-    /// The taps as the AVX-512 row reads them, where it runs.
-    #[cfg(target_arch = "x86_64")]
+    /// The taps as [`grouped_row`] reads them, where the channels come in whole
+    /// groups.
     grouped: Option<Vec<f32>>,
     bias: Vec<f32>,
     k: usize,
@@ -69,12 +68,9 @@ impl Depthwise {
                 taps[t * c + ch] = w[ch * k * k + t];
             }
         }
-        #[cfg(target_arch = "x86_64")]
-        let grouped = (x86::available() && c.is_multiple_of(x86::LANES) && matches!(k, 3 | 5))
-            .then(|| x86::group_taps(&taps, c));
+        let grouped = c.is_multiple_of(GROUP).then(|| group_taps(&taps, c));
         Self {
             taps,
-            #[cfg(target_arch = "x86_64")]
             grouped,
             bias,
             k,
@@ -82,38 +78,16 @@ impl Depthwise {
         }
     }
 
-    /// Output row `oy` of `x` (`r.h x r.w` pixels) into `row`, on this thread.
-    fn row(&self, x: &[f32], r: Reach, oy: usize, row: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
+    /// Output row `oy` of `x` (`r.h x r.w` pixels) into `row`, on this thread. It
+    /// stores every value of `row`, which need not hold values before.
+    fn row(&self, x: &[f32], r: Reach, oy: usize, row: &mut [MaybeUninit<f32>]) {
         if let Some(grouped) = &self.grouped {
-            // SAFETY: an initialised row may be handed on as one that need not be:
-            // the kernel stores only values into it.
-            let row = unsafe { &mut *(row as *mut [f32] as *mut [MaybeUninit<f32>]) };
-            return self.avx512_row(grouped, x, r, oy, row);
+            return grouped_row(row, x, grouped, &self.bias, r, oy);
         }
+        row.fill(MaybeUninit::new(0.0));
+        // SAFETY: every value was written just above.
+        let row = unsafe { row.assume_init_mut() };
         depthwise_row(row, x, &self.taps, &self.bias, r, oy);
-    }
-
-    /// [`x86::depthwise_row`] for this layer's kernel size; it stores every value of
-    /// `row`.
-    #[cfg(target_arch = "x86_64")]
-    fn avx512_row(
-        &self,
-        grouped: &[f32],
-        x: &[f32],
-        r: Reach,
-        oy: usize,
-        row: &mut [MaybeUninit<f32>],
-    ) {
-        // SAFETY: the grouped taps exist only where AVX-512F is present and c is a
-        // multiple of 16 (checked at load); the kernel asserts the sizes of `x` and
-        // the taps against its reach.
-        unsafe {
-            match self.k {
-                3 => x86::depthwise_row::<3, 9>(row, x, grouped, &self.bias, r, oy),
-                _ => x86::depthwise_row::<5, 25>(row, x, grouped, &self.bias, r, oy),
-            }
-        }
     }
 
     fn forward(&self, x: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
@@ -127,72 +101,130 @@ impl Depthwise {
             h * w * c,
             "the input is h x w pixels of c channels"
         );
-        #[cfg(target_arch = "x86_64")]
-        if let Some(grouped) = &self.grouped {
-            // Not zeroed first: the row stores every value (a serial pass over up to
-            // 1.2 MB that the other core waited through).
-            let mut y = Vec::with_capacity(oh * ow * c);
-            let rows = y.spare_capacity_mut().par_chunks_mut(ow * c).enumerate();
-            rows.for_each(|(oy, row)| self.avx512_row(grouped, x, reach, oy, row));
-            // SAFETY: every row stored each of its values (the row's contract).
-            unsafe { y.set_len(oh * ow * c) };
-            return (y, oh, ow);
-        }
-        let mut y = vec![0f32; oh * ow * c];
-        let rows = y.par_chunks_mut(ow * c).enumerate();
-        rows.for_each(|(oy, row)| depthwise_row(row, x, &self.taps, &self.bias, reach, oy));
+        // Not zeroed first: each row stores every value (a serial pass over up to
+        // 1.2 MB that the other core waited through).
+        let mut y = Vec::with_capacity(oh * ow * c);
+        let rows = y.spare_capacity_mut().par_chunks_mut(ow * c).enumerate();
+        rows.for_each(|(oy, row)| self.row(x, reach, oy, row));
+        // SAFETY: every row stored each of its values (the row's contract).
+        unsafe { y.set_len(oh * ow * c) };
         (y, oh, ow)
     }
 }
 
-/// The depthwise row with AVX-512 intrinsics: the vectoriser keeps the portable
-/// row's accumulators in memory, a load and a store for every tap.
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::Reach;
-    use std::arch::x86_64::*;
-    use std::mem::MaybeUninit;
+/// Channels in a group of the grouped taps: one AVX-512 register, two of AVX2's,
+/// four of NEON's.
+const GROUP: usize = 16;
 
-    /// Channels of one register.
-    pub(super) const LANES: usize = 16;
+/// One group's channels of a pixel, or of a tap.
+type Lanes = [f32; GROUP];
 
-    /// Whether this CPU has AVX-512F (checked at run time).
-    pub(super) fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
+/// Taps `[k*k, c]` regrouped as `[c / GROUP][k*k][GROUP]`: one group's taps lie
+/// together, so that [`grouped_row`] reads them as one run.
+fn group_taps(taps: &[f32], c: usize) -> Vec<f32> {
+    let kk = taps.len() / c;
+    let mut grouped = Vec::with_capacity(taps.len());
+    for c0 in (0..c).step_by(GROUP) {
+        for t in 0..kk {
+            grouped.extend_from_slice(&taps[t * c + c0..t * c + c0 + GROUP]);
+        }
     }
+    grouped
+}
 
-    /// Taps `[k*k, c]` regrouped as `[c / 16][k*k][16]`: one group's taps lie
-    /// together, so that the row below reads them as one run.
-    pub(super) fn group_taps(taps: &[f32], c: usize) -> Vec<f32> {
-        let kk = taps.len() / c;
-        let mut grouped = Vec::with_capacity(taps.len());
-        for c0 in (0..c).step_by(LANES) {
-            for t in 0..kk {
-                grouped.extend_from_slice(&taps[t * c + c0..t * c + c0 + LANES]);
+/// The group of values at `p`.
+///
+/// # Safety
+/// `p` points to `GROUP` values.
+#[inline(always)]
+unsafe fn lanes<'a>(p: *const f32) -> &'a Lanes {
+    // SAFETY: the caller's; `Lanes` has the alignment of `f32`.
+    unsafe { &*p.cast::<Lanes>() }
+}
+
+/// `acc += x * t`, lane by lane, each a fused multiply-add (as the portable row's).
+#[inline(always)]
+fn fma(acc: &mut Lanes, x: &Lanes, t: &Lanes) {
+    for ((a, x), t) in acc.iter_mut().zip(x).zip(t) {
+        *a = x.mul_add(*t, *a);
+    }
+}
+
+/// Stores `relu6(acc)` at `out`.
+///
+/// # Safety
+/// `out` has room for `GROUP` values.
+#[inline(always)]
+unsafe fn store(out: *mut MaybeUninit<f32>, acc: &Lanes) {
+    // SAFETY: the caller's.
+    let out = unsafe { &mut *out.cast::<[MaybeUninit<f32>; GROUP]>() };
+    for (o, a) in out.iter_mut().zip(acc) {
+        o.write(a.clamp(0.0, 6.0));
+    }
+}
+
+/// `N` groups of channels from group `g` on, of output column `ox` whose window may
+/// cross the edge: only its taps that land inside the input, `N` groups at once,
+/// each in registers of its own (one chain of multiply-adds waited on every one
+/// before it, and in the late blocks nearly every window crosses an edge).
+///
+/// # Safety
+/// [`grouped_row`]'s checks hold, `ox` is a column of `row` and `g + N` groups fit
+/// in `c`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn edge_pixel<const N: usize>(
+    row: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    grouped: &[f32],
+    bias: &[f32],
+    r: Reach,
+    oy: usize,
+    ox: usize,
+    g: usize,
+) {
+    let (c, k, s) = (bias.len(), r.k, r.s);
+    let ky0 = r.pt.saturating_sub(oy * s);
+    let ky1 = (r.h + r.pt - oy * s).min(k);
+    let kx0 = r.pl.saturating_sub(ox * s);
+    let kx1 = (r.w + r.pl - ox * s).min(k);
+    let (xp, tp, bp) = (x.as_ptr(), grouped.as_ptr(), bias.as_ptr());
+    // SAFETY (every access): rows ky0..ky1 and columns kx0..kx1 of the window land
+    // inside the input; group g + i < c / GROUP, and its k * k taps lie at
+    // (g + i) * k * k * GROUP.
+    unsafe {
+        let mut acc: [Lanes; N] = std::array::from_fn(|i| *lanes(bp.add((g + i) * GROUP)));
+        for ky in ky0..ky1 {
+            for kx in kx0..kx1 {
+                let pixel = xp.add(((oy * s + ky - r.pt) * r.w + ox * s + kx - r.pl) * c);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let tap = lanes(tp.add((((g + i) * k + ky) * k + kx) * GROUP));
+                    fma(a, lanes(pixel.add((g + i) * GROUP)), tap);
+                }
             }
         }
-        grouped
+        let out = row.as_mut_ptr().add(ox * c + g * GROUP);
+        for (i, a) in acc.iter().enumerate() {
+            store(out.add(i * GROUP), a);
+        }
     }
+}
 
-    /// [`super::depthwise_row`] for a `K x K` kernel (`KK = K * K` taps) and `c` a
-    /// multiple of 16, with the same sums in the same order (the same bits), from
-    /// taps regrouped by [`group_taps`].
+/// Pixels summed at once inside the input columns, each in registers of its own.
+const PIXELS: usize = 4;
+
+widest! {
+    /// [`depthwise_row`] over taps regrouped by [`group_taps`] (`c` = `bias.len()` a
+    /// multiple of [`GROUP`]), with the same sums in the same order (the same bits),
+    /// each group's sums held in registers: the portable row keeps its accumulators
+    /// in the row, a load and a store for every tap. It stores every value of `row`,
+    /// which need not hold values before.
     ///
     /// Pixels outside, channels inside: as the loop runs along the channels, each
-    /// input pixel is read front to back, as the prefetcher expects (a group's
-    /// column of pixels, `c` floats apart, cost a cache miss per load). Four pixels
-    /// whose windows lie inside the input columns are summed at once, each in its
-    /// own register, so no multiply-add waits on the one before; a window that
-    /// crosses the edge sums only its taps that land inside, four channel groups at
-    /// once.
-    ///
-    /// It stores every value of `row`, which need not hold values before.
-    ///
-    /// # Safety
-    /// AVX-512F is present; `x` holds `r.h x r.w` pixels and `grouped` `KK` taps, of
-    /// `c` values each, `c` = `bias.len()` a multiple of 16, and `row` whole pixels.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn depthwise_row<const K: usize, const KK: usize>(
+    /// input pixel is read front to back, as the prefetcher expects. Four pixels
+    /// whose windows lie inside the input columns are summed at once; a window that
+    /// crosses the edge goes through [`edge_pixel`].
+    fn grouped_row(
         row: &mut [MaybeUninit<f32>],
         x: &[f32],
         grouped: &[f32],
@@ -200,125 +232,64 @@ mod x86 {
         r: Reach,
         oy: usize,
     ) {
+        let (c, k, s) = (bias.len(), r.k, r.s);
         assert_eq!(
-            (KK, grouped.len(), x.len()),
-            (K * K, KK * bias.len(), r.h * r.w * bias.len())
+            (grouped.len(), x.len(), c % GROUP, row.len() % c),
+            (k * k * c, r.h * r.w * c, 0, 0),
+            "the taps and input of whole groups, and a row of whole pixels"
         );
-        let c = bias.len();
-        let s = r.s;
+        let groups = c / GROUP;
         let ow = row.len() / c;
         let ky0 = r.pt.saturating_sub(oy * s);
-        let ky1 = (r.h + r.pt - oy * s).min(K);
+        let ky1 = (r.h + r.pt - oy * s).min(k);
         // Output columns whose window lies inside the input columns.
-        let inside = if r.w + r.pl >= K {
-            r.pl.div_ceil(s)..((r.w + r.pl - K) / s + 1).min(ow)
+        let inside = if r.w + r.pl >= k {
+            r.pl.div_ceil(s)..((r.w + r.pl - k) / s + 1).min(ow)
         } else {
             0..0
         };
-        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
-        let (xp, gp, bp, out) = (
-            x.as_ptr(),
-            grouped.as_ptr(),
-            bias.as_ptr(),
-            row.as_mut_ptr().cast::<f32>(),
-        );
-        // Input pixel (row ky, column kx) of output column ox's window, as an offset.
-        // It may lie outside the input (the row above it for a clipped window), so it
-        // is signed; only offsets inside are read.
-        let at = |ox: usize, ky: usize, kx: usize| {
-            let row = (oy * s + ky) as isize - r.pt as isize;
-            let col = (ox * s + kx) as isize - r.pl as isize;
-            (row * r.w as isize + col) * c as isize
-        };
-        // SAFETY (every access below): rows ky0..ky1 and, per pixel, columns
-        // kx0..kx1 land inside the input (all K of them for `inside` pixels); each
-        // group's KK taps lie at g * KK * 16; c0 + 16 <= c; ox < ow.
-        unsafe {
-            let store = |ox: usize, c0: usize, acc: __m512| {
-                let v = _mm512_min_ps(_mm512_max_ps(acc, zero), six);
-                _mm512_storeu_ps(out.add(ox * c + c0), v);
-            };
-            // One pixel whose window may cross the edge: four groups of channels at
-            // once, each in its own register (one accumulator waited on every
-            // multiply-add before it, and in the late blocks nearly every window
-            // crosses an edge).
-            let single = |ox: usize| {
-                let kx0 = r.pl.saturating_sub(ox * s);
-                let kx1 = (r.w + r.pl - ox * s).min(K);
-                let mut c0 = 0;
-                while c0 + 4 * LANES <= c {
-                    let taps = gp.add(c0 * KK);
-                    let b = |g: usize| _mm512_loadu_ps(bp.add(c0 + g * LANES));
-                    let (mut a0, mut a1, mut a2, mut a3) = (b(0), b(1), b(2), b(3));
-                    for ky in ky0..ky1 {
-                        for kx in kx0..kx1 {
-                            let t = |g: usize| {
-                                _mm512_loadu_ps(taps.add((g * KK + ky * K + kx) * LANES))
-                            };
-                            let x = xp.offset(at(ox, ky, kx)).add(c0);
-                            let v = |g: usize| _mm512_loadu_ps(x.add(g * LANES));
-                            a0 = _mm512_fmadd_ps(v(0), t(0), a0);
-                            a1 = _mm512_fmadd_ps(v(1), t(1), a1);
-                            a2 = _mm512_fmadd_ps(v(2), t(2), a2);
-                            a3 = _mm512_fmadd_ps(v(3), t(3), a3);
-                        }
+        let (xp, tp, bp) = (x.as_ptr(), grouped.as_ptr(), bias.as_ptr());
+        let mut ox = 0;
+        while ox < ow {
+            if !(inside.contains(&ox) && ox + PIXELS <= inside.end) {
+                let mut g = 0;
+                // SAFETY: the checks above; ox < ow; the groups g.. fit in c.
+                unsafe {
+                    while g + 4 <= groups {
+                        edge_pixel::<4>(row, x, grouped, bias, r, oy, ox, g);
+                        g += 4;
                     }
-                    store(ox, c0, a0);
-                    store(ox, c0 + LANES, a1);
-                    store(ox, c0 + 2 * LANES, a2);
-                    store(ox, c0 + 3 * LANES, a3);
-                    c0 += 4 * LANES;
-                }
-                for c0 in (c0..c).step_by(LANES) {
-                    let taps = gp.add(c0 * KK);
-                    let mut acc = _mm512_loadu_ps(bp.add(c0));
-                    for ky in ky0..ky1 {
-                        for kx in kx0..kx1 {
-                            let tap = _mm512_loadu_ps(taps.add((ky * K + kx) * LANES));
-                            let v = _mm512_loadu_ps(xp.offset(at(ox, ky, kx)).add(c0));
-                            acc = _mm512_fmadd_ps(v, tap, acc);
-                        }
+                    for g in g..groups {
+                        edge_pixel::<1>(row, x, grouped, bias, r, oy, ox, g);
                     }
-                    store(ox, c0, acc);
                 }
-            };
-            let mut ox = 0;
-            while ox < ow {
-                if !(inside.contains(&ox) && ox + 4 <= inside.end) {
-                    single(ox);
-                    ox += 1;
-                    continue;
-                }
-                let p = [
-                    at(ox, 0, 0),
-                    at(ox + 1, 0, 0),
-                    at(ox + 2, 0, 0),
-                    at(ox + 3, 0, 0),
-                ];
-                for c0 in (0..c).step_by(LANES) {
-                    let taps = gp.add(c0 * KK);
-                    let b = _mm512_loadu_ps(bp.add(c0));
-                    let (mut a0, mut a1, mut a2, mut a3) = (b, b, b, b);
-                    let x = xp.add(c0);
-                    for ky in ky0..ky1 {
-                        for kx in 0..K {
-                            let tap = _mm512_loadu_ps(taps.add((ky * K + kx) * LANES));
-                            // (ky, kx) from the window's first pixel.
-                            let d = ((ky * r.w + kx) * c) as isize;
-                            let v = |i: usize| _mm512_loadu_ps(x.offset(p[i] + d));
-                            a0 = _mm512_fmadd_ps(v(0), tap, a0);
-                            a1 = _mm512_fmadd_ps(v(1), tap, a1);
-                            a2 = _mm512_fmadd_ps(v(2), tap, a2);
-                            a3 = _mm512_fmadd_ps(v(3), tap, a3);
-                        }
-                    }
-                    store(ox, c0, a0);
-                    store(ox + 1, c0, a1);
-                    store(ox + 2, c0, a2);
-                    store(ox + 3, c0, a3);
-                }
-                ox += 4;
+                ox += 1;
+                continue;
             }
+            // SAFETY (every access): the four pixels' windows lie inside the input
+            // columns and rows ky0..ky1 inside its rows; c0 + GROUP <= c; group g's
+            // k * k taps lie at g * k * k * GROUP; ox + PIXELS <= ow.
+            unsafe {
+                for g in 0..groups {
+                    let c0 = g * GROUP;
+                    let mut acc = [*lanes(bp.add(c0)); PIXELS];
+                    for ky in ky0..ky1 {
+                        // The first pixel's window, its first input pixel in this row.
+                        let first = xp.add(((oy * s + ky - r.pt) * r.w + ox * s - r.pl) * c + c0);
+                        for kx in 0..k {
+                            let tap = lanes(tp.add(((g * k + ky) * k + kx) * GROUP));
+                            for (p, a) in acc.iter_mut().enumerate() {
+                                fma(a, lanes(first.add((p * s + kx) * c)), tap);
+                            }
+                        }
+                    }
+                    let out = row.as_mut_ptr().add(ox * c + c0);
+                    for (p, a) in acc.iter().enumerate() {
+                        store(out.add(p * c), a);
+                    }
+                }
+            }
+            ox += PIXELS;
         }
     }
 }
@@ -439,10 +410,13 @@ impl Block {
                 pt: pt + iy0 - oy0 * s,
                 pl,
             };
-            let mut d = vec![0f32; rows * ow * e];
-            for (oy, row) in d.chunks_exact_mut(ow * e).enumerate() {
+            let mut d = Vec::with_capacity(rows * ow * e);
+            let spare = &mut d.spare_capacity_mut()[..rows * ow * e];
+            for (oy, row) in spare.chunks_exact_mut(ow * e).enumerate() {
                 dw.row(expanded.as_deref().unwrap_or(input), reach, oy, row);
             }
+            // SAFETY: each row stored every one of its values.
+            unsafe { d.set_len(rows * ow * e) };
             let t = self.project.forward_serial(&d, Epilogue::Plain);
             if self.residual {
                 let skip = &x[oy0 * ow * cin..(oy0 + rows) * ow * cin];
@@ -572,22 +546,18 @@ mod tests {
     use burn::prelude::*;
     use burn::tensor::Distribution;
 
-    /// The AVX-512 depthwise row gives the portable row's bits, at both kernel
-    /// sizes and strides, on rows that cross every edge and rows inside.
-    #[cfg(target_arch = "x86_64")]
+    /// The grouped row gives the portable row's bits, at both kernel sizes and
+    /// strides, on rows that cross every edge and rows inside.
     #[test]
-    fn avx512_depthwise_row_is_the_portable_row() {
-        if !x86::available() {
-            return; // The portable row is the only one here.
-        }
+    fn grouped_row_is_the_portable_row() {
         let value = |i: usize| ((i * 7_919) % 2_000) as f32 / 500.0 - 2.0;
         // Wide rows (runs of four inside pixels), rows narrower than the kernel, and
-        // channels in blocks of four groups with one left over.
+        // channels in runs of four groups with one left over.
         for (h, w, c) in [(11, 9, 32), (7, 3, 80), (6, 14, 64)] {
             let x: Vec<f32> = (0..h * w * c).map(value).collect();
             for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
                 let taps: Vec<f32> = (0..k * k * c).map(|i| value(i + 13) / 4.0).collect();
-                let grouped = x86::group_taps(&taps, c);
+                let grouped = group_taps(&taps, c);
                 let bias: Vec<f32> = (0..c).map(|i| value(i + 29)).collect();
                 let ((pt, oh), (pl, ow)) = (same(h, k, s), same(w, k, s));
                 let reach = Reach { h, w, k, s, pt, pl };
@@ -595,18 +565,8 @@ mod tests {
                     let mut want = vec![0f32; ow * c];
                     depthwise_row(&mut want, &x, &taps, &bias, reach, oy);
                     let mut got = vec![MaybeUninit::new(f32::NAN); ow * c];
-                    // SAFETY: AVX-512F is present; the sizes are the contract's.
-                    unsafe {
-                        match k {
-                            3 => {
-                                x86::depthwise_row::<3, 9>(&mut got, &x, &grouped, &bias, reach, oy)
-                            }
-                            _ => x86::depthwise_row::<5, 25>(
-                                &mut got, &x, &grouped, &bias, reach, oy,
-                            ),
-                        }
-                    }
-                    // SAFETY: the row stored every value (NaN before, to catch one missed).
+                    grouped_row(&mut got, &x, &grouped, &bias, reach, oy);
+                    // SAFETY: initialised (NaN before, to catch a value not stored).
                     let got: Vec<u32> = got
                         .iter()
                         .map(|v| unsafe { v.assume_init() }.to_bits())
