@@ -163,6 +163,16 @@ unsafe fn store(out: *mut MaybeUninit<f32>, acc: &Lanes) {
     }
 }
 
+/// What every row of a layer reads: the input (`r.h x r.w` pixels), the grouped taps
+/// and the bias.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    x: &'a [f32],
+    grouped: &'a [f32],
+    bias: &'a [f32],
+    r: Reach,
+}
+
 /// `N` groups of channels from group `g` on, of output column `ox` whose window may
 /// cross the edge: only its taps that land inside the input, `N` groups at once,
 /// each in registers of its own (one chain of multiply-adds waited on every one
@@ -172,17 +182,19 @@ unsafe fn store(out: *mut MaybeUninit<f32>, acc: &Lanes) {
 /// [`grouped_row`]'s checks hold, `ox` is a column of `row` and `g + N` groups fit
 /// in `c`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn edge_pixel<const N: usize>(
     row: &mut [MaybeUninit<f32>],
-    x: &[f32],
-    grouped: &[f32],
-    bias: &[f32],
-    r: Reach,
+    inputs: Inputs<'_>,
     oy: usize,
     ox: usize,
     g: usize,
 ) {
+    let Inputs {
+        x,
+        grouped,
+        bias,
+        r,
+    } = inputs;
     let (c, k, s) = (bias.len(), r.k, r.s);
     let ky0 = r.pt.saturating_sub(oy * s);
     let ky1 = (r.h + r.pt - oy * s).min(k);
@@ -248,6 +260,7 @@ widest! {
         } else {
             0..0
         };
+        let inputs = Inputs { x, grouped, bias, r };
         let (xp, tp, bp) = (x.as_ptr(), grouped.as_ptr(), bias.as_ptr());
         let mut ox = 0;
         while ox < ow {
@@ -256,11 +269,11 @@ widest! {
                 // SAFETY: the checks above; ox < ow; the groups g.. fit in c.
                 unsafe {
                     while g + 4 <= groups {
-                        edge_pixel::<4>(row, x, grouped, bias, r, oy, ox, g);
+                        edge_pixel::<4>(row, inputs, oy, ox, g);
                         g += 4;
                     }
                     for g in g..groups {
-                        edge_pixel::<1>(row, x, grouped, bias, r, oy, ox, g);
+                        edge_pixel::<1>(row, inputs, oy, ox, g);
                     }
                 }
                 ox += 1;
