@@ -225,6 +225,9 @@ unsafe fn edge_pixel<const N: usize>(
 /// Pixels summed at once inside the input columns, each in registers of its own.
 const PIXELS: usize = 4;
 
+/// Groups of channels summed at once for a pixel whose window crosses the edge.
+const EDGE_GROUPS: usize = 4;
+
 widest! {
     /// [`depthwise_row`] over taps regrouped by [`group_taps`] (`c` = `bias.len()` a
     /// multiple of [`GROUP`]), with the same sums in the same order (the same bits),
@@ -268,9 +271,9 @@ widest! {
                 let mut g = 0;
                 // SAFETY: the checks above; ox < ow; the groups g.. fit in c.
                 unsafe {
-                    while g + 4 <= groups {
-                        edge_pixel::<4>(row, inputs, oy, ox, g);
-                        g += 4;
+                    while g + EDGE_GROUPS <= groups {
+                        edge_pixel::<EDGE_GROUPS>(row, inputs, oy, ox, g);
+                        g += EDGE_GROUPS;
                     }
                     for g in g..groups {
                         edge_pixel::<1>(row, inputs, oy, ox, g);
