@@ -152,6 +152,11 @@ pub struct TrainArgs {
     /// hidden in a step, so that it learns the kiosk case (poster only).
     #[arg(long, default_value_t = 0.5, value_parser = share)]
     pub student_text_dropout: f64,
+    /// Score a text-less poster on the poster alone, not also on its mirror image
+    /// (the shipped student averages both in the kiosk case, with thresholds tuned
+    /// on such scores).
+    #[arg(long)]
+    pub no_kiosk_flip: bool,
     /// Where the student's thresholds are tuned.
     #[arg(long, value_enum, default_value = "out-of-fold")]
     pub thresholds: ThresholdsArg,

@@ -142,6 +142,7 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
         image_tail: a.tune_image_blocks,
         student_members: a.student_members,
         student_text_dropout: a.student_text_dropout,
+        kiosk_flip: !a.no_kiosk_flip,
         fit_limit: a.fit_limit,
         ..Default::default()
     };

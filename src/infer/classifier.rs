@@ -236,13 +236,6 @@ impl Classifier {
         let spec = &self.model.spec;
         let dev = &self.device;
         let t = Instant::now();
-        let mut inputs = vec![image_input(std::slice::from_ref(poster), spec.image_input)];
-        if spec.tta_flip {
-            let flipped = image::imageops::flip_horizontal(poster);
-            inputs.push(image_input(&[flipped], spec.image_input));
-        }
-        let (preprocess, t) = lap(t);
-        timings.preprocess = preprocess;
         let ids = match compose_text(overview, caption) {
             Some(s) => self.towers.tokenizer.encode(&s)?,
             None => Vec::new(),
@@ -250,6 +243,13 @@ impl Classifier {
         let (tokenize, t) = lap(t);
         timings.tokenize = tokenize;
         let has_text = !ids.is_empty();
+        let mut inputs = vec![image_input(std::slice::from_ref(poster), spec.image_input)];
+        if spec.tta_flip || (spec.tta_flip_text_less && !has_text) {
+            let flipped = image::imageops::flip_horizontal(poster);
+            inputs.push(image_input(&[flipped], spec.image_input));
+        }
+        let (preprocess, t) = lap(t);
+        timings.preprocess = preprocess;
         // Read back inside the stage, so that an asynchronous backend (wgpu) is timed
         // for the work and not just for queueing it.
         let image = || {

@@ -56,6 +56,10 @@ pub struct ModelSpec {
     pub members: usize,
     /// Also score the mirror image of the poster and average.
     pub tta_flip: bool,
+    /// The same for a poster that comes without text (the kiosk case), whose
+    /// thresholds were tuned on such scores: there the text tower's time is free.
+    #[serde(default)]
+    pub tta_flip_text_less: bool,
     /// The poster size the image tower reads.
     pub image_input: ImageInput,
     /// MiniLM layers the text tokens pass through.

@@ -263,7 +263,20 @@ fn build(
             (&set.teacher_map, grid_tokens(TEACHER_INPUT), &set.text_l6)
         }
         (Role::Teacher, View::Flipped) => (&set.flip_map, grid_tokens(TEACHER_INPUT), &set.text_l6),
-        (Role::Student, _) => (&set.student_map, grid_tokens(STUDENT_INPUT), &set.text_l3),
+        (Role::Student, View::Plain) => {
+            (&set.student_map, grid_tokens(STUDENT_INPUT), &set.text_l3)
+        }
+        (Role::Student, View::Flipped) => {
+            assert!(
+                set.student_flip_map.len() == set.student_map.len(),
+                "the student's mirror-image maps are not in the feature set"
+            );
+            (
+                &set.student_flip_map,
+                grid_tokens(STUDENT_INPUT),
+                &set.text_l3,
+            )
+        }
     };
     let text = if net.top.is_empty() {
         text

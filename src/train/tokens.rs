@@ -6,7 +6,9 @@
 //! MiniLM hidden state of every wordpiece after layer 3 (the student's text tower)
 //! and layer 6 (the teacher's). A second recipe holds horizontally flipped teacher
 //! maps, for the teacher's test-time augmentation on the rows it is scored on; a
-//! third the hidden states below the top MiniLM layers that a teacher tunes. The
+//! third the flipped student maps, for the kiosk's (text-less) test-time
+//! augmentation; a fourth the hidden states below the top MiniLM layers that a
+//! teacher tunes. The
 //! extra recipes live in files of their own, so adding one never invalidates the rest.
 
 use super::manifest::{Manifest, Row};
@@ -49,6 +51,8 @@ pub const TEACHER_TEXT_LAYERS: usize = 6;
 const RECIPE: &str =
     "tokens v1 | effnet-lite0 maps 224x336 160x240 catmullrom | minilm-l6 L3 L6 128";
 const FLIP_RECIPE: &str = "tokens-flip v1 | effnet-lite0 map 224x336 hflip catmullrom";
+const STUDENT_FLIP_RECIPE: &str =
+    "tokens-flip-student v1 | effnet-lite0 map 160x240 hflip catmullrom";
 
 fn tail_recipe(blocks: usize, flip: bool) -> String {
     format!(
@@ -66,6 +70,8 @@ fn below_recipe(layer: usize) -> String {
 pub struct Extra {
     /// The flipped teacher maps (rows the teacher scores).
     pub flip: bool,
+    /// The flipped student maps (rows the student scores without text).
+    pub student_flip: bool,
     /// MiniLM's hidden states after this layer (under a teacher's tuned top layers).
     pub below: Option<usize>,
     /// The input of EfficientNet's last this many blocks and head at the teacher's
@@ -105,6 +111,8 @@ pub struct TokenSet {
     pub text_l6: Vec<f16>,
     /// Flipped teacher maps; empty unless asked for.
     pub flip_map: Vec<f16>,
+    /// Flipped student maps; empty unless asked for.
+    pub student_flip_map: Vec<f16>,
     /// Hidden states below the teacher's tuned top layers, packed as the others;
     /// empty unless asked for.
     pub text_below: Vec<f16>,
@@ -135,8 +143,9 @@ pub fn extract_tokens(
 ) -> Result<TokenSet> {
     std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
     let name = format!(
-        "tokens{}{}{}",
+        "tokens{}{}{}{}",
         if extra.flip { "+flip" } else { "" },
+        if extra.student_flip { "+flip160" } else { "" },
         extra.below.map(|l| format!("+L{l}")).unwrap_or_default(),
         extra.tail.map(|b| format!("+tail{b}")).unwrap_or_default()
     );
@@ -158,9 +167,21 @@ pub fn extract_tokens(
                 s
             }
         };
-        if extra.flip {
-            let fpath = chunk_path(cache, manifest, chunk, FLIP_RECIPE);
-            set.flip_map = match read_flip(&fpath, chunk.len()) {
+        let flips = [
+            (extra.flip, FLIP_RECIPE, TEACHER_INPUT, &mut set.flip_map),
+            (
+                extra.student_flip,
+                STUDENT_FLIP_RECIPE,
+                STUDENT_INPUT,
+                &mut set.student_flip_map,
+            ),
+        ];
+        for (wanted, recipe, input, slot) in flips {
+            if !wanted {
+                continue;
+            }
+            let fpath = chunk_path(cache, manifest, chunk, recipe);
+            *slot = match read_flip(&fpath, chunk.len() * grid_tokens(input) * FEATURE_DIM) {
                 Some(f) => f,
                 None => {
                     let images = load_images(manifest, chunk)?;
@@ -168,7 +189,7 @@ pub fn extract_tokens(
                         .iter()
                         .map(image::imageops::flip_horizontal)
                         .collect();
-                    let f = maps(towers, device, &flipped, TEACHER_INPUT);
+                    let f = maps(towers, device, &flipped, input);
                     write_named(&fpath, &[("flip_map", f16_bytes(&f), vec![f.len()])])?;
                     f
                 }
@@ -260,6 +281,7 @@ fn append(all: &mut TokenSet, s: TokenSet) {
     all.text_l3.extend(s.text_l3);
     all.text_l6.extend(s.text_l6);
     all.flip_map.extend(s.flip_map);
+    all.student_flip_map.extend(s.student_flip_map);
     all.text_below.extend(s.text_below);
     all.tail_in.extend(s.tail_in);
     all.tail_flip.extend(s.tail_flip);
@@ -477,11 +499,12 @@ fn read_chunk(path: &Path, n: usize) -> Option<TokenSet> {
     ok.then_some(s)
 }
 
-fn read_flip(path: &Path, n: usize) -> Option<Vec<f16>> {
+/// A chunk's cached mirror-image maps, when they hold `values` numbers.
+fn read_flip(path: &Path, values: usize) -> Option<Vec<f16>> {
     let bytes = std::fs::read(path).ok()?;
     let st = SafeTensors::deserialize(&bytes).ok()?;
     let f = f16_of(&st, "flip_map")?;
-    (f.len() == n * grid_tokens(TEACHER_INPUT) * FEATURE_DIM).then_some(f)
+    (f.len() == values).then_some(f)
 }
 
 /// A packed text tensor of a chunk's `tokens` tokens.
@@ -492,17 +515,22 @@ fn read_text(path: &Path, name: &str, tokens: usize) -> Option<Vec<f16>> {
     (t.len() == tokens * TEXT_DIM).then_some(t)
 }
 
-/// Extracts (or finds cached) token features of every row: flipped maps for the
-/// rows that are scored (tune and val), plain for all.
+/// Extracts (or finds cached) token features of every row, as the default recipe
+/// reads them: flipped teacher maps for the rows the teacher scores (tune and val),
+/// flipped student maps for all (the kiosk's test-time augmentation).
 pub fn extract_all(manifest_path: &Path, cache: &CacheDir, device: &Device) -> Result<()> {
     let manifest = Manifest::load(manifest_path)?;
     let towers = Towers::load(cache, device, Form::Modules)?;
     let (fit, tune) = fit_tune_split(&manifest.split(Some("train")));
     let val = manifest.split(Some("val"));
     let dir = cache.tokens();
+    let student_flip = Extra {
+        student_flip: true,
+        ..Default::default()
+    };
     let flip = Extra {
         flip: true,
-        ..Default::default()
+        ..student_flip
     };
     note(&format!(
         "token features: {} fit, {} tune, {} val rows",
@@ -512,6 +540,6 @@ pub fn extract_all(manifest_path: &Path, cache: &CacheDir, device: &Device) -> R
     ));
     extract_tokens(&towers, device, &manifest, &val, &dir, flip)?;
     extract_tokens(&towers, device, &manifest, &tune, &dir, flip)?;
-    extract_tokens(&towers, device, &manifest, &fit, &dir, Default::default())?;
+    extract_tokens(&towers, device, &manifest, &fit, &dir, student_flip)?;
     Ok(())
 }

@@ -126,3 +126,47 @@ fn shipped_student_reproduces_its_card_on_val_from_an_empty_cache() {
         "nothing fetched"
     );
 }
+
+/// A copy of the shipped model with `tta_flip_text_less` set as given.
+fn model_with_kiosk_flip(on: bool) -> PathBuf {
+    let dir = common::tmpdir(&format!("model-kiosk-flip-{on}"));
+    for e in std::fs::read_dir(models()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let mut s = spec();
+    s["tta_flip_text_less"] = Value::Bool(on);
+    std::fs::write(dir.join("model.json"), s.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn a_kiosk_scan_averages_the_poster_and_its_mirror_image() {
+    use marquee::infer::Classifier;
+    use marquee::preprocess::image::decode;
+    let device = burn::prelude::Device::flex();
+    let load =
+        |on| Classifier::load(&model_with_kiosk_flip(on), &common::cache(), &device).unwrap();
+    let (plain, kiosk) = (load(false), load(true));
+    let scores = |c: &Classifier, img: &image::RgbImage, text: Option<&str>| -> Vec<f32> {
+        let mut g = c.classify(img, text, None).unwrap().genres;
+        g.sort_by(|a, b| a.label.cmp(&b.label));
+        g.into_iter().map(|s| s.score).collect()
+    };
+    let poster = &crate::common::appliance::posters(1)[0];
+    let img = decode(&std::fs::read(poster).unwrap()).unwrap();
+    let mirror = image::imageops::flip_horizontal(&img);
+    // Without text: the mean of the two views' scores.
+    let (a, b) = (scores(&plain, &img, None), scores(&plain, &mirror, None));
+    let both = scores(&kiosk, &img, None);
+    assert!(
+        a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3),
+        "the views differ"
+    );
+    for ((x, y), z) in a.iter().zip(&b).zip(&both) {
+        assert!(((x + y) / 2.0 - z).abs() < 1e-5, "{x} {y} -> {z}");
+    }
+    // With an overview: the poster alone, as before.
+    let text = Some("A retired hitman returns for one last job in a city of neon.");
+    assert_eq!(scores(&plain, &img, text), scores(&kiosk, &img, text));
+}

@@ -99,8 +99,9 @@ pub(super) fn load(
         val_rows.len(),
         dir.display()
     ));
-    // Flipped maps for the rows that are scored (tune and val), and for the fit rows
-    // when training sees mirror images too.
+    // Flipped teacher maps for the rows that are scored (tune and val), and for the
+    // fit rows when training sees mirror images too; flipped student maps for every
+    // row the student scores text-less (tune, val, and the fit rows out of fold).
     let part = |rows: &[Row], flip: bool| -> Result<Part> {
         let set = extract_tokens(
             &towers,
@@ -110,6 +111,7 @@ pub(super) fn load(
             &dir,
             Extra {
                 flip,
+                student_flip: opts.kiosk_flips(),
                 below,
                 tail: opts.image_tail,
             },

@@ -28,14 +28,19 @@ pub struct Ensemble {
     pub thresholds: Vec<f32>,
     /// Per-genre thresholds without it (the kiosk case).
     pub thresholds_text_less: Vec<f32>,
+    /// Whether the text-less scores average the poster and its mirror image.
+    pub tta_text_less: bool,
 }
 
-/// How a set of networks votes: the mean of their scores, over both views for `tta`.
+/// How a set of networks votes: the mean of their scores, over both views for `tta`
+/// (and for `tta_text_less` when the text is hidden).
+#[derive(Clone)]
 pub(super) struct Vote<'a> {
     pub(super) members: Vec<&'a TunedFusion>,
     pub(super) config: &'a FusionConfig,
     pub(super) role: Role,
     pub(super) tta: bool,
+    pub(super) tta_text_less: bool,
 }
 
 /// Out-of-fold scores of the fit rows, with their labels: the rows with text as
@@ -64,7 +69,7 @@ impl Vote<'_> {
         text_less: bool,
         device: &Device,
     ) -> Vec<f32> {
-        let views: &[View] = if self.tta {
+        let views: &[View] = if self.tta || (text_less && self.tta_text_less) {
             &[View::Plain, View::Flipped]
         } else {
             &[View::Plain]
@@ -122,17 +127,20 @@ impl Vote<'_> {
 }
 
 impl Ensemble {
-    /// The ensemble of `members` with the thresholds `finished` tuned for them.
+    /// The ensemble of `members` with the thresholds `finished` tuned for them (on
+    /// text-less scores over both views when `tta_text_less`).
     pub(super) fn new(
         config: FusionConfig,
         members: Vec<TunedFusion>,
         finished: &Finished,
+        tta_text_less: bool,
     ) -> Self {
         Self {
             config,
             members,
             thresholds: finished.thresholds.clone(),
             thresholds_text_less: finished.thresholds_text_less.clone(),
+            tta_text_less,
         }
     }
 
@@ -165,6 +173,7 @@ impl Ensemble {
                 fusion: self.config,
                 members: self.members.len(),
                 tta_flip: tta,
+                tta_flip_text_less: self.tta_text_less,
                 image_input: input,
                 text_layers: layers,
                 towers: TowerSource::Cache,

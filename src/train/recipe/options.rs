@@ -24,6 +24,10 @@ pub struct RecipeOptions {
     /// other networks' (`fusion.text_dropout`), because the student alone serves the
     /// kiosk, where no overview comes with the poster.
     pub student_text_dropout: f64,
+    /// Score a text-less poster (the kiosk case) on the poster and its mirror image,
+    /// and tune the text-less thresholds on such scores: the text tower's time is free
+    /// there.
+    pub kiosk_flip: bool,
     /// Weight of the hard labels in the student's targets (the rest is the teacher's).
     pub hard_weight: f32,
     /// Use only the first N fit rows (smoke tests); 0 = all.
@@ -78,6 +82,12 @@ impl RecipeOptions {
     pub fn fits_peers(&self) -> bool {
         self.trains_singles() && self.until != Until::Singles
     }
+
+    /// Whether the run scores the student's text-less rows on the mirror image too
+    /// (and so needs the flipped student maps).
+    pub fn kiosk_flips(&self) -> bool {
+        self.kiosk_flip && self.until == Until::Student
+    }
 }
 
 impl Default for RecipeOptions {
@@ -89,6 +99,7 @@ impl Default for RecipeOptions {
             image_tail: None,
             student_members: 2,
             student_text_dropout: 0.5,
+            kiosk_flip: true,
             hard_weight: 0.5,
             fit_limit: 0,
             fusion: FusionOptions::default(),

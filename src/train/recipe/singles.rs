@@ -44,6 +44,7 @@ pub(super) fn single_modality(t: &Trainer, tail: Option<&Tail>, val: &Part) -> V
             config: c,
             role: Role::Teacher,
             tta: false,
+            tta_text_less: false,
         };
         vote.scores(p, rows, false, t.device)
     };

@@ -39,6 +39,7 @@ pub(super) fn teacher(
         config: &m.config,
         role: Role::Teacher,
         tta: true,
+        tta_text_less: true,
     };
     let done = vote.finish((t.tune, val), t.labels, None, t.device);
     let row = Ablation {
@@ -59,7 +60,7 @@ pub(super) fn teacher(
         best_epochs: m.best_epochs,
         train_seconds: m.seconds,
     };
-    Ok((Ensemble::new(m.config, m.nets, &done), row))
+    Ok((Ensemble::new(m.config, m.nets, &done, true), row))
 }
 
 /// A teacher of this recipe from an earlier run's directory.
