@@ -289,6 +289,8 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
         serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
     assert_eq!(spec["thresholds"].as_array().unwrap().len(), 18);
     assert_eq!(spec["members"], 2);
+    // The kiosk's scans are scored on both views, as its thresholds were tuned.
+    assert_eq!(spec["tta_flip_text_less"], true);
     assert!(out.join("fusion_1.bpk").is_file());
     assert!(spec["towers"]["bundled"]["vocab_size"].as_u64().unwrap() > 100);
     assert!(work.join("teacher/model.json").is_file());
