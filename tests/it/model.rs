@@ -13,7 +13,7 @@ use std::process::Command;
 const MAX_BYTES: u64 = 32_000_000;
 /// Val figures of the shipped student, end to end, as its card reports them.
 const CARD_MACRO_F1: f64 = 0.5987;
-const CARD_TEXT_LESS_MACRO_F1: f64 = 0.4168;
+const CARD_TEXT_LESS_MACRO_F1: f64 = 0.4214;
 /// The best single-modality model on val (text-only), from the card's ablation table.
 const BEST_SINGLE_MODALITY_MACRO_F1: f64 = 0.5151;
 
