@@ -57,7 +57,8 @@ pub struct ModelSpec {
     /// Also score the mirror image of the poster and average.
     pub tta_flip: bool,
     /// The same for a poster that comes without text (the kiosk case), whose
-    /// thresholds were tuned on such scores: there the text tower's time is free.
+    /// thresholds were tuned on such scores; there the skipped text tower pays for
+    /// part of the second view.
     #[serde(default)]
     pub tta_flip_text_less: bool,
     /// The poster size the image tower reads.

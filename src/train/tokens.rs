@@ -8,8 +8,8 @@
 //! maps, for the teacher's test-time augmentation on the rows it is scored on; a
 //! third the flipped student maps, for the kiosk's (text-less) test-time
 //! augmentation; a fourth the hidden states below the top MiniLM layers that a
-//! teacher tunes. The
-//! extra recipes live in files of their own, so adding one never invalidates the rest.
+//! teacher tunes. The extra recipes live in files of their own, so adding one never
+//! invalidates the rest.
 
 use super::manifest::{Manifest, Row};
 use super::split::fit_tune_split;

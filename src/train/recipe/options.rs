@@ -25,8 +25,8 @@ pub struct RecipeOptions {
     /// kiosk, where no overview comes with the poster.
     pub student_text_dropout: f64,
     /// Score a text-less poster (the kiosk case) on the poster and its mirror image,
-    /// and tune the text-less thresholds on such scores: the text tower's time is free
-    /// there.
+    /// and tune the text-less thresholds on such scores (the skipped text tower pays
+    /// for part of the second view).
     pub kiosk_flip: bool,
     /// Weight of the hard labels in the student's targets (the rest is the teacher's).
     pub hard_weight: f32,
