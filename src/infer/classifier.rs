@@ -235,14 +235,11 @@ impl Classifier {
         let lap = |since: Instant| (ms(since), Instant::now());
         let spec = &self.model.spec;
         let dev = &self.device;
+        // Whether there is text decides the kiosk's second view; the tokenizer always
+        // adds [CLS] and [SEP], so some text means some ids.
+        let composed = compose_text(overview, caption);
+        let has_text = composed.is_some();
         let t = Instant::now();
-        let ids = match compose_text(overview, caption) {
-            Some(s) => self.towers.tokenizer.encode(&s)?,
-            None => Vec::new(),
-        };
-        let (tokenize, t) = lap(t);
-        timings.tokenize = tokenize;
-        let has_text = !ids.is_empty();
         let mut inputs = vec![image_input(std::slice::from_ref(poster), spec.image_input)];
         if spec.tta_flip || (spec.tta_flip_text_less && !has_text) {
             let flipped = image::imageops::flip_horizontal(poster);
@@ -250,6 +247,12 @@ impl Classifier {
         }
         let (preprocess, t) = lap(t);
         timings.preprocess = preprocess;
+        let ids = match composed {
+            Some(s) => self.towers.tokenizer.encode(&s)?,
+            None => Vec::new(),
+        };
+        let (tokenize, t) = lap(t);
+        timings.tokenize = tokenize;
         // Read back inside the stage, so that an asynchronous backend (wgpu) is timed
         // for the work and not just for queueing it.
         let image = || {

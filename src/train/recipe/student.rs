@@ -89,6 +89,14 @@ fn soft_targets(t: &Trainer, teacher: &Ensemble) -> Vec<f32> {
         .collect()
 }
 
+/// Puts the scores of a fold's held-out rows (`held[j]` is row j's place) into the
+/// out-of-fold table, `k` scores a row.
+fn scatter(out: &mut [f32], held: &[usize], scores: &[f32], k: usize) {
+    for (j, &i) in held.iter().enumerate() {
+        out[i * k..(i + 1) * k].copy_from_slice(&scores[j * k..(j + 1) * k]);
+    }
+}
+
 /// Out of fold: each fold's student is trained without the fit films it scores.
 /// One network per fold keeps the recipe inside its time budget; the tune films are
 /// scored by the whole ensemble.
@@ -134,19 +142,15 @@ fn out_of_fold(t: &Trainer, config: &FusionConfig, targets: &[f32], fit_rows: &[
             let held: Vec<usize> = (0..rows.len()).filter(|&i| fold[rows[i]] == f).collect();
             let held_rows: Vec<usize> = held.iter().map(|&i| rows[i]).collect();
             let s = alone.scores(fit, &held_rows, text_hidden, t.device);
-            for (j, &i) in held.iter().enumerate() {
-                out[i * k..(i + 1) * k].copy_from_slice(&s[j * k..(j + 1) * k]);
-            }
+            scatter(out, &held, &s, k);
             folds.push(tune_thresholds(&s, &fit.y_of(&held_rows), k));
             if text_hidden && kiosk_flip {
-                let s = Vote {
+                let plain = Vote {
                     tta_text_less: false,
                     ..alone.clone()
                 };
-                let s = s.scores(fit, &held_rows, true, t.device);
-                for (j, &i) in held.iter().enumerate() {
-                    plain_less[i * k..(i + 1) * k].copy_from_slice(&s[j * k..(j + 1) * k]);
-                }
+                let s = plain.scores(fit, &held_rows, true, t.device);
+                scatter(&mut plain_less, &held, &s, k);
             }
         }
     }
