@@ -112,7 +112,7 @@ pub struct TrainArgs {
     pub teacher_members: usize,
     /// MiniLM's top layers that each teacher network tunes inside it, at a
     /// twentieth of the learning rate (0: the teacher reads frozen layer-6 states).
-    #[arg(long, default_value_t = 1, value_parser = in_range::<0, 6>)]
+    #[arg(long, default_value_t = 2, value_parser = in_range::<0, 6>)]
     pub teacher_top_layers: usize,
     /// Tune EfficientNet's last N blocks and its head inside the teacher and the
     /// poster-only network, at a twentieth of the learning rate, on cached inputs of

@@ -12,8 +12,8 @@ use std::process::Command;
 /// The budget for everything in models/.
 const MAX_BYTES: u64 = 32_000_000;
 /// Val figures of the shipped student, end to end, as its card reports them.
-const CARD_MACRO_F1: f64 = 0.5987;
-const CARD_TEXT_LESS_MACRO_F1: f64 = 0.4214;
+const CARD_MACRO_F1: f64 = 0.6027;
+const CARD_TEXT_LESS_MACRO_F1: f64 = 0.4305;
 /// The best single-modality model on val (text-only), from the card's ablation table.
 const BEST_SINGLE_MODALITY_MACRO_F1: f64 = 0.5151;
 

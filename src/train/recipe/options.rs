@@ -95,7 +95,7 @@ impl Default for RecipeOptions {
         Self {
             seed: 42,
             teacher_members: 2,
-            teacher_top_layers: 1,
+            teacher_top_layers: 2,
             image_tail: None,
             student_members: 2,
             student_text_dropout: 0.5,
