@@ -8,7 +8,7 @@ use marquee::caption::remote::Protocol;
 use marquee::caption::stage::Mode;
 use marquee::infer::task::Task;
 use marquee::train::fusion::{Loss, PositiveWeight, Schedule};
-use marquee::train::recipe::options::{Thresholds, Until};
+use marquee::train::recipe::options::{RecipeOptions, Thresholds, Until};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -102,17 +102,17 @@ pub struct TrainArgs {
     /// [default: CACHE/train].
     #[arg(long)]
     pub work: Option<PathBuf>,
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = recipe().seed)]
     pub seed: u64,
     /// Most epochs per network (early stopping usually ends sooner).
-    #[arg(long, default_value_t = 8, value_parser = in_range::<1, 1000>)]
+    #[arg(long, default_value_t = recipe().fusion.epochs, value_parser = in_range::<1, 1000>)]
     pub epochs: usize,
     /// Networks in the teacher ensemble.
-    #[arg(long, default_value_t = 2, value_parser = in_range::<1, 16>)]
+    #[arg(long, default_value_t = recipe().teacher_members, value_parser = in_range::<1, 16>)]
     pub teacher_members: usize,
     /// MiniLM's top layers that each teacher network tunes inside it, at a
     /// twentieth of the learning rate (0: the teacher reads frozen layer-6 states).
-    #[arg(long, default_value_t = 2, value_parser = in_range::<0, 6>)]
+    #[arg(long, default_value_t = recipe().teacher_top_layers, value_parser = in_range::<0, 6>)]
     pub teacher_top_layers: usize,
     /// Tune EfficientNet's last N blocks and its head inside the teacher and the
     /// poster-only network, at a twentieth of the learning rate, on cached inputs of
@@ -120,10 +120,10 @@ pub struct TrainArgs {
     #[arg(long, value_parser = in_range::<0, 5>)]
     pub tune_image_blocks: Option<usize>,
     /// Networks in the student ensemble (the shipped model).
-    #[arg(long, default_value_t = 2, value_parser = in_range::<1, 4>)]
+    #[arg(long, default_value_t = recipe().student_members, value_parser = in_range::<1, 4>)]
     pub student_members: usize,
     /// Use only the first N training rows (smoke tests); 0 = all.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = recipe().fit_limit)]
     pub fit_limit: usize,
     /// Only extract (and cache) the frozen features, then stop.
     #[arg(long)]
@@ -133,7 +133,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, conflicts_with = "extract_only")]
     pub only: Option<OnlyArg>,
     /// Epochs without a better tune macro-F1 before a network stops.
-    #[arg(long, default_value_t = 3, value_parser = in_range::<1, 1000>)]
+    #[arg(long, default_value_t = recipe().fusion.patience, value_parser = in_range::<1, 1000>)]
     pub patience: usize,
     /// Learning-rate schedule of the networks.
     #[arg(long, value_enum, default_value = "warmup-cosine")]
@@ -150,7 +150,7 @@ pub struct TrainArgs {
     pub augment_flip: bool,
     /// Share of the student's training rows with an overview whose overview is
     /// hidden in a step, so that it learns the kiosk case (poster only).
-    #[arg(long, default_value_t = 0.5, value_parser = share)]
+    #[arg(long, default_value_t = recipe().student_text_dropout, value_parser = share)]
     pub student_text_dropout: f64,
     /// Score a text-less poster on the poster alone, not also on its mirror image
     /// (the shipped student averages both in the kiosk case, with thresholds tuned
@@ -549,4 +549,10 @@ impl From<ProtocolArg> for Protocol {
             ProtocolArg::Openai => Protocol::Openai,
         }
     }
+}
+
+/// The training recipe's defaults, written once in the library: `marquee train`'s
+/// flags show and use these.
+fn recipe() -> RecipeOptions {
+    RecipeOptions::default()
 }
