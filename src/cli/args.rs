@@ -164,6 +164,14 @@ pub struct TrainArgs {
     /// instead of fitting the peers, the single-modality networks and a teacher.
     #[arg(long, conflicts_with_all = ["only", "extract_only"])]
     pub teacher: Option<PathBuf>,
+    /// Networks trained at once where they are independent (ensemble members, fold
+    /// students): each extra one in a worker process, with its own copy of the
+    /// features in memory. The model is the same, bit for bit, for any value.
+    #[arg(long, default_value_t = 1, value_parser = in_range::<1, 8>)]
+    pub jobs: usize,
+    /// A worker of a run with --jobs: train the network in this job file and stop.
+    #[arg(long, hide = true, conflicts_with_all = ["only", "extract_only"])]
+    pub worker_job: Option<PathBuf>,
     #[command(flatten)]
     pub captions: CaptionSourceArgs,
 }

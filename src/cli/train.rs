@@ -4,25 +4,31 @@
 use super::Global;
 use super::args::{CaptionSourceArgs, TrainArgs};
 use super::models::bundle_student;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use marquee::caption::remote::RemoteConfig;
 use marquee::caption::stage::{CaptionConfig, Mode, open};
 use marquee::infer::Captioner;
 use marquee::train::fusion::Role;
 use marquee::train::metrics::ThresholdSpread;
 use marquee::train::peers::PeerReport;
+use marquee::train::recipe::workers::{Launch, Workers};
 use marquee::train::recipe::{self, options::RecipeOptions, options::Until};
 use marquee::train::report::Ablation;
 use marquee::util::progress::note;
 use serde::Serialize;
+use std::ffi::OsString;
 use std::fmt;
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 #[derive(Serialize)]
 #[serde(untagged)]
 pub enum TrainReport {
     /// `--extract-only`: the features are cached.
     Extracted { extracted: bool },
+    /// A worker of a run with `--jobs`: its network is written beside its job file.
+    Worked { worked: bool },
     /// `--captions-only`: the captioned manifest.
     Captioned { manifest: PathBuf },
     /// `--only peers`: the peers' rows and threshold spread.
@@ -38,7 +44,7 @@ pub enum TrainReport {
 impl fmt::Display for TrainReport {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
-            TrainReport::Extracted { .. } => Ok(()),
+            TrainReport::Extracted { .. } | TrainReport::Worked { .. } => Ok(()),
             TrainReport::Captioned { manifest } => write!(f, "{}", manifest.display()),
             TrainReport::Trained {
                 ablations,
@@ -158,7 +164,23 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
     if let Some(only) = a.only {
         opts.until = only.into();
     }
+    if let Some(job) = &a.worker_job {
+        exit_when_the_run_ends();
+        recipe::workers::work(job, &g.cache, &device, &opts)?;
+        return Ok(TrainReport::Worked { worked: true });
+    }
     let work = a.work.unwrap_or_else(|| g.cache.root().join("train"));
+    // A worker is this program again, with this run's arguments and a job file.
+    let respawn = Respawn {
+        args: std::env::args_os().skip(1).collect(),
+    };
+    let workers = Workers {
+        jobs: a.jobs,
+        dir: work.join("jobs"),
+        launch: Some(&respawn),
+    };
+    // Declared before the run, so dropped after its networks.
+    let _jobs = RemoveOnDrop(workers.dir.clone());
     let start = std::time::Instant::now();
     let (manifest, caption_source) = match captioner(&a.captions, &device)? {
         None => (a.manifest, "none".to_string()),
@@ -186,7 +208,7 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
             (r.manifest, r.source)
         }
     };
-    let run = recipe::run(&manifest, &g.cache, &device, &opts)?;
+    let run = recipe::run(&manifest, &g.cache, &device, &opts, &workers)?;
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     std::fs::write(
         work.join("ablations.json"),
@@ -276,4 +298,50 @@ fn captioner(
         }
     }
     open(&cfg, device)
+}
+
+/// Starts a worker of a run with `--jobs`: this program, with the run's arguments
+/// and the job file.
+struct Respawn {
+    args: Vec<OsString>,
+}
+
+impl Launch for Respawn {
+    fn launch(&self, job: &Path) -> Result<()> {
+        let exe = std::env::current_exe().context("finding this program to start a worker")?;
+        let mut child = Command::new(exe)
+            .args(&self.args)
+            .arg("--worker-job")
+            .arg(job)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting the worker for {}", job.display()))?;
+        // Held open while it works: the worker stops when this end closes, so a
+        // run killed outright leaves no worker behind.
+        let _lifeline = child.stdin.take();
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("the worker for {} failed ({status})", job.display());
+        }
+        Ok(())
+    }
+}
+
+/// A worker's watch on its run: stdin closes when the run ends, however it ends.
+fn exit_when_the_run_ends() {
+    std::thread::spawn(|| {
+        let mut byte = [0u8; 1];
+        while matches!(std::io::stdin().read(&mut byte), Ok(1)) {}
+        std::process::exit(1);
+    });
+}
+
+/// Removes a folder when dropped: the workers' networks, once the run is done.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
 }

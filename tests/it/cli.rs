@@ -361,6 +361,118 @@ fn train_writes_a_self_contained_student_that_eval_loads() {
     assert!(stderr(&o).contains("outside 0..=0.9"), "{}", stderr(&o));
 }
 
+/// The val figures of a `marquee train --json` report, without the seconds.
+fn figures(report: &Value) -> Vec<String> {
+    report["ablations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {} {}", r["name"], r["val"], r["val_text_less"]))
+        .collect()
+}
+
+/// The pids of the worker processes whose job file is under `dir`.
+fn workers_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.contains("--worker-job") && cmd.contains(&needle))
+                .then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+/// `--jobs 2` trains the independent networks in a worker process too, and gives
+/// the same model, bit for bit; a worker killed mid-run fails the run cleanly.
+#[test]
+fn train_with_two_jobs_gives_the_same_model() {
+    let dir = common::tmpdir("train-jobs");
+    let manifest = small_manifest(&dir, 256, 12);
+    let m = manifest.to_str().unwrap();
+    let run = |jobs: &str| {
+        let (out, work) = (
+            dir.join(format!("model-{jobs}")),
+            dir.join(format!("work-{jobs}")),
+        );
+        let o = train_run(m, &out, &work, &["--teacher-members", "2", "--jobs", jobs]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        // Only the parent writes to stdout: one JSON report.
+        let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(
+            !work.join("jobs").exists(),
+            "the workers' files are removed"
+        );
+        (out, report, stderr(&o).matches("token features:").count())
+    };
+    let (one, report_one, loads_one) = run("1");
+    let (two, report_two, loads_two) = run("2");
+    // Each worker loads the features itself: more loads than the one of a serial run.
+    assert_eq!(loads_one, 1);
+    assert!(loads_two > 1, "no worker ran");
+    assert_eq!(figures(&report_one), figures(&report_two));
+    let read = |d: &Path| std::fs::read_to_string(d.join("model.json")).unwrap();
+    assert_eq!(read(&one), read(&two), "thresholds and facts");
+    let scores = |d: &Path| {
+        let o = marquee(&[
+            "classify",
+            "examples/poster.png",
+            "--overview",
+            "A detective hunts a killer through a rainy city.",
+            "--model",
+            d.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["genres"].to_string()
+    };
+    assert_eq!(scores(&one), scores(&two));
+
+    // A worker killed for real: the run stops with a one-line error and bundles nothing.
+    let out = dir.join("model-killed");
+    let work = dir.join("work-killed");
+    let child = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(["train", "--manifest", m, "--out", out.to_str().unwrap()])
+        .args([
+            "--work",
+            work.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--jobs",
+            "2",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let victim = loop {
+        if let Some(pid) = workers_under(&work).pop() {
+            break pid;
+        }
+        assert!(start.elapsed().as_secs() < 300, "no worker started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let killed = Command::new("kill")
+        .args(["-KILL", &victim])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("the worker for") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing bundled");
+}
+
 /// A teacher that tunes MiniLM's top layer is saved with that layer, a student is
 /// distilled from it as it was trained, and it is never served.
 #[test]

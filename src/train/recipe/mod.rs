@@ -17,6 +17,7 @@ mod singles;
 mod student;
 mod teacher;
 mod trainer;
+pub mod workers;
 
 use crate::infer::labels::labels;
 use crate::model::cache::CacheDir;
@@ -31,6 +32,7 @@ use ensemble::Ensemble;
 use options::{RecipeOptions, Until};
 use std::path::Path;
 use trainer::Trainer;
+use workers::Workers;
 
 /// The ablation table, and the trained networks that the export step needs.
 pub struct RecipeOutput {
@@ -47,12 +49,14 @@ pub struct RecipeOutput {
     pub student_spread: Vec<ThresholdSpread>,
 }
 
-/// Runs the recipe on a manifest's train and val rows, as far as `opts.until`.
+/// Runs the recipe on a manifest's train and val rows, as far as `opts.until`,
+/// training `workers.jobs` networks at a time where they are independent.
 pub fn run(
     manifest_path: &Path,
     cache: &CacheDir,
     device: &Device,
     opts: &RecipeOptions,
+    workers: &Workers,
 ) -> Result<RecipeOutput> {
     let labels = labels();
     let data = data::load(manifest_path, cache, device, opts, &labels)?;
@@ -76,13 +80,15 @@ pub fn run(
         opts,
         labels: &labels,
         device,
+        manifest: manifest_path,
+        workers,
     };
     if opts.trains_singles() {
         out.ablations.extend(singles::single_modality(
             &trainer,
             data.image_tail.as_ref(),
             &data.val,
-        ));
+        )?);
     }
     if matches!(opts.until, Until::Ablations | Until::Singles) {
         return Ok(out);
@@ -95,7 +101,7 @@ pub fn run(
     )?;
     out.ablations.push(row);
     if opts.until != Until::Teacher {
-        let s = student::student(&trainer, &teacher, &data.fit_rows, &data.val);
+        let s = student::student(&trainer, &teacher, &data.fit_rows, &data.val)?;
         out.ablations.push(s.row);
         out.student = Some(s.ensemble);
         out.student_spread = s.spread;

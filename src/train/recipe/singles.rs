@@ -9,34 +9,44 @@ use crate::nn::fusion::{FusionConfig, TunedFusion};
 use crate::train::fusion::{self, Role};
 use crate::train::metrics::tune_thresholds;
 use crate::train::report::{Ablation, scored};
+use anyhow::Result;
 
 /// Trains the poster-only and text-only networks and reports them, and the mean of
 /// the two, on `val`. The poster-only network tunes `tail` when given.
-pub(super) fn single_modality(t: &Trainer, tail: Option<&Tail>, val: &Part) -> Vec<Ablation> {
+pub(super) fn single_modality(
+    t: &Trainer,
+    tail: Option<&Tail>,
+    val: &Part,
+) -> Result<Vec<Ablation>> {
     let (fit, tune, labels) = (t.fit, t.tune, t.labels);
     let k = labels.len();
     let c_poster = fusion::config(Role::Teacher, true, false, k);
-    let poster = t.train(Net {
+    let c_text = fusion::config(Role::Teacher, false, true, k);
+    let (y_all, y_text) = (fit.hard(&fit.all), fit.hard(&fit.with_text));
+    let poster = Net {
         config: &c_poster,
         top: &[],
         tail,
         role: Role::Teacher,
         rows: &fit.all,
-        targets: &fit.hard(&fit.all),
+        targets: &y_all,
         seed: t.opts.seed,
         name: "poster-only",
-    });
-    let c_text = fusion::config(Role::Teacher, false, true, k);
-    let text = t.train(Net {
+    };
+    let text = Net {
         config: &c_text,
         top: &[],
         tail: None,
         role: Role::Teacher,
         rows: &fit.with_text,
-        targets: &fit.hard(&fit.with_text),
+        targets: &y_text,
         seed: t.opts.seed,
         name: "text-only",
-    });
+    };
+    let [poster, text]: [_; 2] = t
+        .train_all(&[poster, text])?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two networks were asked for"))?;
     // One network, plain view, text as given.
     let single = |m: &TunedFusion, c: &FusionConfig, p: &Part, rows: &[usize]| {
         let vote = Vote {
@@ -65,7 +75,7 @@ pub(super) fn single_modality(t: &Trainer, tail: Option<&Tail>, val: &Part) -> V
         a.iter().zip(b).map(|(x, y)| 0.5 * (x + y)).collect()
     };
     let t_late = tune_thresholds(&late(&s_poster_tune, &s_text_tune), &y_tune_text, k);
-    vec![
+    Ok(vec![
         Ablation {
             name: "poster-only".into(),
             val: poster_val.clone(),
@@ -86,5 +96,5 @@ pub(super) fn single_modality(t: &Trainer, tail: Option<&Tail>, val: &Part) -> V
             Some(poster_val),
             0.0,
         ),
-    ]
+    ])
 }

@@ -4,14 +4,15 @@
 use super::data::Part;
 use super::ensemble::{Ensemble, OutOfFold, Vote};
 use super::options::Thresholds;
-use super::trainer::{Net, Trainer};
-use crate::nn::fusion::FusionConfig;
+use super::trainer::{Net, Trainer, member_names, member_nets};
+use crate::nn::fusion::{FusionConfig, TunedFusion};
 use crate::train::fusion::{self, Role};
 use crate::train::manifest::Row;
 use crate::train::metrics::{ThresholdSpread, tune_thresholds};
 use crate::train::report::{Ablation, scored};
 use crate::train::split::{FOLDS, fold_of};
 use crate::util::progress::note;
+use anyhow::Result;
 
 /// The student ensemble, its row of the ablation table, and (out of fold) how far
 /// its thresholds move between the folds.
@@ -22,7 +23,12 @@ pub(super) struct Student {
 }
 
 /// Distils the student from `teacher` and tunes its thresholds.
-pub(super) fn student(t: &Trainer, teacher: &Ensemble, fit_rows: &[Row], val: &Part) -> Student {
+pub(super) fn student(
+    t: &Trainer,
+    teacher: &Ensemble,
+    fit_rows: &[Row],
+    val: &Part,
+) -> Result<Student> {
     let targets = soft_targets(t, teacher);
     let config = fusion::config(Role::Student, true, true, t.labels.len());
     let net = Net {
@@ -35,9 +41,27 @@ pub(super) fn student(t: &Trainer, teacher: &Ensemble, fit_rows: &[Row], val: &P
         seed: t.opts.seed,
         name: "student",
     };
-    let students = t.ensemble(net, t.opts.student_members);
-    let oof = (t.opts.thresholds == Thresholds::OutOfFold)
-        .then(|| out_of_fold(t, &config, &targets, fit_rows));
+    let names = member_names(net.name, t.opts.student_members);
+    let out_of_fold_on = t.opts.thresholds == Thresholds::OutOfFold;
+    let folds = match out_of_fold_on {
+        true => fold_sets(t, &targets, fit_rows),
+        false => Vec::new(),
+    };
+    // The members and the fold students are independent: one batch of networks.
+    let mut nets = member_nets(net, &names);
+    nets.extend(folds.iter().map(|f| Net {
+        rows: &f.rows,
+        targets: &f.targets,
+        name: &f.name,
+        ..net
+    }));
+    let mut students = t.train_all(&nets)?;
+    let fold_nets: Vec<TunedFusion> = students
+        .split_off(names.len())
+        .into_iter()
+        .map(|s| s.model)
+        .collect();
+    let oof = out_of_fold_on.then(|| out_of_fold(t, &config, &fold_nets, fit_rows));
     let vote = Vote {
         members: students.iter().map(|s| &s.model).collect(),
         config: &config,
@@ -61,11 +85,46 @@ pub(super) fn student(t: &Trainer, teacher: &Ensemble, fit_rows: &[Row], val: &P
         train_seconds: students.iter().map(|s| s.seconds).sum(),
     };
     let members = students.into_iter().map(|s| s.model).collect();
-    Student {
+    Ok(Student {
         ensemble: Ensemble::new(config, members, &done, t.opts.kiosk_flips()),
         row,
         spread: oof.map(|o| o.spread).unwrap_or_default(),
-    }
+    })
+}
+
+/// One fold's student: the fit rows outside the fold, with their targets.
+struct FoldSet {
+    rows: Vec<usize>,
+    targets: Vec<f32>,
+    name: String,
+}
+
+/// Each fold's rows to train on. One network per fold keeps the recipe inside its
+/// time budget; the tune films are scored by the whole ensemble.
+fn fold_sets(t: &Trainer, targets: &[f32], fit_rows: &[Row]) -> Vec<FoldSet> {
+    let k = t.labels.len();
+    let fold: Vec<usize> = fit_rows.iter().map(|r| fold_of(&r.film)).collect();
+    (0..FOLDS)
+        .map(|f| {
+            let rows: Vec<usize> = t
+                .fit
+                .all
+                .iter()
+                .copied()
+                .filter(|&r| fold[r] != f)
+                .collect();
+            let targets = rows
+                .iter()
+                .flat_map(|&r| targets[r * k..(r + 1) * k].iter().copied())
+                .collect();
+            let name = format!("student, fold {}/{FOLDS}", f + 1);
+            FoldSet {
+                rows,
+                targets,
+                name,
+            }
+        })
+        .collect()
 }
 
 /// The student's targets: the hard labels and the teacher's plain-view scores of
@@ -97,10 +156,14 @@ fn scatter(out: &mut [f32], held: &[usize], scores: &[f32], k: usize) {
     }
 }
 
-/// Out of fold: each fold's student is trained without the fit films it scores.
-/// One network per fold keeps the recipe inside its time budget; the tune films are
-/// scored by the whole ensemble.
-fn out_of_fold(t: &Trainer, config: &FusionConfig, targets: &[f32], fit_rows: &[Row]) -> OutOfFold {
+/// Out of fold: each fold's student (`fold_nets[f]`, trained without the fit films
+/// of fold f) scores the films of its fold.
+fn out_of_fold(
+    t: &Trainer,
+    config: &FusionConfig,
+    fold_nets: &[TunedFusion],
+    fit_rows: &[Row],
+) -> OutOfFold {
     let (fit, k) = (t.fit, t.labels.len());
     let fold: Vec<usize> = fit_rows.iter().map(|r| fold_of(&r.film)).collect();
     let mut with_text = vec![0f32; fit.with_text.len() * k];
@@ -109,27 +172,9 @@ fn out_of_fold(t: &Trainer, config: &FusionConfig, targets: &[f32], fit_rows: &[
     let mut plain_less = vec![0f32; if kiosk_flip { text_less.len() } else { 0 }];
     // Each fold's own thresholds, to show how far they move (not used to decide).
     let (mut f_text, mut f_less) = (Vec::new(), Vec::new());
-    for f in 0..FOLDS {
-        let kept: Vec<usize> = fit.all.iter().copied().filter(|&r| fold[r] != f).collect();
-        let kept_targets: Vec<f32> = kept
-            .iter()
-            .flat_map(|&r| targets[r * k..(r + 1) * k].iter().copied())
-            .collect();
-        let name = format!("student, fold {}/{FOLDS}", f + 1);
-        let m = t
-            .train(Net {
-                config,
-                top: &[],
-                tail: None,
-                role: Role::Student,
-                rows: &kept,
-                targets: &kept_targets,
-                seed: t.opts.seed,
-                name: &name,
-            })
-            .model;
+    for (f, m) in fold_nets.iter().enumerate() {
         let alone = Vote {
-            members: vec![&m],
+            members: vec![m],
             config,
             role: Role::Student,
             tta: false,

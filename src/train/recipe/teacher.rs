@@ -32,7 +32,7 @@ pub(super) fn teacher(
 ) -> Result<(Ensemble, Ablation)> {
     let m = match &t.opts.teacher_from {
         Some(dir) => read(t, dir, tail)?,
-        None => train(t, text_top, tail),
+        None => train(t, text_top, tail)?,
     };
     let vote = Vote {
         members: m.nets.iter().collect(),
@@ -88,7 +88,7 @@ fn read(t: &Trainer, dir: &Path, tail: Option<&Tail>) -> Result<Members> {
 }
 
 /// `teacher_members` networks on all fit rows, against the hard labels.
-fn train(t: &Trainer, text_top: &[BertLayer], tail: Option<&Tail>) -> Members {
+fn train(t: &Trainer, text_top: &[BertLayer], tail: Option<&Tail>) -> Result<Members> {
     let config = fusion::config(Role::Teacher, true, true, t.labels.len());
     let targets = t.fit.hard(&t.fit.all);
     let net = Net {
@@ -101,11 +101,11 @@ fn train(t: &Trainer, text_top: &[BertLayer], tail: Option<&Tail>) -> Members {
         seed: t.opts.seed,
         name: "teacher",
     };
-    let trained = t.ensemble(net, t.opts.teacher_members);
-    Members {
+    let trained = t.ensemble(net, t.opts.teacher_members)?;
+    Ok(Members {
         best_epochs: trained.iter().map(|m| m.best_epoch).collect(),
         seconds: trained.iter().map(|m| m.seconds).sum(),
         nets: trained.into_iter().map(|m| m.model).collect(),
         config,
-    }
+    })
 }

@@ -3,20 +3,25 @@
 
 use super::data::Part;
 use super::options::RecipeOptions;
+use super::workers::Workers;
 use crate::nn::bert::BertLayer;
 use crate::nn::efficientnet::Tail;
 use crate::nn::fusion::FusionConfig;
 use crate::train::fusion::{self, FusionOptions, Job, Role, Trained, TuneRows};
+use anyhow::Result;
 use burn::prelude::*;
+use std::path::Path;
 
 /// What every network of a run shares: the fit and tune rows, the options, the
-/// labels and the device.
+/// labels, the device, and the manifest and workers that train networks elsewhere.
 pub(super) struct Trainer<'a> {
     pub(super) fit: &'a Part,
     pub(super) tune: &'a Part,
     pub(super) opts: &'a RecipeOptions,
     pub(super) labels: &'a [String],
     pub(super) device: &'a Device,
+    pub(super) manifest: &'a Path,
+    pub(super) workers: &'a Workers<'a>,
 }
 
 /// One network of a run.
@@ -75,16 +80,29 @@ impl Trainer<'_> {
 
     /// `members` networks like `net`, seeds `net.seed`, `net.seed + 1`, ..., each
     /// named "`net.name` i/members".
-    pub(super) fn ensemble(&self, net: Net, members: usize) -> Vec<Trained> {
-        (0..members)
-            .map(|m| {
-                let name = format!("{} {}/{members}", net.name, m + 1);
-                self.train(Net {
-                    seed: net.seed + m as u64,
-                    name: &name,
-                    ..net
-                })
-            })
-            .collect()
+    pub(super) fn ensemble(&self, net: Net, members: usize) -> Result<Vec<Trained>> {
+        let names = member_names(net.name, members);
+        self.train_all(&member_nets(net, &names))
     }
+}
+
+/// The names of an ensemble's members: "`name` i/members".
+pub(super) fn member_names(name: &str, members: usize) -> Vec<String> {
+    (1..=members)
+        .map(|m| format!("{name} {m}/{members}"))
+        .collect()
+}
+
+/// An ensemble's members: networks like `net`, one per name, seeds `net.seed`,
+/// `net.seed + 1`, ...
+pub(super) fn member_nets<'a>(net: Net<'a>, names: &'a [String]) -> Vec<Net<'a>> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(m, name)| Net {
+            seed: net.seed + m as u64,
+            name,
+            ..net
+        })
+        .collect()
 }
