@@ -166,7 +166,7 @@ pub fn run(a: TrainArgs, g: &Global) -> Result<TrainReport> {
     }
     if let Some(job) = &a.worker_job {
         exit_when_the_run_ends();
-        recipe::workers::work(job, &g.cache, &device, &opts)?;
+        recipe::work(job, &g.cache, &device, &opts)?;
         return Ok(TrainReport::Worked { worked: true });
     }
     let work = a.work.unwrap_or_else(|| g.cache.root().join("train"));

@@ -25,14 +25,14 @@ use crate::train::metrics::ThresholdSpread;
 use crate::train::peers::{self, PeerData, PeerReport, Pooled};
 use crate::train::report::Ablation;
 use crate::train::split::fold_of;
-use anyhow::Result;
+use anyhow::{Result, bail};
 use burn::prelude::*;
 use data::Data;
 use ensemble::Ensemble;
 use options::{RecipeOptions, Until};
 use std::path::Path;
 use trainer::Trainer;
-use workers::Workers;
+use workers::{NetJob, Workers};
 
 /// The ablation table, and the trained networks that the export step needs.
 pub struct RecipeOutput {
@@ -108,6 +108,42 @@ pub fn run(
     }
     out.teacher = Some(teacher);
     Ok(out)
+}
+
+/// A worker's whole run (`--jobs`): loads the features as the run that wrote `job`
+/// did, trains its one network and writes it beside the job file.
+pub fn work(job: &Path, cache: &CacheDir, device: &Device, opts: &RecipeOptions) -> Result<()> {
+    let j = NetJob::read(job)?;
+    let labels = labels();
+    let data = data::load(&j.manifest, cache, device, opts, &labels)?;
+    if (j.tunes_image && data.image_tail.is_none()) || (j.tunes_text && data.text_top.is_empty()) {
+        bail!("{} was written by a run with other options", job.display());
+    }
+    let serial = Workers::serial();
+    let trainer = Trainer {
+        fit: &data.fit,
+        tune: &data.tune,
+        opts,
+        labels: &labels,
+        device,
+        manifest: &j.manifest,
+        workers: &serial,
+    };
+    let top = match j.tunes_text {
+        true => &data.text_top[..],
+        false => &[],
+    };
+    let trained = trainer.train(trainer::Net {
+        config: &j.config,
+        top,
+        tail: data.image_tail.as_ref().filter(|_| j.tunes_image),
+        role: j.role,
+        rows: &j.rows,
+        targets: &j.targets,
+        seed: j.seed,
+        name: &j.name,
+    });
+    workers::give_back(trained, job)
 }
 
 /// The logistic-regression peers on the frozen features, fit and tune rows together.
