@@ -74,15 +74,7 @@ pub fn run(
     if opts.until == Until::Peers {
         return Ok(out);
     }
-    let trainer = Trainer {
-        fit: &data.fit,
-        tune: &data.tune,
-        opts,
-        labels: &labels,
-        device,
-        manifest: manifest_path,
-        workers,
-    };
+    let trainer = trainer_of(&data, opts, &labels, device, manifest_path, workers);
     if opts.trains_singles() {
         out.ablations.extend(singles::single_modality(
             &trainer,
@@ -110,6 +102,26 @@ pub fn run(
     Ok(out)
 }
 
+/// The trainer of a run's networks, over its fit and tune rows.
+fn trainer_of<'a>(
+    data: &'a Data,
+    opts: &'a RecipeOptions,
+    labels: &'a [String],
+    device: &'a Device,
+    manifest: &'a Path,
+    workers: &'a Workers<'a>,
+) -> Trainer<'a> {
+    Trainer {
+        fit: &data.fit,
+        tune: &data.tune,
+        opts,
+        labels,
+        device,
+        manifest,
+        workers,
+    }
+}
+
 /// A worker's whole run (`--jobs`): loads the features as the run that wrote `job`
 /// did, trains its one network and writes it beside the job file.
 pub fn work(job: &Path, cache: &CacheDir, device: &Device, opts: &RecipeOptions) -> Result<()> {
@@ -120,15 +132,7 @@ pub fn work(job: &Path, cache: &CacheDir, device: &Device, opts: &RecipeOptions)
         bail!("{} was written by a run with other options", job.display());
     }
     let serial = Workers::serial();
-    let trainer = Trainer {
-        fit: &data.fit,
-        tune: &data.tune,
-        opts,
-        labels: &labels,
-        device,
-        manifest: &j.manifest,
-        workers: &serial,
-    };
+    let trainer = trainer_of(&data, opts, &labels, device, &j.manifest, &serial);
     let top = match j.tunes_text {
         true => &data.text_top[..],
         false => &[],
